@@ -1,0 +1,265 @@
+"""Run configuration: plain nested dataclasses, YAML files, dotted `key=value` overrides, validation.
+
+Resolution order: defaults < YAML file < command-line flags < `key=value` overrides. Every problem
+raises ConfigError with one line naming the key, value or file and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .mining import resolve_mining_config
+from .tasks import TASKS
+
+
+class ConfigError(ValueError):
+    """Bad user input: printed as one line, exit code 2."""
+
+
+def _check(valid, requirement: str, **kwargs) -> Any:
+    return field(metadata={"valid": valid, "requirement": requirement}, **kwargs)
+
+
+def _positive_int(default: int) -> Any:
+    return _check(lambda v: v >= 1, "an int >= 1", default=default)
+
+
+@dataclass
+class TaskConfig:
+    dataset: str = _check(lambda v: v in TASKS, f"one of {', '.join(TASKS)}", default="inverse")
+    rank: int = _positive_int(20)
+    ood: bool = False  # train on the harder (ood) distribution; validation always scores both sets
+
+
+@dataclass
+class ModelConfig:
+    hidden_dim: int = _positive_int(512)
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = _positive_int(10)
+    inference_steps: int = _check(lambda v: v >= 0, "an int >= 0", default=5)  # inner opt_steps per timestep
+    inference_step_scale: float = _check(lambda v: v > 0, "a float > 0", default=1.0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _positive_int(100_000)
+    batch_size: int = _positive_int(2048)  # global: split evenly across accelerate processes
+    lr: float = _check(lambda v: v > 0, "a float > 0", default=1e-4)
+    adam_betas: list[float] = _check(
+        lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two floats in [0, 1)", default_factory=lambda: [0.9, 0.99]
+    )
+    grad_clip: float = _check(lambda v: v > 0, "a float > 0", default=1.0)
+    ema_decay: float = _check(lambda v: 0 < v < 1, "a float in (0, 1)", default=0.995)
+    ema_every: int = _positive_int(10)
+    log_every: int = _positive_int(100)
+    save_every: int = _positive_int(1000)
+    keep_checkpoints: int = _positive_int(2)
+
+
+@dataclass
+class EvalConfig:
+    every: int = _positive_int(1000)
+    num_samples: int = _positive_int(1024)
+    batch_size: int = _positive_int(1024)
+    # after training: held-out MSE of the EMA model for each number of inference inner steps
+    inference_steps_sweep: list[int] = _check(
+        lambda v: all(s >= 0 for s in v), "a list of ints >= 0", default_factory=list
+    )
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class RunConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    mining: dict = field(default_factory=lambda: {"strategy": "adversarial"})  # see mining.py
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = _check(lambda v: v >= 0, "an int >= 0", default=0)
+    device: str = _check(lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}", default="auto")
+    results_dir: str = "results/run"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# -- reading and merging ------------------------------------------------------------------------------
+_SECTIONS = {"task": TaskConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _known_keys() -> dict[str, dataclasses.Field]:
+    """Every dotted key a config may set, with its dataclass field (sections themselves included)."""
+    keys = {}
+    for f in dataclasses.fields(RunConfig):
+        keys[f.name] = f
+        if f.name in _SECTIONS:
+            keys.update({f"{f.name}.{g.name}": g for g in dataclasses.fields(_SECTIONS[f.name])})
+    return keys
+
+
+def _suggestion(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'steps': 5}} -> {'train.steps': 5}; the free-form `mining` map stays one level deeper."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and dotted in _SECTIONS:
+            flat.update(_flatten(value, dotted + "."))
+        elif isinstance(value, Mapping) and dotted == "mining":
+            flat.update({f"mining.{k}": v for k, v in value.items()})
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def check_keys(flat: Mapping[str, Any], source: str) -> None:
+    """Refuse unknown keys, naming the closest valid one. `mining.*` keys are checked by the registry."""
+    allowed = [k for k in _ALL_KEYS if k not in _SECTIONS and k != "mining"]
+    for key in flat:
+        if key.startswith("mining.") or key in allowed:
+            continue
+        raise ConfigError(f"unknown config key '{key}' in {source}{_suggestion(key, allowed)}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning every failure into a one-line ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file '{path}' is unreadable: {getattr(error, 'strerror', None) or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or "malformed YAML"
+        raise ConfigError(f"malformed YAML in {where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override's value as YAML; '1e-4' (a string to YAML 1.1) becomes a float."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    flat = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.steps=500)")
+        flat[key.strip()] = parse_value(value.strip())
+    check_keys(flat, f"override '{items[0]}'" if len(items) == 1 else "the overrides")
+    return flat
+
+
+# -- validation ----------------------------------------------------------------------------------------
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    kind = _TYPE_NAMES[key]
+    bad = ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected {kind}")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        value = float(value)
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise bad
+    elif kind.startswith("list"):
+        inner = "float" if "float" in kind else "int"
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        value = [_coerce_item(key, inner, v, bad) for v in value]
+    check = f.metadata.get("valid")
+    if check is not None and not check(value):
+        raise ConfigError(f"config key '{key}' = {value!r} is out of range: must be {f.metadata['requirement']}")
+    return value
+
+
+def _coerce_item(key: str, inner: str, value: Any, bad: ConfigError) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (inner == "int" and not isinstance(value, int)):
+        raise bad
+    return float(value) if inner == "float" else value
+
+
+def build_config(*layers: Mapping[str, Any]) -> RunConfig:
+    """Merge flat (dotted) layers over the defaults, validate every value, return a RunConfig."""
+    merged = _flatten(RunConfig().to_dict())
+    merged = {k: v for k, v in merged.items() if not k.startswith("mining.")}
+    mining: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key.startswith("mining."):
+                mining[key.split(".", 1)[1]] = value
+            else:
+                merged[key] = value
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    top: dict[str, Any] = {}
+    for key, value in merged.items():
+        value = _coerce(key, _ALL_KEYS[key], value)
+        section, _, name = key.rpartition(".")
+        (sections[section] if section else top)[name] = value
+    try:
+        top["mining"] = resolve_mining_config({"strategy": "adversarial", **mining})
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return RunConfig(**{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}, **top)
+
+
+def config_from_file(path: str | Path) -> RunConfig:
+    flat = _flatten(load_yaml(path))
+    check_keys(flat, str(path))
+    return build_config(flat)
+
+
+def config_differences(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs (for resume / overwrite checks)."""
+    flat_a, flat_b = _flatten(a.to_dict()), _flatten(b.to_dict())
+    keys = sorted(set(flat_a) | set(flat_b))
+    return [k for k in keys if k not in ignore and flat_a.get(k) != flat_b.get(k)]
+
+
+_ALL_KEYS = _known_keys()
+_TYPE_NAMES = {
+    key: (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).replace(" ", "")
+    for key, f in _ALL_KEYS.items()
+}

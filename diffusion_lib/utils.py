@@ -1,0 +1,62 @@
+"""Small helpers shared across the library: defaults, atomic file writes, seed mixing."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def exists(value: Any) -> bool:
+    return value is not None
+
+
+def default(value: T | None, fallback: T | Callable[[], T]) -> T:
+    if exists(value):
+        return value
+    return fallback() if callable(fallback) else fallback
+
+
+def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str) -> None:
+    """Write through a temp file in the same folder, fsync, then rename over `path`.
+
+    A reader (or a crash) sees either the old file or the complete new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic_write(path, lambda handle: handle.write(text), "w")
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    _atomic_write(path, lambda handle: torch.save(obj, handle), "wb")
+
+
+def mix_seed(*parts: int) -> int:
+    """Deterministically combine integers (seed, step, process, ...) into one 63-bit seed."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (int(part) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & (2**64 - 1)
+        value = (value * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    return value >> 1

@@ -1,0 +1,178 @@
+"""Train one energy-diffusion model, from flags, a YAML file and `key=value` overrides.
+
+    python train.py --dataset inverse --mining-strategy adversarial
+    python train.py --config configs/inverse.yaml mining.opt_steps=5 train.batch_size=512
+    python train.py --config results/run/config.yaml --resume
+
+Experiment scripts import `create_dataset`, `create_diffusion_model` and `create_trainer` from here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+import torch
+
+from diffusion_lib.config import ConfigError, RunConfig, build_config, check_keys, load_yaml, parse_overrides, _flatten
+from diffusion_lib.diffusion import GaussianDiffusion1D
+from diffusion_lib.models import EBM, EnergyDenoiser
+from diffusion_lib.tasks import MatrixTask, make_task
+from diffusion_lib.trainer import RunDiverged, Trainer1D, TrainingInterrupted, make_accelerator
+from diffusion_lib.utils import atomic_write_json
+
+
+# -- the helpers every script builds runs with ------------------------------------------------------
+def create_dataset(config: RunConfig) -> MatrixTask:
+    return make_task(config.task.dataset, rank=config.task.rank, ood=config.task.ood)
+
+
+def create_diffusion_model(config: RunConfig, task: MatrixTask) -> GaussianDiffusion1D:
+    torch.manual_seed(config.seed)  # the seed fixes the initial weights
+    ebm = EBM(task.inp_dim, task.out_dim, hidden_dim=config.model.hidden_dim)
+    return GaussianDiffusion1D(
+        EnergyDenoiser(ebm),
+        timesteps=config.diffusion.timesteps,
+        mining_config=config.mining,
+        inference_steps=config.diffusion.inference_steps,
+        inference_step_scale=config.diffusion.inference_step_scale,
+    )
+
+
+def create_trainer(
+    config: RunConfig, diffusion: GaussianDiffusion1D, task: MatrixTask, *, resume: bool = False, overwrite: bool = False
+) -> Trainer1D:
+    return Trainer1D(diffusion, task, config, make_accelerator(config.device), resume=resume, overwrite=overwrite)
+
+
+# -- command line -----------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line on stderr, exit code 2 (argparse prints the usage too)
+        print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+# flag -> config key; both spellings (--batch_size / --batch-size) are accepted
+FLAGS: dict[str, tuple[str, type]] = {
+    "dataset": ("task.dataset", str),
+    "rank": ("task.rank", int),
+    "mining-strategy": ("mining.strategy", str),
+    "mining-opt-steps": ("mining.opt_steps", int),
+    "mining-scale-factor": ("mining.scale_factor", float),
+    "batch-size": ("train.batch_size", int),
+    "train-steps": ("train.steps", int),
+    "diffusion-steps": ("diffusion.timesteps", int),
+    "eval-every": ("eval.every", int),
+    "seed": ("seed", int),
+    "device": ("device", str),
+    "results-dir": ("results_dir", str),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file with any config keys (see README)")
+    for flag, (key, kind) in FLAGS.items():
+        spellings = sorted({f"--{flag}", f"--{flag.replace('-', '_')}"})
+        parser.add_argument(*spellings, dest=key, type=kind, default=None, help=f"sets {key}")
+    parser.add_argument("--ood", dest="task.ood", type=parse_bool, nargs="?", const=True, default=None,
+                        help="train on the harder (ood) distribution")
+    parser.add_argument("--supervise-energy-landscape", "--supervise_energy_landscape", type=parse_bool, default=None,
+                        help="reference flag: False -> mining.strategy none, True -> adversarial")
+    parser.add_argument("--use-innerloop-opt", "--use_innerloop_opt", type=parse_bool, default=None,
+                        help="reference flag: inference inner steps 5 (True) or 0 (False)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --results-dir from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete the run in --results-dir and start over")
+    parser.add_argument("--evaluate", action="store_true", help="sample-only: score the latest checkpoint")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.steps=500")
+    return parser
+
+
+def _reference_flags(args: argparse.Namespace, layers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Translate the reference code's two switches, unless the config already says the same thing."""
+    layer: dict[str, Any] = {}
+    explicit = {k: v for lay in layers for k, v in lay.items()}
+    if args.supervise_energy_landscape is not None:
+        wanted = "adversarial" if args.supervise_energy_landscape else "none"
+        strategy = explicit.get("mining.strategy")
+        if strategy is None:
+            layer["mining.strategy"] = wanted
+        elif (strategy == "none") == args.supervise_energy_landscape:
+            raise ConfigError(
+                f"--supervise-energy-landscape {args.supervise_energy_landscape} contradicts mining.strategy = {strategy!r}"
+            )
+    if args.use_innerloop_opt is not None and "diffusion.inference_steps" not in explicit:
+        layer["diffusion.inference_steps"] = 5 if args.use_innerloop_opt else 0
+    return layer
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """defaults < YAML < flags < key=value overrides, validated as one RunConfig."""
+    file_layer: dict[str, Any] = {}
+    if args.config:
+        file_layer = _flatten(load_yaml(args.config))
+        check_keys(file_layer, args.config)
+    flag_layer = {key: getattr(args, key) for key, _ in FLAGS.values() if getattr(args, key) is not None}
+    if getattr(args, "task.ood") is not None:
+        flag_layer["task.ood"] = getattr(args, "task.ood")
+    override_layer = parse_overrides(args.overrides)
+    layers = [file_layer, flag_layer, override_layer]
+    return build_config(*layers, _reference_flags(args, layers))
+
+
+def run(args: argparse.Namespace) -> int:
+    config = resolve_config(args)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the run, or start it over")
+    accelerator = make_accelerator(config.device)
+    if accelerator.is_main_process:
+        print(f"# resolved config ({accelerator.device}, {accelerator.num_processes} process(es))\n{config.to_yaml()}")
+    task = create_dataset(config)
+    diffusion = create_diffusion_model(config, task)
+    trainer = create_trainer(config, diffusion, task, resume=args.resume or args.evaluate, overwrite=args.overwrite)
+    if args.evaluate:
+        result = trainer.evaluate_saved()
+        if accelerator.is_main_process:
+            atomic_write_json(trainer.run_dir.root / "evaluation.json", result)
+            print(json.dumps(result, indent=2))
+        return 0
+    final = trainer.train()
+    if accelerator.is_main_process:
+        print(
+            f"done: step {final['step']}, held-out MSE (EMA) {final['mse_id']:.5f} in-distribution, "
+            f"{final['mse_ood']:.5f} ood (zeros predictor {final['zeros_mse_id']:.5f} / {final['zeros_mse_ood']:.5f}); "
+            f"results in {trainer.run_dir.root}"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as error:
+        print(f"interrupted: {error}", file=sys.stderr)
+        return 128 + error.signum
+    except RunDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
