@@ -182,8 +182,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. train.steps=500)")
+        check_keys({key.strip(): None}, f"override '{item}'")
         flat[key.strip()] = parse_value(value.strip())
-    check_keys(flat, f"override '{items[0]}'" if len(items) == 1 else "the overrides")
     return flat
 
 

@@ -1,0 +1,23 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# a run small enough for seconds on a 2-core CPU: rank 3, hidden 64, batch 64
+TINY = [
+    "--dataset", "inverse", "--rank", "3", "--batch_size", "64", "--train-steps", "30", "--device", "cpu",
+    "model.hidden_dim=64", "train.log_every=5", "train.save_every=10", "eval.every=10",
+    "eval.num_samples=64", "eval.batch_size=64",
+]
+
+
+@pytest.fixture
+def tiny_args(tmp_path):
+    """Arguments for a tiny train.py run writing under tmp_path/run."""
+    return lambda *extra: [*TINY, "--results-dir", str(tmp_path / "run"), *extra]

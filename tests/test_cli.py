@@ -1,0 +1,101 @@
+"""Bad input is refused before anything is written: one line on stderr, exit code 2, no traceback."""
+import subprocess
+import sys
+
+import pytest
+
+import train
+from conftest import ROOT
+
+
+def refused(args, capsys, tmp_path):
+    code = train.main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists(), "a refused run must write nothing"
+    return err
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["train.stpes=5"], "unknown config key 'train.stpes' in override 'train.stpes=5' (did you mean 'train.steps'?)"),
+        (["train.steps=five"], "config key 'train.steps' = 'five' has the wrong type: expected int"),
+        (["train.steps=0"], "'train.steps' = 0 is out of range: must be an int >= 1"),
+        (["--batch_size", "0"], "'train.batch_size' = 0 is out of range"),
+        (["--rank", "0"], "'task.rank' = 0 is out of range"),
+        (["--mining-opt-steps", "0"], "mining_config['opt_steps'] = 0 is invalid: must be an int >= 1"),
+        (["--mining-scale-factor", "0"], "mining_config['scale_factor'] = 0.0 is invalid: must be a float > 0"),
+        (["train.lr=0"], "'train.lr' = 0.0 is out of range: must be a float > 0"),
+        (["--mining-strategy", "greedy"], "mining_config['strategy'] = 'greedy' is unknown"),
+        (["--dataset", "sudoku"], "'task.dataset' = 'sudoku' is out of range: must be one of inverse, addition, lowrank"),
+        (["train.steps"], "override 'train.steps' must look like key=value"),
+        (["--supervise-energy-landscape", "False", "--mining-strategy", "adversarial"], "contradicts mining.strategy"),
+        (["--resume", "--overwrite"], "exclude each other"),
+        (["mining.every=3"], "unknown key 'every' for strategy 'adversarial'"),
+    ],
+)
+def test_bad_values_and_flags(tiny_args, capsys, tmp_path, extra, fragment):
+    err = refused(tiny_args(*extra), capsys, tmp_path)
+    assert fragment in err
+
+
+def test_bad_config_files(tiny_args, capsys, tmp_path):
+    missing = tmp_path / "missing.yaml"
+    assert f"config file '{missing}' not found" in refused(tiny_args("--config", str(missing)), capsys, tmp_path)
+    malformed = tmp_path / "bad.yaml"
+    malformed.write_text("train:\n  steps: 5\n  batch_size: [1, 2\n")
+    assert f"malformed YAML in {malformed}:" in refused(tiny_args("--config", str(malformed)), capsys, tmp_path)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  batchsize: 5\n")
+    err = refused(tiny_args("--config", str(unknown)), capsys, tmp_path)
+    assert f"unknown config key 'train.batchsize' in {unknown} (did you mean 'train.batch_size'?)" in err
+    not_a_map = tmp_path / "list.yaml"
+    not_a_map.write_text("- 1\n- 2\n")
+    assert "must hold a mapping" in refused(tiny_args("--config", str(not_a_map)), capsys, tmp_path)
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    assert "is unreadable" in refused(tiny_args("--config", str(folder)), capsys, tmp_path)
+
+
+def test_unknown_flag_is_one_line(tiny_args, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args("--bach-size", "3"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--bach-size" in err
+
+
+def test_yaml_flags_and_overrides_resolve_in_order(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("task: {rank: 7}\ntrain: {steps: 11, batch_size: 32}\nmining: {strategy: random}\n")
+    args = train.build_parser().parse_intermixed_args(["--config", str(config_file), "--rank", "8", "train.batch_size=16"])
+    config = train.resolve_config(args)
+    assert (config.task.rank, config.train.steps, config.train.batch_size) == (8, 11, 16)
+    assert config.mining["strategy"] == "random" and config.mining["noise_scale"] == 3.0
+    reference = train.build_parser().parse_intermixed_args(["--supervise-energy-landscape", "False", "--use-innerloop-opt", "False"])
+    config = train.resolve_config(reference)
+    assert config.mining["strategy"] == "none" and config.diffusion.inference_steps == 0
+
+
+def test_existing_run_is_not_overwritten_by_surprise(tiny_args, capsys, tmp_path):
+    assert train.main(tiny_args("--train-steps", "5")) == 0
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert train.main(tiny_args("--train-steps", "5")) == 2
+    assert "already holds a run; pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert train.main(tiny_args("--train-steps", "5", "--seed", "3", "--resume")) == 2
+    assert "its config differs in seed" in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    assert train.main(tiny_args("--train-steps", "5", "--seed", "3", "--overwrite")) == 0
+    assert "seed: 3" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_process_exit_code_and_single_line_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--device", "cpu", "--results-dir", str(tmp_path / "run"), "train.steps=-1"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: config key 'train.steps' = -1 is out of range: must be an int >= 1"
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,119 @@
+"""End-to-end training behaviour on CPU: learning, resume, reproducibility, divergence, checkpoints."""
+import json
+import signal
+
+import pytest
+import torch
+
+import train
+from diffusion_lib.results import RunDir
+from diffusion_lib.trainer import RunDiverged, Trainer1D
+
+
+def metrics(path):
+    return RunDir(path).read_metrics()
+
+
+def comparable(records):
+    """Metric records without wall-clock fields (timings may differ between runs, nothing else may)."""
+    return [{k: v for k, v in r.items() if k not in ("sec_per_step", "train_seconds")} for r in records]
+
+
+@pytest.mark.parametrize("strategy", ["none", "random", "adversarial"])
+def test_short_run_learns_inverse_for_each_strategy(tmp_path, strategy):
+    args = [
+        "--dataset", "inverse", "--rank", "4", "--batch_size", "256", "--train-steps", "300", "--device", "cpu",
+        "--mining-strategy", strategy, "--results-dir", str(tmp_path / strategy),
+        "model.hidden_dim=128", "train.lr=1e-3", "train.log_every=50", "eval.every=150", "eval.num_samples=256",
+    ]
+    assert train.main(args) == 0
+    final = json.loads((tmp_path / strategy / "final.json").read_text())
+    assert final["status"] == "finished" and final["step"] == 300
+    # clearly below the all-zeros predictor on the held-out in-distribution set
+    assert final["mse_id"] < 0.3 * final["zeros_mse_id"], final
+    assert final["mse_ood"] < final["zeros_mse_ood"], final
+    records = metrics(tmp_path / strategy)
+    assert [r["step"] for r in records if r["kind"] == "val"] == [150, 300]
+    train_record = next(r for r in records if r["kind"] == "train")
+    assert ("loss_energy" in train_record) == (strategy != "none")
+    assert ("accept_rate" in train_record) == (strategy == "adversarial")
+    assert (tmp_path / strategy / "config.yaml").exists()
+    assert len(list((tmp_path / strategy / "checkpoints").glob("step-*.pt"))) >= 1
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tiny_args, monkeypatch):
+    full = tmp_path / "full"
+    assert train.main([*tiny_args(), "--results-dir", str(full)]) == 0
+    split = tmp_path / "split"
+    original = Trainer1D._train_step
+
+    def stop_after_13(self):
+        original(self)
+        if self.step == 13:  # as if SIGINT arrived mid-interval: the checkpoint lands between log lines
+            self._stop_signal = signal.SIGINT
+
+    monkeypatch.setattr(Trainer1D, "_train_step", stop_after_13)
+    assert train.main([*tiny_args(), "--results-dir", str(split)]) == 128 + signal.SIGINT
+    assert (split / "checkpoints" / "step-000000013.pt").exists() and not (split / "final.json").exists()
+    monkeypatch.undo()
+    assert train.main([*tiny_args(), "--results-dir", str(split), "--resume"]) == 0
+    assert comparable(metrics(split)) == comparable(metrics(full))
+    a, b = (json.loads((d / "final.json").read_text()) for d in (full, split))
+    for key in ("mse_id", "mse_ood", "mse_id_raw", "loss", "grad_evals"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+
+def test_same_seed_same_metrics_and_other_seed_differs(tmp_path, tiny_args):
+    runs = {}
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        assert train.main([*tiny_args(), "--results-dir", str(tmp_path / name), "--seed", seed]) == 0
+        runs[name] = comparable(metrics(tmp_path / name))
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]
+
+
+def test_checkpoints_keep_the_last_two_and_skip_a_corrupt_newest(tmp_path, tiny_args, capsys):
+    assert train.main([*tiny_args(), "--train-steps", "25"]) == 0
+    folder = tmp_path / "run" / "checkpoints"
+    names = sorted(p.name for p in folder.glob("step-*.pt"))
+    assert names == ["step-000000020.pt", "step-000000025.pt"]
+    (folder / "step-000000025.pt").write_bytes(b"truncated")
+    capsys.readouterr()
+    assert train.main([*tiny_args(), "--train-steps", "25", "--evaluate"]) == 0
+    captured = capsys.readouterr()
+    assert "step-000000025.pt is unreadable" in captured.err
+    assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["step"] == 20
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_args, monkeypatch, capsys):
+    from diffusion_lib.tasks import InverseTask
+
+    original = InverseTask.sample
+    calls = {"n": 0}
+
+    def poisoned(self, batch_size, generator):
+        calls["n"] += 1
+        x, y = original(self, batch_size, generator)
+        return (x * float("nan"), y) if calls["n"] == 15 else (x, y)
+
+    monkeypatch.setattr(InverseTask, "sample", poisoned)
+    assert train.main(tiny_args()) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # the progress bar shares stderr
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "non-finite loss or gradient at step 15" in err and "loss_denoise=nan" in err
+    run = tmp_path / "run"
+    final = json.loads((run / "final.json").read_text())
+    assert final["status"] == "failed" and "step 15" in final["error"]
+    checkpoints = sorted(p.name for p in (run / "checkpoints").glob("*.pt"))
+    assert checkpoints == ["step-000000010.pt"]
+    state = torch.load(run / "checkpoints" / checkpoints[0], weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_in_process_divergence_raises(tmp_path):
+    config = train.build_config({"results_dir": str(tmp_path / "r"), "train.steps": 3, "train.lr": float("inf"),
+                                 "model.hidden_dim": 16, "task.rank": 2, "train.batch_size": 8, "device": "cpu"})
+    task = train.create_dataset(config)
+    trainer = train.create_trainer(config, train.create_diffusion_model(config, task), task)
+    with pytest.raises(RunDiverged, match="non-finite"):
+        trainer.train()
