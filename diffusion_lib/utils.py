@@ -22,14 +22,21 @@ def default(value: T | None, fallback: T | Callable[[], T]) -> T:
     return fallback() if callable(fallback) else fallback
 
 
-def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str) -> None:
-    """Write through a temp file in the same folder, fsync, then rename over `path`.
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Call `write(handle)` on a temp file in the same folder, fsync, then rename it over `path`.
 
     A reader (or a crash) sees either the old file or the complete new one, never a torn one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results should be as readable as any other
     try:
         with os.fdopen(fd, mode) as handle:
             write(handle)
@@ -42,7 +49,7 @@ def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str) -> 
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write(path, lambda handle: handle.write(text), "w")
+    atomic_write(path, lambda handle: handle.write(text), "w")
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
@@ -50,7 +57,7 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:
-    _atomic_write(path, lambda handle: torch.save(obj, handle), "wb")
+    atomic_write(path, lambda handle: torch.save(obj, handle), "wb")
 
 
 def mix_seed(*parts: int) -> int:
