@@ -117,7 +117,7 @@ class Trainer1D:
                 if self._stop_signal is not None:
                     self._save()
                     raise TrainingInterrupted(self.step, self._stop_signal, self.run_dir)
-                self._train_step()
+                self.train_step()
                 bar.update(1)
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                     self._log()
@@ -131,7 +131,8 @@ class Trainer1D:
             self._restore_signals(previous_handlers)
         return self._finish()
 
-    def _train_step(self) -> None:
+    def train_step(self) -> None:
+        """One optimisation step on a fresh batch (data keyed to the step), with EMA update and bookkeeping."""
         acc, train = self.accelerator, self.config.train
         started = time.perf_counter()
         # data and noise are keyed to (seed, step, process): a resumed run draws exactly what it would have

@@ -45,14 +45,14 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tiny_args,
     full = tmp_path / "full"
     assert train.main([*tiny_args(), "--results-dir", str(full)]) == 0
     split = tmp_path / "split"
-    original = Trainer1D._train_step
+    original = Trainer1D.train_step
 
     def stop_after_13(self):
         original(self)
         if self.step == 13:  # as if SIGINT arrived mid-interval: the checkpoint lands between log lines
             self._stop_signal = signal.SIGINT
 
-    monkeypatch.setattr(Trainer1D, "_train_step", stop_after_13)
+    monkeypatch.setattr(Trainer1D, "train_step", stop_after_13)
     assert train.main([*tiny_args(), "--results-dir", str(split)]) == 128 + signal.SIGINT
     assert (split / "checkpoints" / "step-000000013.pt").exists() and not (split / "final.json").exists()
     monkeypatch.undo()
