@@ -15,7 +15,9 @@ from typing import Any, Sequence
 
 import torch
 
-from diffusion_lib.config import ConfigError, RunConfig, build_config, check_keys, load_yaml, parse_overrides, _flatten
+from diffusion_lib.config import (
+    ConfigError, RunConfig, build_config, check_keys, flatten, load_yaml, parse_overrides, split_overrides,
+)
 from diffusion_lib.diffusion import GaussianDiffusion1D
 from diffusion_lib.models import EBM, EnergyDenoiser
 from diffusion_lib.tasks import MatrixTask, make_task
@@ -121,7 +123,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     """defaults < YAML < flags < key=value overrides, validated as one RunConfig."""
     file_layer: dict[str, Any] = {}
     if args.config:
-        file_layer = _flatten(load_yaml(args.config))
+        file_layer = flatten(load_yaml(args.config))
         check_keys(file_layer, args.config)
     flag_layer = {key: getattr(args, key) for key, _ in FLAGS.values() if getattr(args, key) is not None}
     if getattr(args, "task.ood") is not None:
@@ -158,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    argv, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    args.overrides += overrides
     try:
         return run(args)
     except ConfigError as error:

@@ -116,13 +116,13 @@ def _suggestion(key: str, allowed: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'train': {'steps': 5}} -> {'train.steps': 5}; the free-form `mining` map stays one level deeper."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, Mapping) and dotted in _SECTIONS:
-            flat.update(_flatten(value, dotted + "."))
+            flat.update(flatten(value, dotted + "."))
         elif isinstance(value, Mapping) and dotted == "mining":
             flat.update({f"mining.{k}": v for k, v in value.items()})
         else:
@@ -176,6 +176,15 @@ def parse_value(text: str) -> Any:
     return value
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `key=value` overrides from the other arguments wherever they stand, so an option
+    taking several values (`--seeds 0 1 train.steps=5`) cannot swallow them."""
+    rest, overrides = [], []
+    for item in argv:
+        (overrides if "=" in item and not item.startswith("-") else rest).append(item)
+    return rest, overrides
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     flat = {}
     for item in items:
@@ -223,7 +232,7 @@ def _coerce_item(key: str, inner: str, value: Any, bad: ConfigError) -> Any:
 
 def build_config(*layers: Mapping[str, Any]) -> RunConfig:
     """Merge flat (dotted) layers over the defaults, validate every value, return a RunConfig."""
-    merged = _flatten(RunConfig().to_dict())
+    merged = flatten(RunConfig().to_dict())
     merged = {k: v for k, v in merged.items() if not k.startswith("mining.")}
     mining: dict[str, Any] = {}
     for layer in layers:
@@ -246,14 +255,14 @@ def build_config(*layers: Mapping[str, Any]) -> RunConfig:
 
 
 def config_from_file(path: str | Path) -> RunConfig:
-    flat = _flatten(load_yaml(path))
+    flat = flatten(load_yaml(path))
     check_keys(flat, str(path))
     return build_config(flat)
 
 
 def config_differences(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = ()) -> list[str]:
     """Dotted keys whose values differ between two configs (for resume / overwrite checks)."""
-    flat_a, flat_b = _flatten(a.to_dict()), _flatten(b.to_dict())
+    flat_a, flat_b = flatten(a.to_dict()), flatten(b.to_dict())
     keys = sorted(set(flat_a) | set(flat_b))
     return [k for k in keys if k not in ignore and flat_a.get(k) != flat_b.get(k)]
 

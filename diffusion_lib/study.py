@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, RunConfig, _flatten, build_config, check_keys, load_yaml
+from .config import ConfigError, RunConfig, flatten, build_config, check_keys, load_yaml
 from .report import RunRecord
 from .results import RunDir
 from .utils import atomic_write_text
@@ -67,7 +67,7 @@ def _require(condition: bool, message: str) -> None:
 def parse_study(data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> Study:
     """Validate a study mapping (e.g. a YAML file's content) and the dotted overrides for its base."""
     study = {k: data[k] for k in STUDY_KEYS if k in data}
-    base = _flatten({k: v for k, v in data.items() if k not in STUDY_KEYS})
+    base = flatten({k: v for k, v in data.items() if k not in STUDY_KEYS})
     check_keys(base, source)
     base.update(overrides or {})
     base.pop("results_dir", None)  # every run's folder is set by the study
@@ -126,8 +126,8 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
 def select(study: Study, strategies: list[str] | None, seeds: list[int] | None) -> Study:
     """Restrict a study to some strategy labels and/or replace its seeds (command-line filters)."""
     if strategies:
-        unknown = [s for s in strategies if s not in study.strategies]
-        _require(not unknown, f"unknown strategy {unknown[0]!r}; this study has: {', '.join(study.strategies)}")
+        for label in strategies:
+            _require(label in study.strategies, f"unknown strategy {label!r}; this study has: {', '.join(study.strategies)}")
         study.strategies = {s: study.strategies[s] for s in strategies}
     if seeds:
         study.seeds = list(dict.fromkeys(seeds))

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffusion_lib.config import ConfigError, parse_overrides  # noqa: E402
+from diffusion_lib.config import ConfigError, parse_overrides, split_overrides  # noqa: E402
 from diffusion_lib.report import write_report  # noqa: E402
 from diffusion_lib.study import Study, StudyDir, StudyRun, expand, load_study, parse_shard, select, shard  # noqa: E402
 from diffusion_lib.results import RunDir  # noqa: E402
@@ -188,7 +188,9 @@ def report(study: Study, study_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    argv, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    args.overrides += overrides
     try:
         return run(args)
     except ConfigError as error:
