@@ -87,8 +87,14 @@ def run_with_accelerate(run: StudyRun, resume: bool, num_processes: int) -> dict
     with tempfile.TemporaryDirectory() as folder:
         config_file = Path(folder) / "config.yaml"
         config_file.write_text(run.config.to_yaml())
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
-        command += ["--cpu"] if run.config.device == "cpu" else []
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        # accelerate's --cpu means its single-process launcher; --multi_gpu is torchrun, which also runs
+        # CPU processes (gloo) when the run's device is cpu
+        if num_processes > 1:
+            command.append("--multi_gpu")
+        elif run.config.device == "cpu":
+            command.append("--cpu")
         command += [str(ROOT / "train.py"), "--config", str(config_file)] + (["--resume"] if resume else [])
         code = subprocess.run(command, cwd=ROOT).returncode
     final = RunDir(run.config.results_dir).read_final()
