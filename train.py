@@ -159,10 +159,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse flags, collecting every `key=value` into args.overrides wherever it stands."""
+    rest, overrides = split_overrides(list(argv))
+    args = parser.parse_args(rest)
     args.overrides += overrides
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_command_line(build_parser(), sys.argv[1:] if argv is None else argv)
     try:
         return run(args)
     except ConfigError as error:

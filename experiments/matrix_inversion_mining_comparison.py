@@ -22,12 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffusion_lib.config import ConfigError, parse_overrides, split_overrides  # noqa: E402
+from diffusion_lib.config import ConfigError, parse_overrides  # noqa: E402
 from diffusion_lib.report import write_report  # noqa: E402
 from diffusion_lib.study import Study, StudyDir, StudyRun, expand, load_study, parse_shard, select, shard  # noqa: E402
 from diffusion_lib.results import RunDir  # noqa: E402
 from diffusion_lib.trainer import RunDiverged, TrainingInterrupted  # noqa: E402
-from train import OneLineParser, create_dataset, create_diffusion_model, create_trainer  # noqa: E402
+from train import OneLineParser, create_dataset, create_diffusion_model, create_trainer, parse_command_line  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "matrix_inversion_mining.yaml"
 
@@ -194,9 +194,8 @@ def report(study: Study, study_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
-    args.overrides += overrides
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_command_line(build_parser(), argv)
     try:
         return run(args)
     except ConfigError as error:
@@ -205,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (TrainingInterrupted, KeyboardInterrupt) as error:
-        again = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+        again = [a for a in argv if a not in ("--resume", "--overwrite")]
         print(f"interrupted: {error or 'stopped'}; resume the study with: "
-              f"python {sys.argv[0]} {' '.join(again)} --resume", file=sys.stderr)
+              f"python {Path(__file__).relative_to(ROOT)} {' '.join(again)} --resume", file=sys.stderr)
         return 130
 
 

@@ -21,3 +21,21 @@ TINY = [
 def tiny_args(tmp_path):
     """Arguments for a tiny train.py run writing under tmp_path/run."""
     return lambda *extra: [*TINY, "--results-dir", str(tmp_path / "run"), *extra]
+
+
+@pytest.fixture
+def poison_batch(monkeypatch):
+    """poison_batch(n): the n-th training batch drawn from now on (counted over runs) has NaN conditions."""
+    from diffusion_lib.tasks import InverseTask
+
+    def poison(at_call: int) -> None:
+        original, calls = InverseTask.sample, {"n": 0}
+
+        def poisoned(self, batch_size, generator):
+            calls["n"] += 1
+            x, y = original(self, batch_size, generator)
+            return (x * float("nan"), y) if calls["n"] == at_call else (x, y)
+
+        monkeypatch.setattr(InverseTask, "sample", poisoned)
+
+    return poison

@@ -85,18 +85,8 @@ def test_checkpoints_keep_the_last_two_and_skip_a_corrupt_newest(tmp_path, tiny_
     assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["step"] == 20
 
 
-def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_args, monkeypatch, capsys):
-    from diffusion_lib.tasks import InverseTask
-
-    original = InverseTask.sample
-    calls = {"n": 0}
-
-    def poisoned(self, batch_size, generator):
-        calls["n"] += 1
-        x, y = original(self, batch_size, generator)
-        return (x * float("nan"), y) if calls["n"] == 15 else (x, y)
-
-    monkeypatch.setattr(InverseTask, "sample", poisoned)
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_args, poison_batch, capsys):
+    poison_batch(15)
     assert train.main(tiny_args()) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]  # the progress bar shares stderr
     assert err.startswith("error: ") and "Traceback" not in err
