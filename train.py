@@ -19,7 +19,7 @@ from diffusion_lib.config import (
     ConfigError, RunConfig, build_config, check_keys, flatten, load_yaml, parse_overrides, split_overrides,
 )
 from diffusion_lib.diffusion import GaussianDiffusion1D
-from diffusion_lib.models import EBM, EnergyDenoiser
+from diffusion_lib.models import EBM, EnergyDenoiser, compile_energy_kernels
 from diffusion_lib.tasks import MatrixTask, make_task
 from diffusion_lib.trainer import RunDiverged, Trainer1D, TrainingInterrupted, make_accelerator
 from diffusion_lib.utils import atomic_write_json
@@ -32,6 +32,7 @@ def create_dataset(config: RunConfig) -> MatrixTask:
 
 def create_diffusion_model(config: RunConfig, task: MatrixTask) -> GaussianDiffusion1D:
     torch.manual_seed(config.seed)  # the seed fixes the initial weights
+    compile_energy_kernels(config.train.compile)  # process-wide: set (or reset) for every model built
     ebm = EBM(task.inp_dim, task.out_dim, hidden_dim=config.model.hidden_dim)
     return GaussianDiffusion1D(
         EnergyDenoiser(ebm),

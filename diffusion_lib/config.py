@@ -62,6 +62,7 @@ class TrainConfig:
     log_every: int = _positive_int(100)
     save_every: int = _positive_int(1000)
     keep_checkpoints: int = _positive_int(2)
+    compile: bool = False  # torch.compile the energy kernels: a few % on CPU, device-dependent (README)
 
 
 @dataclass

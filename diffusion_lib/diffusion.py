@@ -110,8 +110,9 @@ class GaussianDiffusion1D(nn.Module):
         negatives = self.strategy.mine(self, cond.detach(), y0, t, noise_pos, cfg, step)
         x0_neg = self.x0_from_noise(negatives.y, t, 0.0).clamp(-self.data_bound, self.data_bound)
         y_neg = self.q_sample(x0_neg, t, noise_pos)
-        energy, _ = self.model.energy_and_grad(cond.repeat(2), torch.cat([y_pos, y_neg]), need_grad=False)
-        energy_pos, energy_neg = energy.chunk(2)
+        # one pass for both: y stacked as [2, B, D], over which the per-sample condition broadcasts
+        energy, _ = self.model.energy_and_grad(cond, torch.stack([y_pos, y_neg]), need_grad=False)
+        energy_pos, energy_neg = energy.unbind(0)
         # cross-entropy with the positive as the right class among logits [-E+, -E-]
         loss_energy = F.softplus(energy_pos - energy_neg).squeeze(-1)
         loss = (loss_denoise + cfg["loss_scale"] * loss_energy).mean()
