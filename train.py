@@ -14,11 +14,13 @@ import sys
 from typing import Any, Sequence
 
 import torch
+from accelerate import PartialState
 
 from diffusion_lib.config import (
     ConfigError, RunConfig, build_config, check_keys, flatten, load_yaml, parse_overrides, split_overrides,
 )
 from diffusion_lib.diffusion import GaussianDiffusion1D
+from diffusion_lib.mining import STRATEGIES
 from diffusion_lib.models import EBM, EnergyDenoiser, compile_energy_kernels
 from diffusion_lib.tasks import MatrixTask, make_task
 from diffusion_lib.trainer import RunDiverged, Trainer1D, TrainingInterrupted, make_accelerator
@@ -44,9 +46,18 @@ def create_diffusion_model(config: RunConfig, task: MatrixTask) -> GaussianDiffu
 
 
 def create_trainer(
-    config: RunConfig, diffusion: GaussianDiffusion1D, task: MatrixTask, *, resume: bool = False, overwrite: bool = False
+    config: RunConfig,
+    diffusion: GaussianDiffusion1D,
+    task: MatrixTask,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    evaluate_only: bool = False,
 ) -> Trainer1D:
-    return Trainer1D(diffusion, task, config, make_accelerator(config.device), resume=resume, overwrite=overwrite)
+    return Trainer1D(
+        diffusion, task, config, make_accelerator(config.device),
+        resume=resume, overwrite=overwrite, evaluate_only=evaluate_only,
+    )
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -85,9 +96,11 @@ FLAGS: dict[str, tuple[str, type]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--config", help="YAML file with any config keys (see README)")
+    strategies = "; ".join(f"{name}: {s.description}" for name, s in STRATEGIES.items())
     for flag, (key, kind) in FLAGS.items():
         spellings = sorted({f"--{flag}", f"--{flag.replace('-', '_')}"})
-        parser.add_argument(*spellings, dest=key, type=kind, default=None, help=f"sets {key}")
+        extra = f" ({strategies})" if key == "mining.strategy" else ""
+        parser.add_argument(*spellings, dest=key, type=kind, default=None, help=f"sets {key}{extra}")
     parser.add_argument("--ood", dest="task.ood", type=parse_bool, nargs="?", const=True, default=None,
                         help="train on the harder (ood) distribution")
     parser.add_argument("--supervise-energy-landscape", "--supervise_energy_landscape", type=parse_bool, default=None,
@@ -143,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"# resolved config ({accelerator.device}, {accelerator.num_processes} process(es))\n{config.to_yaml()}")
     task = create_dataset(config)
     diffusion = create_diffusion_model(config, task)
-    trainer = create_trainer(config, diffusion, task, resume=args.resume or args.evaluate, overwrite=args.overwrite)
+    trainer = create_trainer(config, diffusion, task, resume=args.resume, overwrite=args.overwrite,
+                             evaluate_only=args.evaluate)
     if args.evaluate:
         result = trainer.evaluate_saved()
         if accelerator.is_main_process:
@@ -178,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingInterrupted as error:
-        print(f"interrupted: {error}", file=sys.stderr)
+        if PartialState().is_main_process:  # every process stops; one says so
+            print(f"interrupted: {error}", file=sys.stderr)
         return 128 + error.signum
     except RunDiverged as error:
         print(f"error: {error}", file=sys.stderr)

@@ -6,7 +6,7 @@ raises ConfigError with one line naming the key, value or file and what is allow
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,6 +15,7 @@ import yaml
 
 from .mining import resolve_mining_config
 from .tasks import TASKS
+from .utils import suggest
 
 
 class ConfigError(ValueError):
@@ -87,9 +88,9 @@ class RunConfig:
     mining: dict = field(default_factory=lambda: {"strategy": "adversarial"})  # see mining.py
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = _check(lambda v: v >= 0, "an int >= 0", default=0)
+    seed: int = _check(lambda v: 0 <= v < 2**63, "an int in [0, 2**63)", default=0)
     device: str = _check(lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}", default="auto")
-    results_dir: str = "results/run"
+    results_dir: str = _check(lambda v: v.strip() != "", "a folder path", default="results/run")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,16 +113,13 @@ def _known_keys() -> dict[str, dataclasses.Field]:
     return keys
 
 
-def _suggestion(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'train': {'steps': 5}} -> {'train.steps': 5}; the free-form `mining` map stays one level deeper."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if dotted in _SECTIONS and value is None:  # an empty section in a YAML file
+            continue
         if isinstance(value, Mapping) and dotted in _SECTIONS:
             flat.update(flatten(value, dotted + "."))
         elif isinstance(value, Mapping) and dotted == "mining":
@@ -137,7 +135,7 @@ def check_keys(flat: Mapping[str, Any], source: str) -> None:
     for key in flat:
         if key.startswith("mining.") or key in allowed:
             continue
-        raise ConfigError(f"unknown config key '{key}' in {source}{_suggestion(key, allowed)}")
+        raise ConfigError(f"unknown config key '{key}' in {source}{suggest(key, allowed)}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -177,12 +175,16 @@ def parse_value(text: str) -> Any:
     return value
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """Separate `key=value` overrides from the other arguments wherever they stand, so an option
     taking several values (`--seeds 0 1 train.steps=5`) cannot swallow them."""
     rest, overrides = [], []
     for item in argv:
-        (overrides if "=" in item and not item.startswith("-") else rest).append(item)
+        # a dotted key, then '=': a path such as runs/x__mining.opt_steps=5/config.yaml is not one
+        (overrides if _OVERRIDE.match(item) else rest).append(item)
     return rest, overrides
 
 
@@ -208,6 +210,11 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
     elif kind == "float":
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         value = float(value)
@@ -232,11 +239,13 @@ def _coerce_item(key: str, inner: str, value: Any, bad: ConfigError) -> Any:
 
 
 def build_config(*layers: Mapping[str, Any]) -> RunConfig:
-    """Merge flat (dotted) layers over the defaults, validate every value, return a RunConfig."""
+    """Merge layers (dotted or nested keys) over the defaults, validate every value, return a RunConfig."""
     merged = flatten(RunConfig().to_dict())
     merged = {k: v for k, v in merged.items() if not k.startswith("mining.")}
     mining: dict[str, Any] = {}
     for layer in layers:
+        layer = flatten(layer)
+        check_keys(layer, "the config")
         for key, value in layer.items():
             if key.startswith("mining."):
                 mining[key.split(".", 1)[1]] = value

@@ -142,7 +142,6 @@ class GaussianDiffusion1D(nn.Module):
         step_scale = default(step_scale, self.inference_step_scale)
         batch = x.shape[0]
         y = default(noise, lambda: torch.randn(batch, self.model.out_dim, device=x.device, generator=generator))
-        x0 = y
         for step in reversed(range(self.num_timesteps)):
             t = torch.full((batch,), step, device=x.device, dtype=torch.long)
             cond = self.condition(x, t)

@@ -5,13 +5,13 @@ Adding one is a function plus a `@register(...)` line; nothing else in the libra
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from torch import Tensor
 
 from .models import EnergyCondition
+from .utils import suggest
 
 if TYPE_CHECKING:
     from .diffusion import GaussianDiffusion1D
@@ -33,13 +33,15 @@ class Negatives:
 
 
 MineFn = Callable[["GaussianDiffusion1D", EnergyCondition, Tensor, Tensor, Tensor, dict, int], Negatives]
+CostFn = Callable[[dict], float]
 
 
 @dataclass(frozen=True)
 class Strategy:
     mine: MineFn | None  # None: no energy supervision at all
     options: dict[str, Option] = field(default_factory=dict)
-    help: str = ""
+    description: str = ""
+    cost: CostFn = lambda cfg: 0.0  # expected energy-gradient evaluations per sample per step, for estimates
 
 
 COMMON_OPTIONS: dict[str, Option] = {
@@ -52,24 +54,33 @@ COMMON_OPTIONS: dict[str, Option] = {
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def register(name: str, options: dict[str, Option] | None = None, help: str = ""):
+def register(
+    name: str, options: dict[str, Option] | None = None, description: str = "", cost: CostFn | None = None
+) -> Callable[[MineFn | None], MineFn | None]:
+    """Add a strategy: `@register("name", options={...}, description=..., cost=lambda cfg: ...)`."""
+
     def decorator(fn: MineFn | None) -> MineFn | None:
-        STRATEGIES[name] = Strategy(fn, options or {}, help)
+        STRATEGIES[name] = Strategy(fn, options or {}, description, cost or Strategy.cost)
         return fn
 
     return decorator
 
 
-register("none", help="no energy supervision: score loss only")(None)
+register("none", description="no energy supervision: score loss only")(None)
 
 
-@register("random", help="negatives are the positive's noise scaled by noise_scale")
-def mine_random(diffusion, cond, y0, t, noise, cfg, step) -> Negatives:
+@register("random", description="the positive's noise scaled by noise_scale")
+def mine_random(
+    diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
+) -> Negatives:
     return Negatives(diffusion.q_sample(y0, t, cfg["noise_scale"] * noise))
 
 
-@register("adversarial", help="random start, then opt_steps of energy descent (opt_step)")
-def mine_adversarial(diffusion, cond, y0, t, noise, cfg, step) -> Negatives:
+@register("adversarial", description="random start, then opt_steps of energy descent",
+          cost=lambda cfg: cfg["opt_steps"])
+def mine_adversarial(
+    diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
+) -> Negatives:
     start = mine_random(diffusion, cond, y0, t, noise, cfg, step).y
     y, accept_rate = diffusion.opt_step(cond, start, t, steps=cfg["opt_steps"], scale=cfg["scale_factor"])
     return Negatives(y, accept_rate, grad_evals=float(cfg["opt_steps"]))
@@ -78,9 +89,12 @@ def mine_adversarial(diffusion, cond, y0, t, noise, cfg, step) -> Negatives:
 @register(
     "periodic",
     options={"every": Option(int, 4, lambda v: v >= 1, "an int >= 1")},
-    help="adversarial on steps divisible by `every`, random otherwise",
+    description="adversarial on steps divisible by `every`, random otherwise",
+    cost=lambda cfg: cfg["opt_steps"] / cfg["every"],
 )
-def mine_periodic(diffusion, cond, y0, t, noise, cfg, step) -> Negatives:
+def mine_periodic(
+    diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
+) -> Negatives:
     mine = mine_adversarial if step % cfg["every"] == 0 else mine_random
     return mine(diffusion, cond, y0, t, noise, cfg, step)
 
@@ -88,9 +102,12 @@ def mine_periodic(diffusion, cond, y0, t, noise, cfg, step) -> Negatives:
 @register(
     "mixed",
     options={"fraction": Option(float, 0.5, lambda v: 0 <= v <= 1, "a float in [0, 1]")},
-    help="a `fraction` of each batch adversarial, the rest random",
+    description="a `fraction` of each batch adversarial, the rest random",
+    cost=lambda cfg: cfg["opt_steps"] * cfg["fraction"],
 )
-def mine_mixed(diffusion, cond, y0, t, noise, cfg, step) -> Negatives:
+def mine_mixed(
+    diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
+) -> Negatives:
     negatives = mine_random(diffusion, cond, y0, t, noise, cfg, step)
     k = round(cfg["fraction"] * y0.shape[0])
     if k == 0:
@@ -100,11 +117,6 @@ def mine_mixed(diffusion, cond, y0, t, noise, cfg, step) -> Negatives:
     y = negatives.y.clone()
     y[head] = mined.y
     return Negatives(y, mined.accept_rate, grad_evals=mined.grad_evals * k / y0.shape[0])
-
-
-def _suggest(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _check_option(name: str, option: Option, value: Any) -> Any:
@@ -130,7 +142,7 @@ def resolve_mining_config(
     name = mining_config.get("strategy", "adversarial")
     if name not in STRATEGIES:
         raise ValueError(
-            f"mining_config['strategy'] = {name!r} is unknown{_suggest(str(name), list(STRATEGIES))}; "
+            f"mining_config['strategy'] = {name!r} is unknown{suggest(str(name), list(STRATEGIES))}; "
             f"allowed: {', '.join(STRATEGIES)}"
         )
     options = {**COMMON_OPTIONS, **STRATEGIES[name].options}
@@ -141,7 +153,7 @@ def resolve_mining_config(
         if key not in options:
             allowed = ["strategy", *options]
             raise ValueError(
-                f"mining_config has unknown key '{key}' for strategy '{name}'{_suggest(key, allowed)}; "
+                f"mining_config has unknown key '{key}' for strategy '{name}'{suggest(key, allowed)}; "
                 f"allowed: {', '.join(allowed)}"
             )
         resolved[key] = _check_option(key, options[key], value)

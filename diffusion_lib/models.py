@@ -244,7 +244,7 @@ def compile_energy_kernels(enabled: bool = True, **compile_options: Any) -> bool
 
     Compiling fuses the kernels' elementwise passes, at the price of a one-off compile of some seconds
     per kernel variant and input shape. Measured gains are small and device-dependent, hence off by
-    default: on a 2-core CPU ~5 % per `none` step, ~10 % per `adversarial` step, ~4 % for sampling
+    default: on a 2-core CPU 5-11 % per `none` step, 7 % per `adversarial` step, 2-4 % for sampling
     (benchmarks/results.md); on one H200 in float32, ~1.3x for the adversarial loss + backward but
     *slower* for `none` (that step is bound by kernel launches, which compiling does not remove).
     """

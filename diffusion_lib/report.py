@@ -288,7 +288,9 @@ def _comparisons_section(comparisons: list[Comparison]) -> list[str]:
         "Groups that differ in exactly one factor, as 'A vs B'. A − B is the difference of mean final MSE "
         "(negative: A has lower error); the interval is the 95 % Welch–Satterthwaite CI and p the two-sided "
         "Welch t-test p-value. Verdict for A at α = 0.05: better / worse / no detectable difference "
-        "(with few seeds, 'no detectable difference' is not evidence that the groups are equal).",
+        "(with few seeds, 'no detectable difference' is not evidence that the groups are equal). "
+        f"The {len(comparisons)} tests below are not corrected for multiple comparisons: with many of them, "
+        "one 'better' or 'worse' at p near 0.05 can be chance.",
         "",
     ]
     if not comparisons:

@@ -11,6 +11,9 @@ from .utils import atomic_write_json, atomic_write_text
 
 # keys a resumed run may change: where it runs, where it writes, and how long it trains
 RESUMABLE_CHANGES = ("device", "results_dir", "train.steps")
+# and what scoring a saved model (--evaluate) may change besides: how it samples and on how many problems
+EVALUATION_CHANGES = (*RESUMABLE_CHANGES, "diffusion.inference_steps", "diffusion.inference_step_scale",
+                      "eval.every", "eval.num_samples", "eval.batch_size", "eval.inference_steps_sweep")
 
 
 class RunDir:
@@ -29,7 +32,9 @@ class RunDir:
     def saved_config(self) -> RunConfig | None:
         return config_from_file(self.config) if self.config.exists() else None
 
-    def check(self, config: RunConfig, resume: bool, overwrite: bool) -> None:
+    def check(
+        self, config: RunConfig, resume: bool, overwrite: bool, may_change: tuple[str, ...] = RESUMABLE_CHANGES
+    ) -> None:
         """Refuse to clobber an existing run unless asked; only reads, so every process may call it."""
         if not self._run_files() or overwrite:
             return
@@ -40,7 +45,7 @@ class RunDir:
         saved = self.saved_config()
         if saved is None:
             raise ConfigError(f"cannot resume '{self.root}': it has no config.yaml; use --overwrite to start over")
-        changed = config_differences(saved, config, ignore=RESUMABLE_CHANGES)
+        changed = config_differences(saved, config, ignore=may_change)
         if changed:
             raise ConfigError(
                 f"cannot resume '{self.root}': its config differs in {', '.join(changed)}; "

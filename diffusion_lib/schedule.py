@@ -19,11 +19,9 @@ def schedule_constants(timesteps: int) -> dict[str, Tensor]:
     """Every constant the diffusion needs, indexed by t = 0 ... T-1 (computed in float64, stored float32)."""
     betas = cosine_betas(timesteps)
     alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-    alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
     constants = {
         "betas": betas,
         "alphas_cumprod": alphas_cumprod,
-        "alphas_cumprod_prev": alphas_cumprod_prev,
         "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
         "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
         "sqrt_recip_alphas_cumprod": (1 / alphas_cumprod).sqrt(),

@@ -44,6 +44,7 @@ class Study:
     strategies: dict[str, dict[str, Any]]
     sweep: dict[str, list[Any]]
     base: dict[str, Any]  # flat dotted run-config keys
+    overrides: dict[str, Any] = field(default_factory=dict)  # command-line key=value: applied last, to every run
     source: str = "<study>"
     runs: list[StudyRun] = field(default_factory=list)
 
@@ -56,6 +57,7 @@ class Study:
             "strategies": self.strategies,
             "sweep": self.sweep,
             "base": self.base,
+            "overrides": self.overrides,
         }
 
 
@@ -69,7 +71,6 @@ def parse_study(data: dict[str, Any], source: str, overrides: dict[str, Any] | N
     study = {k: data[k] for k in STUDY_KEYS if k in data}
     base = flatten({k: v for k, v in data.items() if k not in STUDY_KEYS})
     check_keys(base, source)
-    base.update(overrides or {})
     base.pop("results_dir", None)  # every run's folder is set by the study
 
     name = study.get("name", Path(source).stem)
@@ -90,7 +91,12 @@ def parse_study(data: dict[str, Any], source: str, overrides: dict[str, Any] | N
         _require(isinstance(values, list) and values, f"sweep key '{key}' in {source} must map to a non-empty list")
     description = study.get("description", "")
     _require(isinstance(description, str), f"study key 'description' in {source} must be text")
-    return Study(name, description, seeds, strategies, sweep, base, source)
+    overrides = dict(overrides or {})
+    for key in overrides:  # what the study itself varies cannot be overridden for all runs at once
+        _require(key not in ("seed", "results_dir"), f"override '{key}' is set per run by the study; use --seeds / --output")
+        _require(key != "mining.strategy", "override 'mining.strategy' would make every strategy the same; use --strategies")
+        _require(key not in sweep, f"override '{key}' is swept by {source}; edit its sweep instead")
+    return Study(name, description, seeds, strategies, sweep, base, overrides, source)
 
 
 def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
@@ -152,6 +158,7 @@ def expand(study: Study, study_dir: Path) -> list[StudyRun]:
                 run_id = "__".join([_slug(label), *(f"{k}={_slug(v)}" for k, v in point.items()), f"seed{seed}"])
                 layer = {**base, **{f"mining.{k}": v for k, v in {**base_mining, **mining}.items()}}
                 layer.update(point)
+                layer.update(study.overrides)
                 layer.update(seed=seed, results_dir=str(study_dir / "runs" / run_id))
                 try:
                     config = build_config(layer)

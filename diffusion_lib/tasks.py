@@ -79,7 +79,7 @@ class InverseTask(MatrixTask):
 
     name = "inverse"
 
-    def generate(self, batch_size, generator, ood):
+    def generate(self, batch_size: int, generator: torch.Generator, ood: bool) -> tuple[Tensor, Tensor]:
         n = self.rank
         u = self._uniform((batch_size, n, n), -1.0, 1.0, generator)
         eye = torch.eye(n, device=u.device)
@@ -100,7 +100,7 @@ class AdditionTask(MatrixTask):
     def inp_dim(self) -> int:
         return 2 * self.rank * self.rank
 
-    def generate(self, batch_size, generator, ood):
+    def generate(self, batch_size: int, generator: torch.Generator, ood: bool) -> tuple[Tensor, Tensor]:
         c = 2.5 if ood else 1.0
         shape = (batch_size, self.rank * self.rank)
         a, b = self._uniform(shape, -c, c, generator), self._uniform(shape, -c, c, generator)
@@ -113,7 +113,7 @@ class LowRankTask(MatrixTask):
     name = "lowrank"
     factor_rank = 10
 
-    def generate(self, batch_size, generator, ood):
+    def generate(self, batch_size: int, generator: torch.Generator, ood: bool) -> tuple[Tensor, Tensor]:
         n, k = self.rank, self.factor_rank
         u = self._normal((batch_size, n, k), generator)
         v = self._normal((batch_size, n, k), generator)

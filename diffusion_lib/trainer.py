@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .checkpoint import capture_rng_state, load_latest_checkpoint, restore_rng_state, save_checkpoint
 from .config import ConfigError, RunConfig
 from .diffusion import GaussianDiffusion1D
-from .results import RunDir
+from .results import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir
 from .tasks import MatrixTask
 from .utils import mix_seed
 
@@ -61,11 +61,14 @@ class Trainer1D:
         *,
         resume: bool = False,
         overwrite: bool = False,
+        evaluate_only: bool = False,
     ):
+        """`resume`: continue the run in config.results_dir; `overwrite`: start it over; `evaluate_only`:
+        only score its saved model (`evaluate_saved`), possibly with other sampling settings."""
         self.config, self.task = config, task
-        self.resume, self.overwrite = resume, overwrite
+        self.resume, self.overwrite = resume or evaluate_only, overwrite
         self.run_dir = RunDir(config.results_dir)
-        self.run_dir.check(config, resume, overwrite)
+        self.run_dir.check(config, self.resume, overwrite, EVALUATION_CHANGES if evaluate_only else RESUMABLE_CHANGES)
         self.accelerator = acc = accelerator or make_accelerator(config.device)
         train = config.train
         if train.batch_size % acc.num_processes:
@@ -93,7 +96,8 @@ class Trainer1D:
         self.step = 0
         self.grad_evals = 0.0  # energy-gradient evaluations per sample, cumulative
         self.train_seconds = 0.0
-        self._interval: dict[str, float] = {}  # sums of logged stats since the last log line
+        self._sums: dict[str, Any] = {}  # logged stats summed since the last log line (tensors until logged)
+        self._counts: dict[str, int] = {}  # how many steps contributed to each sum (mining stats skip some)
         self._last_log: dict[str, float] = {}
         self._stop_signal: int | None = None
 
@@ -103,8 +107,8 @@ class Trainer1D:
         if acc.is_main_process:
             self.run_dir.prepare(cfg, self.overwrite)
         acc.wait_for_everyone()
-        if self.resume:
-            self._load()
+        if self.resume and not self._load(truncate_metrics=True) and acc.is_main_process:
+            self.run_dir.truncate_metrics(0)  # no checkpoint yet: the run starts over, so do its metrics
         if self.step >= cfg.train.steps and (final := self.run_dir.read_final()) is not None:
             return final
         if acc.is_main_process:
@@ -114,8 +118,9 @@ class Trainer1D:
         previous_handlers = self._catch_signals()
         try:
             while self.step < cfg.train.steps:
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     self._save()
+                    acc.wait_for_everyone()  # no process leaves before the checkpoint is on disk
                     raise TrainingInterrupted(self.step, self._stop_signal, self.run_dir)
                 self.train_step()
                 bar.update(1)
@@ -150,13 +155,11 @@ class Trainer1D:
         self.ema.update()
         self.step += 1
         self.grad_evals += stats["grad_evals"]
-        for key in LOGGED:
-            if key in stats:
-                self._interval[key] = self._interval.get(key, 0.0) + stats[key]
-        self._interval["count"] = self._interval.get("count", 0) + 1
         seconds = time.perf_counter() - started
-        self._interval["seconds"] = self._interval.get("seconds", 0.0) + seconds
         self.train_seconds += seconds
+        for key, value in [*((k, stats[k]) for k in LOGGED if k in stats), ("seconds", seconds)]:
+            self._sums[key] = self._sums.get(key, 0.0) + value
+            self._counts[key] = self._counts.get(key, 0) + 1
 
     def _diverged(self, stats: dict[str, Any], grad_norm: torch.Tensor) -> None:
         parts = {k: float(stats[k]) for k in ("loss", "loss_denoise", "loss_energy") if k in stats}
@@ -168,28 +171,35 @@ class Trainer1D:
         raise RunDiverged(message)
 
     # -- metrics -------------------------------------------------------------------------------------
+    def _reduced_sums(self) -> dict[str, float]:
+        """The interval's sums, averaged over processes (every process calls this at the same step)."""
+        keys = sorted(self._sums)
+        values = torch.tensor([float(self._sums[k]) for k in keys], device=self.accelerator.device)
+        return dict(zip(keys, self.accelerator.reduce(values, reduction="mean").tolist()))
+
     def _log(self) -> None:
-        interval, count = self._interval, self._interval.get("count", 0)
-        if not count:
+        if not self._counts:
             return
-        keys = [k for k in LOGGED if k in interval]
-        values = torch.tensor([float(interval[k]) / count for k in keys], device=self.accelerator.device)
-        values = self.accelerator.reduce(values, reduction="mean")
-        record: dict[str, Any] = {"kind": "train", "step": self.step, **dict(zip(keys, values.tolist()))}
+        sums = self._reduced_sums()
+        record: dict[str, Any] = {"kind": "train", "step": self.step}
+        record.update({k: sums[k] / self._counts[k] for k in LOGGED if k in sums})
         if "energy_neg" in record:
             record["energy_gap"] = record["energy_neg"] - record["energy_pos"]
         record.update(
-            sec_per_step=interval["seconds"] / count,
+            sec_per_step=sums["seconds"] / self._counts["seconds"],
             grad_evals=self.grad_evals,
             train_seconds=self.train_seconds,
         )
         self._last_log = record
-        self._interval = {}
+        self._sums, self._counts = {}, {}
         if self.accelerator.is_main_process:
             self.run_dir.append_metrics(record)
 
     def _log_validation(self, mse: dict[str, float]) -> None:
-        if self.accelerator.is_main_process:
+        if not self.accelerator.is_main_process:
+            return
+        logged = any(r.get("kind") == "val" and r["step"] == self.step for r in self.run_dir.read_metrics())
+        if not logged:  # a run killed between its last val line and final.json logs it again when resumed
             record = {"kind": "val", "step": self.step, **{f"val_{k}": v for k, v in mse.items()}}
             record.update(grad_evals=self.grad_evals, train_seconds=self.train_seconds)
             self.run_dir.append_metrics(record)
@@ -211,24 +221,29 @@ class Trainer1D:
             result[f"mse_{name}"] = total.item() / self.held_out[name].y.numel()
         return result
 
-    def _finish(self) -> dict[str, Any]:
-        ema_mse = self.evaluate()
-        raw_mse = self.evaluate(self.accelerator.unwrap_model(self.model))
-        sweep = {
-            str(steps): self.evaluate(inner_steps=steps) for steps in self.config.eval.inference_steps_sweep
+    def _scores(self) -> dict[str, Any]:
+        """Held-out MSE of the EMA and the raw model, and of the EMA model per inference inner-step count."""
+        return {
+            **self.evaluate(),
+            **{f"{k}_raw": v for k, v in self.evaluate(self.accelerator.unwrap_model(self.model)).items()},
+            "inference_steps_sweep": {
+                str(steps): self.evaluate(inner_steps=steps) for steps in self.config.eval.inference_steps_sweep
+            },
         }
-        self._log_validation(ema_mse)
+
+    def _finish(self) -> dict[str, Any]:
+        scores = self._scores()
+        self._log_validation({k: scores[k] for k in ("mse_id", "mse_ood")})
         if self.step % self.config.train.save_every:
             self._save()
         last = {k: self._last_log[k] for k in ("loss", "loss_denoise", "loss_energy") if k in self._last_log}
         final = {
             "status": "finished",
             "step": self.step,
-            **ema_mse,
-            **{f"{k}_raw": v for k, v in raw_mse.items()},
-            **{f"zeros_{k}": v for k, v in (("mse_id", self.zeros_mse["id"]), ("mse_ood", self.zeros_mse["ood"]))},
+            **scores,
+            "zeros_mse_id": self.zeros_mse["id"],
+            "zeros_mse_ood": self.zeros_mse["ood"],
             **last,
-            "inference_steps_sweep": sweep,
             **self._run_info(),
         }
         if self.accelerator.is_main_process:
@@ -245,21 +260,14 @@ class Trainer1D:
         }
 
     def evaluate_saved(self) -> dict[str, Any]:
-        """Sample-only: score the latest checkpoint's EMA and raw model (no training)."""
-        if not self._load():
+        """Sample-only: score the latest checkpoint's EMA and raw model (no training, nothing truncated)."""
+        if not self._load(truncate_metrics=False):
             raise ConfigError(f"--evaluate: no readable checkpoint in '{self.run_dir.checkpoints}'")
-        result = {
-            "step": self.step,
-            **self.evaluate(),
-            **{f"{k}_raw": v for k, v in self.evaluate(self.accelerator.unwrap_model(self.model)).items()},
-            "inference_steps_sweep": {
-                str(s): self.evaluate(inner_steps=s) for s in self.config.eval.inference_steps_sweep
-            },
-        }
-        return result
+        return {"step": self.step, **self._scores()}
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def _save(self) -> None:
+        interval = {"sums": self._reduced_sums(), "counts": dict(self._counts)}  # a collective: every process
         if not self.accelerator.is_main_process:
             return
         state = {
@@ -270,12 +278,12 @@ class Trainer1D:
             "config": self.config.to_dict(),
             "grad_evals": self.grad_evals,
             "train_seconds": self.train_seconds,
-            "interval": {k: float(v) for k, v in self._interval.items()},
+            "interval": interval,
             "last_log": self._last_log,
         }
         save_checkpoint(self.run_dir.checkpoints, self.step, state, keep=self.config.train.keep_checkpoints)
 
-    def _load(self) -> bool:
+    def _load(self, truncate_metrics: bool) -> bool:
         state = load_latest_checkpoint(self.run_dir.checkpoints, required=("model", "ema", "optimizer", "rng"))
         if state is None:
             return False
@@ -285,9 +293,10 @@ class Trainer1D:
         restore_rng_state(state["rng"])
         self.step, self.grad_evals = state["step"], state["grad_evals"]
         self.train_seconds = state["train_seconds"]
-        self._interval, self._last_log = dict(state["interval"]), dict(state["last_log"])
-        if self.accelerator.is_main_process:
-            self.run_dir.truncate_metrics(self.step)
+        self._sums, self._counts = dict(state["interval"]["sums"]), dict(state["interval"]["counts"])
+        self._last_log = dict(state["last_log"])
+        if truncate_metrics and self.accelerator.is_main_process:
+            self.run_dir.truncate_metrics(self.step)  # lines logged after this checkpoint will be logged again
         self.accelerator.wait_for_everyone()
         return True
 
@@ -300,6 +309,15 @@ class Trainer1D:
     def _restore_signals(self, previous: dict[int, Any]) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        """Whether any process caught SIGINT/SIGTERM; all processes agree, so they stop at the same step."""
+        if self.accelerator.num_processes == 1:
+            return self._stop_signal is not None
+        flag = torch.tensor([self._stop_signal or 0], device=self.accelerator.device)
+        signum = int(self.accelerator.gather(flag).max())
+        self._stop_signal = signum or None
+        return signum != 0
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._stop_signal is not None:

@@ -1,6 +1,7 @@
 """Small helpers shared across the library: defaults, atomic file writes, seed mixing."""
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tempfile
@@ -20,6 +21,12 @@ def default(value: T | None, fallback: T | Callable[[], T]) -> T:
     if exists(value):
         return value
     return fallback() if callable(fallback) else fallback
+
+
+def suggest(key: str, allowed: list[str]) -> str:
+    """' (did you mean 'x'?)' for the closest allowed name, or '' when nothing is close."""
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _umask() -> int:

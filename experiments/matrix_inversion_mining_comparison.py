@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffusion_lib.config import ConfigError, parse_overrides  # noqa: E402
+from diffusion_lib.mining import mining_strategy  # noqa: E402
 from diffusion_lib.report import write_report  # noqa: E402
 from diffusion_lib.study import Study, StudyDir, StudyRun, expand, load_study, parse_shard, select, shard  # noqa: E402
 from diffusion_lib.results import RunDir  # noqa: E402
@@ -79,7 +80,14 @@ def status_of(run: StudyRun) -> str:
 def run_in_process(run: StudyRun, resume: bool) -> dict:
     task = create_dataset(run.config)
     trainer = create_trainer(run.config, create_diffusion_model(run.config, task), task, resume=resume)
-    return trainer.train()
+    try:
+        return trainer.train()
+    finally:
+        trainer.accelerator.free_memory()  # the accelerator outlives the run: drop its references to it
+
+
+class RunCrashed(RuntimeError):
+    """A run launched in its own processes ended without a result (crashed or was killed)."""
 
 
 def run_with_accelerate(run: StudyRun, resume: bool, num_processes: int) -> dict:
@@ -100,10 +108,8 @@ def run_with_accelerate(run: StudyRun, resume: bool, num_processes: int) -> dict
     final = RunDir(run.config.results_dir).read_final()
     if code == 2:
         raise ConfigError(f"run {run.run_id} was refused by train.py (see its message above)")
-    if code > 128:
-        raise KeyboardInterrupt
-    if final is None:
-        raise RuntimeError(f"run {run.run_id} exited with code {code} and wrote no final.json")
+    if final is None or (code != 0 and final.get("status") != "failed"):
+        raise RunCrashed(f"run {run.run_id} exited with code {code} without a result (see its output above)")
     return final
 
 
@@ -126,7 +132,7 @@ def train_all(runs: list[StudyRun], args: argparse.Namespace) -> None:
         eta = f", ETA {format_seconds(statistics.mean(durations) * (len(runs) - i + 1))}" if durations else ""
         print(f"{tag}: starting ({run.strategy}, seed {run.seed}{eta})", flush=True)
         started = time.perf_counter()
-        resume = args.resume and status == "partial"
+        resume = args.resume  # a run that never reached a checkpoint starts over inside its folder
         try:
             if args.launcher == "accelerate":
                 final = run_with_accelerate(run, resume, args.num_processes)
@@ -153,23 +159,13 @@ def dry_run(study: Study, runs: list[StudyRun]) -> None:
         if key not in seconds_per_step:
             seconds_per_step[key] = time_steps(run)
         remaining = run.config.train.steps if status_of(run) == "to do" else 0
-        evals = remaining * run.config.train.batch_size * (1 + expected_mining_evals(run))
+        evals = remaining * run.config.train.batch_size * (1 + mining_strategy(run.config.mining).cost(run.config.mining))
         total_seconds += remaining * seconds_per_step[key]
         total_evals += evals
         print(f"  {run.run_id:<48} {status_of(run):<9} {run.config.train.steps} steps, "
               f"~{format_seconds(remaining * seconds_per_step[key])} training")
     print(f"estimated cost: ~{format_seconds(total_seconds)} of training on this machine "
           f"(validation extra), {total_evals:.3g} energy-gradient evaluations")
-
-
-def expected_mining_evals(run: StudyRun) -> float:
-    mining = run.config.mining
-    per_adversarial = mining["opt_steps"]
-    return {
-        "adversarial": per_adversarial,
-        "periodic": per_adversarial / mining.get("every", 1),
-        "mixed": per_adversarial * mining.get("fraction", 0.0),
-    }.get(mining["strategy"], 0.0)
 
 
 def time_steps(run: StudyRun, steps: int = 3) -> float:
@@ -203,11 +199,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (TrainingInterrupted, KeyboardInterrupt) as error:
+    except (TrainingInterrupted, KeyboardInterrupt, RunCrashed) as error:
         again = [a for a in argv if a not in ("--resume", "--overwrite")]
-        print(f"interrupted: {error or 'stopped'}; resume the study with: "
+        stopped = "error" if isinstance(error, RunCrashed) else "interrupted"
+        print(f"{stopped}: {error or 'stopped'}; resume the study with: "
               f"python {Path(__file__).relative_to(ROOT)} {' '.join(again)} --resume", file=sys.stderr)
-        return 130
+        if isinstance(error, RunCrashed):
+            return 1
+        return 128 + error.signum if isinstance(error, TrainingInterrupted) else 130
 
 
 def run(args: argparse.Namespace) -> int:
@@ -217,8 +216,12 @@ def run(args: argparse.Namespace) -> int:
         study_dir = Path(args.report_only)
         report(StudyDir(study_dir).load(), study_dir)
         return 0
+    if args.num_processes < 1:
+        raise ConfigError(f"--num-processes {args.num_processes} must be >= 1")
     if args.launcher != "accelerate" and args.num_processes != 1:
         raise ConfigError("--num-processes needs --launcher accelerate")
+    if args.shard and args.overwrite:
+        raise ConfigError("--overwrite with --shard would delete the other shards' runs; overwrite without --shard first")
     study = select(load_study(args.config, parse_overrides(args.overrides)), args.strategies, args.seeds)
     study_dir = Path(args.output or ROOT / "results" / study.name)
     runs = expand(study, study_dir)
@@ -226,6 +229,11 @@ def run(args: argparse.Namespace) -> int:
         report(StudyDir(study_dir).load(), study_dir)
         return 0
     selected = shard(runs, *parse_shard(args.shard)) if args.shard else runs
+    if args.launcher == "inprocess" and len({run.config.device for run in runs}) > 1:
+        raise ConfigError("runs on different devices need --launcher accelerate (one device per process)")
+    if not selected:
+        print(f"shard {args.shard} has no runs (the study has {len(runs)})")
+        return 0
     if args.dry_run:
         dry_run(study, selected)
         return 0

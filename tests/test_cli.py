@@ -1,4 +1,5 @@
 """Bad input is refused before anything is written: one line on stderr, exit code 2, no traceback."""
+import json
 import subprocess
 import sys
 
@@ -99,3 +100,29 @@ def test_process_exit_code_and_single_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "error: config key 'train.steps' = -1 is out of range: must be an int >= 1"
     assert not (tmp_path / "run").exists()
+
+
+def test_yaml_floats_without_a_dot_and_empty_sections(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("train:\n  lr: 1e-3\neval:\n")
+    config = train.resolve_config(train.build_parser().parse_args(["--config", str(config_file)]))
+    assert config.train.lr == 1e-3
+
+
+def test_a_path_with_an_equals_sign_is_not_an_override(tmp_path, tiny_args):
+    folder = tmp_path / "runs" / "adversarial__mining.opt_steps=3__seed0"
+    assert train.main([*tiny_args(), "--results-dir", str(folder), "--train-steps", "5", "mining.opt_steps=3"]) == 0
+    # the command a run prints to resume it works for such folders
+    assert train.main(["--config", str(folder / "config.yaml"), "--resume", "--train-steps", "10"]) == 0
+    assert '"step": 10' in (folder / "final.json").read_text()
+
+
+def test_evaluate_may_change_sampling_and_does_not_touch_metrics(tmp_path, tiny_args):
+    assert train.main(tiny_args("--train-steps", "10")) == 0
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert train.main(tiny_args("--train-steps", "10", "--evaluate", "diffusion.inference_steps=0",
+                                "eval.inference_steps_sweep=[0, 3]")) == 0
+    result = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert set(result["inference_steps_sweep"]) == {"0", "3"}
+    assert result["mse_id"] == result["inference_steps_sweep"]["0"]["mse_id"]  # sampled with 0 inner steps
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics

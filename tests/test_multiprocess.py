@@ -1,8 +1,10 @@
 """Two CPU processes through `accelerate launch` (torchrun + gloo): one writer, sharded validation."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -75,3 +77,24 @@ def test_study_runs_through_the_accelerate_launcher(tmp_path):
     final = json.loads((out / "runs" / "adversarial__seed0" / "final.json").read_text())
     assert final["num_processes"] == 2 and final["step"] == 12
     assert (out / "report.md").exists()
+
+
+def test_ctrl_c_stops_both_processes_at_one_checkpoint(tmp_path):
+    folder = tmp_path / "run"
+    process = subprocess.Popen(
+        [*LAUNCH, str(ROOT / "train.py"), *TINY, "--train-steps", "5000", "train.save_every=25",
+         "--results-dir", str(folder)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.time() + 120
+    while not (folder / "checkpoints" / "step-000000025.pt").exists():
+        assert process.poll() is None and time.time() < deadline, process.stderr.read()[-2000:]
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert err.count("interrupted: SIGINT at step") == 1, err[-2000:]  # one process speaks for both
+    step = int(err.split("interrupted: SIGINT at step ")[1].split(":")[0])
+    assert (folder / "checkpoints" / f"step-{step:09d}.pt").exists()
+    assert train.main(["--config", str(folder / "config.yaml"), "--train-steps", str(step + 10), "--resume"]) == 0

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from diffusion_lib.results import RunDir
 from diffusion_lib.study import load_study
 from diffusion_lib.trainer import Trainer1D
 
@@ -94,7 +95,9 @@ def test_resume_after_an_interrupted_study_redoes_nothing_finished(tmp_path, stu
 
     monkeypatch.setattr(comparison, "run_in_process", recording)
     assert main("--config", study_file, "--output", out, "--resume") == 0
-    assert spy == [(RUN_IDS[2], True), (RUN_IDS[3], False)]  # the partial run continues, finished ones are kept
+    assert [run_id for run_id, _ in spy] == RUN_IDS[2:]  # finished runs are kept, the rest continue or start
+    steps = [r["step"] for r in RunDir(out / "runs" / RUN_IDS[2]).read_metrics() if r["kind"] == "train"]
+    assert steps == sorted(set(steps))  # the partial run continued from its checkpoint: no step logged twice
     assert {r: (out / "runs" / r / "final.json").stat().st_mtime_ns for r in RUN_IDS[:2]} == finished
     assert [r["status"] for r in rows(out)] == ["finished"] * 4
 
@@ -137,6 +140,10 @@ def test_dry_run_lists_runs_and_writes_nothing(tmp_path, study_file, capsys):
         (["train.stpes=3"], "did you mean 'train.steps'?"),
         (["--shard", "3/3"], "--shard '3/3' must have 0 <= I < N"),
         (["--num-processes", "2"], "--num-processes needs --launcher accelerate"),
+        (["--launcher", "accelerate", "--num-processes", "0"], "--num-processes 0 must be >= 1"),
+        (["--shard", "0/2", "--overwrite"], "--overwrite with --shard would delete the other shards' runs"),
+        (["seed=3"], "override 'seed' is set per run by the study"),
+        (["mining.strategy=random"], "use --strategies"),
         (["mining.opt_steps=0"], "mining_config['opt_steps'] = 0 is invalid"),
     ],
 )
@@ -172,3 +179,24 @@ def test_shipped_study_configs_are_valid(name, tmp_path):
     study = load_study(ROOT / "configs" / f"{name}.yaml")
     runs = comparison.expand(study, tmp_path)
     assert runs and len({r.run_id for r in runs}) == len(runs)
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_on_resume(tmp_path, study_file):
+    out = tmp_path / "study"
+    assert main("--config", study_file, "--output", out, "--seeds", "0", "--strategies", "none") == 0
+    run = RunDir(out / "runs" / "none__seed0")
+    reference = [{k: v for k, v in r.items() if k not in TIMINGS + ("sec_per_step",)} for r in run.read_metrics()]
+    # as if killed after 3 logged steps, before any checkpoint: config and metrics, no checkpoints
+    for path in [*run.checkpoints.iterdir(), run.final]:
+        path.unlink()
+    run.checkpoints.rmdir()
+    run.metrics.write_text("".join(line + "\n" for line in run.metrics.read_text().splitlines()[:3]))
+    assert main("--config", study_file, "--output", out, "--seeds", "0", "--strategies", "none", "--resume") == 0
+    again = [{k: v for k, v in r.items() if k not in TIMINGS + ("sec_per_step",)} for r in run.read_metrics()]
+    assert again == reference  # started over, metrics not duplicated
+
+
+def test_command_line_overrides_apply_to_every_strategy(tmp_path, study_file):
+    study = load_study(study_file, {"mining.opt_steps": 5})
+    runs = comparison.expand(study, tmp_path)
+    assert {r.config.mining["opt_steps"] for r in runs} == {5}  # adversarial's own opt_steps: 2 is overridden

@@ -107,3 +107,12 @@ def test_in_process_divergence_raises(tmp_path):
     trainer = train.create_trainer(config, train.create_diffusion_model(config, task), task)
     with pytest.raises(RunDiverged, match="non-finite"):
         trainer.train()
+
+
+def test_mining_statistics_average_over_the_steps_that_mined(tmp_path, tiny_args):
+    # periodic mining every 4 steps, a log line every 4 steps: one mining step per line. Early in training
+    # nearly every descent step lowers the energy, so a rate diluted over all 4 steps (<= 0.25) is wrong.
+    assert train.main(tiny_args("--train-steps", "8", "--mining-strategy", "periodic", "mining.every=4",
+                                "train.log_every=4")) == 0
+    rates = [r["accept_rate"] for r in metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert len(rates) == 2 and all(rate > 0.5 for rate in rates), rates
