@@ -132,12 +132,11 @@ def train_all(runs: list[StudyRun], args: argparse.Namespace) -> None:
         eta = f", ETA {format_seconds(statistics.mean(durations) * (len(runs) - i + 1))}" if durations else ""
         print(f"{tag}: starting ({run.strategy}, seed {run.seed}{eta})", flush=True)
         started = time.perf_counter()
-        resume = args.resume  # a run that never reached a checkpoint starts over inside its folder
-        try:
+        try:  # with --resume, a run that never reached a checkpoint starts over inside its folder
             if args.launcher == "accelerate":
-                final = run_with_accelerate(run, resume, args.num_processes)
+                final = run_with_accelerate(run, args.resume, args.num_processes)
             else:
-                final = run_in_process(run, resume)
+                final = run_in_process(run, args.resume)
         except RunDiverged as error:  # the run is marked failed in its final.json; the study goes on
             print(f"{tag}: FAILED: {error}", flush=True)
             continue
