@@ -196,10 +196,7 @@ class Trainer1D:
             self.run_dir.append_metrics(record)
 
     def _log_validation(self, mse: dict[str, float]) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        logged = any(r.get("kind") == "val" and r["step"] == self.step for r in self.run_dir.read_metrics())
-        if not logged:  # a run killed between its last val line and final.json logs it again when resumed
+        if self.accelerator.is_main_process:
             record = {"kind": "val", "step": self.step, **{f"val_{k}": v for k, v in mse.items()}}
             record.update(grad_evals=self.grad_evals, train_seconds=self.train_seconds)
             self.run_dir.append_metrics(record)
@@ -233,7 +230,9 @@ class Trainer1D:
 
     def _finish(self) -> dict[str, Any]:
         scores = self._scores()
-        self._log_validation({k: scores[k] for k in ("mse_id", "mse_ood")})
+        # a run killed between its final val line and final.json has that line already: log it once
+        if not any(r.get("kind") == "val" and r["step"] == self.step for r in self.run_dir.read_metrics()):
+            self._log_validation({k: scores[k] for k in ("mse_id", "mse_ood")})
         if self.step % self.config.train.save_every:
             self._save()
         last = {k: self._last_log[k] for k in ("loss", "loss_denoise", "loss_energy") if k in self._last_log}

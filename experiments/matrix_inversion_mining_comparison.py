@@ -157,11 +157,12 @@ def dry_run(study: Study, runs: list[StudyRun]) -> None:
         key = json.dumps({k: v for k, v in run.config.to_dict().items() if k not in ("seed", "results_dir")})
         if key not in seconds_per_step:
             seconds_per_step[key] = time_steps(run)
-        remaining = run.config.train.steps if status_of(run) == "to do" else 0
+        status = status_of(run)
+        remaining = run.config.train.steps if status == "to do" else 0
         evals = remaining * run.config.train.batch_size * (1 + mining_strategy(run.config.mining).cost(run.config.mining))
         total_seconds += remaining * seconds_per_step[key]
         total_evals += evals
-        print(f"  {run.run_id:<48} {status_of(run):<9} {run.config.train.steps} steps, "
+        print(f"  {run.run_id:<48} {status:<9} {run.config.train.steps} steps, "
               f"~{format_seconds(remaining * seconds_per_step[key])} training")
     print(f"estimated cost: ~{format_seconds(total_seconds)} of training on this machine "
           f"(validation extra), {total_evals:.3g} energy-gradient evaluations")
@@ -178,6 +179,7 @@ def time_steps(run: StudyRun, steps: int = 3) -> float:
             started = time.perf_counter()
             trainer.train_step()
             times.append(time.perf_counter() - started)
+        trainer.accelerator.free_memory()
         return statistics.median(times[1:])
 
 
@@ -211,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
-    if args.report_only:  # a folder: rebuild from what it holds, nothing else is read
-        study_dir = Path(args.report_only)
+    if args.report_only is not None:  # rebuild from what the folder holds: its study.yaml and runs
+        study_dir = Path(args.report_only or args.output or ROOT / "results" / load_study(args.config).name)
         report(StudyDir(study_dir).load(), study_dir)
         return 0
     if args.num_processes < 1:
@@ -224,9 +226,6 @@ def run(args: argparse.Namespace) -> int:
     study = select(load_study(args.config, parse_overrides(args.overrides)), args.strategies, args.seeds)
     study_dir = Path(args.output or ROOT / "results" / study.name)
     runs = expand(study, study_dir)
-    if args.report_only is not None:
-        report(StudyDir(study_dir).load(), study_dir)
-        return 0
     selected = shard(runs, *parse_shard(args.shard)) if args.shard else runs
     if args.launcher == "inprocess" and len({run.config.device for run in runs}) > 1:
         raise ConfigError("runs on different devices need --launcher accelerate (one device per process)")
