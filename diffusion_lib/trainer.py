@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -99,7 +100,8 @@ class Trainer1D:
         self._sums: dict[str, Any] = {}  # logged stats summed since the last log line (tensors until logged)
         self._counts: dict[str, int] = {}  # how many steps contributed to each sum (mining stats skip some)
         self._last_log: dict[str, float] = {}
-        self._stop_signal: int | None = None
+        self._caught_signal: int | None = None  # SIGINT/SIGTERM seen by this process
+        self._stop_signal: int | None = None  # the signal all processes agreed to stop on
 
     # -- the loop ------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -306,19 +308,28 @@ class Trainer1D:
         return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _restore_signals(self, previous: dict[int, Any]) -> None:
+        # a launcher's forwarded copy of the stop signal may still be on its way: let it pass quietly
+        forwarded = self._stop_signal is not None and _under_elastic_launcher()
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if forwarded else handler)
 
     def _stop_requested(self) -> bool:
         """Whether any process caught SIGINT/SIGTERM; all processes agree, so they stop at the same step."""
-        if self.accelerator.num_processes == 1:
-            return self._stop_signal is not None
-        flag = torch.tensor([self._stop_signal or 0], device=self.accelerator.device)
-        signum = int(self.accelerator.gather(flag).max())
-        self._stop_signal = signum or None
-        return signum != 0
+        caught = self._caught_signal or 0
+        if self.accelerator.num_processes > 1:
+            caught = int(self.accelerator.gather(torch.tensor([caught], device=self.accelerator.device)).max())
+        self._stop_signal = caught or None
+        return self._stop_signal is not None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._stop_signal is not None:
+        # only the handler writes _caught_signal, so a signal landing mid-gather is never overwritten
+        if self._caught_signal is None:
+            self._caught_signal = signum
+        elif not _under_elastic_launcher():
             raise KeyboardInterrupt  # a second signal: stop now, without the checkpoint
-        self._stop_signal = signum
+        # Under torchrun / `accelerate launch` a repeat is the launcher forwarding the user's Ctrl-C,
+        # not a second request; the launcher escalates to SIGKILL itself after its shutdown timeout.
+
+
+def _under_elastic_launcher() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ

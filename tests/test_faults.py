@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 import train
 from conftest import ROOT, TINY
 from diffusion_lib.results import RunDir
+from diffusion_lib.trainer import Trainer1D
 
 LONG = [*TINY, "--train-steps", "600", "train.save_every=50", "eval.every=200"]
 
@@ -87,3 +89,37 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, reference, 
     # the printed command resumes the run, and it ends exactly as the uninterrupted one
     assert train.main(["--config", match.group(2), "--resume"]) == 0
     assert_same_as_reference(folder, reference)
+
+
+def test_a_repeated_signal_forces_a_stop_except_when_a_launcher_forwards_it(monkeypatch):
+    # torchrun forwards the user's Ctrl-C to each worker, which therefore sees it twice; that copy must
+    # not cancel the checkpoint (the launcher itself escalates to SIGKILL after its timeout)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    alone = SimpleNamespace(_caught_signal=None)
+    Trainer1D._on_signal(alone, signal.SIGINT, None)
+    assert alone._caught_signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        Trainer1D._on_signal(alone, signal.SIGINT, None)
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    launched = SimpleNamespace(_caught_signal=None)
+    Trainer1D._on_signal(launched, signal.SIGINT, None)
+    Trainer1D._on_signal(launched, signal.SIGINT, None)
+    assert launched._caught_signal == signal.SIGINT
+
+
+def test_a_signal_arriving_while_processes_agree_on_stopping_is_not_lost(monkeypatch):
+    # the handler runs whenever the interpreter gets control, e.g. right after a collective returns;
+    # the flag it sets must survive the bookkeeping of the check it interrupted
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    trainer = SimpleNamespace(_caught_signal=None, _stop_signal=None)
+
+    def gather_interrupted_by_ctrl_c(flags):
+        if trainer._caught_signal is None:
+            Trainer1D._on_signal(trainer, signal.SIGINT, None)
+        return torch.cat([flags, torch.zeros_like(flags)])  # the other process saw nothing
+
+    trainer.accelerator = SimpleNamespace(num_processes=2, device="cpu", gather=gather_interrupted_by_ctrl_c)
+    Trainer1D._stop_requested(trainer)  # this check may or may not see it ...
+    assert Trainer1D._stop_requested(trainer)  # ... but the next one must
+    assert trainer._stop_signal == signal.SIGINT

@@ -75,7 +75,7 @@ def test_resume_after_an_interrupted_study_redoes_nothing_finished(tmp_path, stu
         original(self)
         calls["n"] += 1
         if calls["n"] == 2 * 24 + 13:  # 13 steps into the third run, as if Ctrl-C arrived
-            self._stop_signal = 2
+            self._on_signal(2, None)
 
     monkeypatch.setattr(Trainer1D, "train_step", interrupt_third_run)
     assert main("--config", study_file, "--output", out) == 130

@@ -50,7 +50,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tiny_args,
     def stop_after_13(self):
         original(self)
         if self.step == 13:  # as if SIGINT arrived mid-interval: the checkpoint lands between log lines
-            self._stop_signal = signal.SIGINT
+            self._on_signal(signal.SIGINT, None)
 
     monkeypatch.setattr(Trainer1D, "train_step", stop_after_13)
     assert train.main([*tiny_args(), "--results-dir", str(split)]) == 128 + signal.SIGINT
