@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -90,6 +92,54 @@ class RunCrashed(RuntimeError):
     """A run launched in its own processes ended without a result (crashed or was killed)."""
 
 
+class RunStopped(Exception):
+    """SIGINT/SIGTERM reached this script while a launched run was going; the run saved a checkpoint."""
+
+    def __init__(self, run_id: str, signum: int):
+        self.signum = signum
+        super().__init__(f"run {run_id} stopped by {signal.Signals(signum).name}")
+
+
+def run_forwarding_signals(command: list[str]) -> tuple[int, int | None]:
+    """Runs `command` in its own process group and passes each SIGINT/SIGTERM this script gets on to the
+    whole group, so every process sees it once (as a terminal's Ctrl-C would deliver it) and a signal sent
+    to this script alone (a scheduler, a container's PID 1) stops the run cleanly too. Returns the exit code
+    and the first signal passed on, once every process in the group has exited (a launcher may exit before
+    its workers have written their checkpoint)."""
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            pass  # the run had already ended
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = process.wait()
+        deadline = time.monotonic() + 60  # torchrun kills workers that have not exited after 30 s
+        while _group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code, (received[0] if received else None)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.waitpid(-group, os.WNOHANG)  # reap workers orphaned to us (when this script is a container's PID 1)
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def run_with_accelerate(run: StudyRun, resume: bool, num_processes: int) -> dict:
     """One run through `accelerate launch train.py`, from the run's resolved config."""
     with tempfile.TemporaryDirectory() as folder:
@@ -104,8 +154,10 @@ def run_with_accelerate(run: StudyRun, resume: bool, num_processes: int) -> dict
         elif run.config.device == "cpu":
             command.append("--cpu")
         command += [str(ROOT / "train.py"), "--config", str(config_file)] + (["--resume"] if resume else [])
-        code = subprocess.run(command, cwd=ROOT).returncode
+        code, stopped_by = run_forwarding_signals(command)
     final = RunDir(run.config.results_dir).read_final()
+    if stopped_by is not None:
+        raise RunStopped(run.run_id, stopped_by)  # the study stops too (a finished run is kept on --resume)
     if code == 2:
         raise ConfigError(f"run {run.run_id} was refused by train.py (see its message above)")
     if final is None or (code != 0 and final.get("status") != "failed"):
@@ -200,14 +252,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (TrainingInterrupted, KeyboardInterrupt, RunCrashed) as error:
+    except (TrainingInterrupted, RunStopped, KeyboardInterrupt, RunCrashed) as error:
         again = [a for a in argv if a not in ("--resume", "--overwrite")]
         stopped = "error" if isinstance(error, RunCrashed) else "interrupted"
-        print(f"{stopped}: {error or 'stopped'}; resume the study with: "
+        print(f"{stopped}: {str(error) or 'stopped'}; resume the study with: "
               f"python {Path(__file__).relative_to(ROOT)} {' '.join(again)} --resume", file=sys.stderr)
         if isinstance(error, RunCrashed):
             return 1
-        return 128 + error.signum if isinstance(error, TrainingInterrupted) else 130
+        return 128 + getattr(error, "signum", signal.SIGINT)
 
 
 def run(args: argparse.Namespace) -> int:

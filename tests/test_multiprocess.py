@@ -98,3 +98,34 @@ def test_ctrl_c_stops_both_processes_at_one_checkpoint(tmp_path):
     step = int(err.split("interrupted: SIGINT at step ")[1].split(":")[0])
     assert (folder / "checkpoints" / f"step-{step:09d}.pt").exists()
     assert train.main(["--config", str(folder / "config.yaml"), "--train-steps", str(step + 10), "--resume"]) == 0
+
+
+@pytest.mark.parametrize("processes, signum", [(1, signal.SIGTERM), (2, signal.SIGINT)])
+def test_a_signal_to_the_study_alone_stops_its_launched_run_at_a_checkpoint(tmp_path, processes, signum):
+    # a scheduler or a container runtime may signal only the study's process; the launched run must
+    # still stop cleanly, and the study must wait for it (a launcher can exit before its workers)
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "name: stopped\nseeds: [0]\nstrategies: {none: {strategy: none}}\ntask: {rank: 3}\n"
+        "model: {hidden_dim: 32}\ntrain: {steps: 4000, batch_size: 32, log_every: 5, save_every: 25}\n"
+        "eval: {every: 1000, num_samples: 33, batch_size: 32}\ndevice: cpu\n"
+    )
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "experiments" / "matrix_inversion_mining_comparison.py"),
+               "--config", str(study), "--output", str(out), "--launcher", "accelerate",
+               "--num-processes", str(processes)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = out / "runs" / "none__seed0"
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step-000000025.pt").exists():
+        assert process.poll() is None and time.time() < deadline, process.stderr.read()[-2000:]
+        time.sleep(0.05)
+    process.send_signal(signum)  # to the study's process only
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, err[-2000:]
+    assert err.count(f"interrupted: {signum.name} at step") == 1, err[-2000:]
+    step = int(err.split(f"interrupted: {signum.name} at step ")[1].split(":")[0])
+    assert (run / "checkpoints" / f"step-{step:09d}.pt").exists()  # written before the study exited
+    assert f"interrupted: run none__seed0 stopped by {signum.name}; resume the study with:" in err
+    assert not (run / "final.json").exists()
