@@ -120,10 +120,7 @@ class Trainer1D:
         previous_handlers = self._catch_signals()
         try:
             while self.step < cfg.train.steps:
-                if self._stop_requested():
-                    self._save()
-                    acc.wait_for_everyone()  # no process leaves before the checkpoint is on disk
-                    raise TrainingInterrupted(self.step, self._stop_signal, self.run_dir)
+                self._stop_if_requested()
                 self.train_step()
                 bar.update(1)
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
@@ -133,6 +130,7 @@ class Trainer1D:
                     self._log_validation(self.evaluate())
                 if self.step % cfg.train.save_every == 0:
                     self._save()
+            self._stop_if_requested()  # a signal during the last step still stops the run before scoring
         finally:
             bar.close()
             self._restore_signals(previous_handlers)
@@ -231,12 +229,12 @@ class Trainer1D:
         }
 
     def _finish(self) -> dict[str, Any]:
+        if self.step % self.config.train.save_every:
+            self._save()  # before scoring, so a kill while scoring loses no steps
         scores = self._scores()
         # a run killed between its final val line and final.json has that line already: log it once
         if not any(r.get("kind") == "val" and r["step"] == self.step for r in self.run_dir.read_metrics()):
             self._log_validation({k: scores[k] for k in ("mse_id", "mse_ood")})
-        if self.step % self.config.train.save_every:
-            self._save()
         last = {k: self._last_log[k] for k in ("loss", "loss_denoise", "loss_energy") if k in self._last_log}
         final = {
             "status": "finished",
@@ -313,6 +311,12 @@ class Trainer1D:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_IGN if forwarded else handler)
 
+    def _stop_if_requested(self) -> None:
+        if self._stop_requested():
+            self._save()
+            self.accelerator.wait_for_everyone()  # no process leaves before the checkpoint is on disk
+            raise TrainingInterrupted(self.step, self._stop_signal, self.run_dir)
+
     def _stop_requested(self) -> bool:
         """Whether any process caught SIGINT/SIGTERM; all processes agree, so they stop at the same step."""
         caught = self._caught_signal or 0
@@ -327,8 +331,8 @@ class Trainer1D:
             self._caught_signal = signum
         elif not _under_elastic_launcher():
             raise KeyboardInterrupt  # a second signal: stop now, without the checkpoint
-        # Under torchrun / `accelerate launch` a repeat is the launcher forwarding the user's Ctrl-C,
-        # not a second request; the launcher escalates to SIGKILL itself after its shutdown timeout.
+        # Under torchrun a repeat is a copy, not a second request: a scheduler may signal every process
+        # and the launcher forwards its own; it escalates to SIGKILL itself after its shutdown timeout.
 
 
 def _under_elastic_launcher() -> bool:

@@ -10,6 +10,7 @@ which runs, in which order, which to skip or resume, and the report at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -101,43 +104,48 @@ class RunStopped(Exception):
 
 
 def run_forwarding_signals(command: list[str]) -> tuple[int, int | None]:
-    """Runs `command` in its own process group and passes each SIGINT/SIGTERM this script gets on to the
-    whole group, so every process sees it once (as a terminal's Ctrl-C would deliver it) and a signal sent
-    to this script alone (a scheduler, a container's PID 1) stops the run cleanly too. Returns the exit code
-    and the first signal passed on, once every process in the group has exited (a launcher may exit before
-    its workers have written their checkpoint)."""
-    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    """Runs `command` in its own process group and passes each SIGINT/SIGTERM this script gets on to that
+    group: the run sees a terminal's Ctrl-C once, and a signal sent to this script alone (a scheduler, a
+    container's PID 1) stops it cleanly too. Returns the exit code and the first signal passed on. After a
+    signal it also waits for the run's other processes (a launcher may exit before its workers have
+    written their checkpoint), killing any still alive after a minute."""
     received: list[int] = []
+    passed_on = 0
+    launched: list[subprocess.Popen] = []
+    stopping: list[psutil.Process] = []  # the run's processes when the first signal was passed on
 
-    def forward(signum: int, frame: object) -> None:
+    def pass_on() -> None:
+        nonlocal passed_on
+        pid = launched[0].pid
+        if passed_on < len(received) and not stopping:
+            with contextlib.suppress(psutil.Error):
+                stopping.extend(psutil.Process(pid).children(recursive=True))
+        while passed_on < len(received):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, received[passed_on])
+            passed_on += 1
+
+    def on_signal(signum: int, frame: object) -> None:
         received.append(signum)
-        try:
-            os.killpg(process.pid, signum)
-        except ProcessLookupError:
-            pass  # the run had already ended
+        if launched:
+            pass_on()
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = process.wait()
-        deadline = time.monotonic() + 60  # torchrun kills workers that have not exited after 30 s
-        while _group_alive(process.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        launched.append(subprocess.Popen(command, cwd=ROOT, start_new_session=True))
+        pass_on()  # signals that came while it was starting
+        code = launched[0].wait()
+        # torchrun gives its workers 30 s before killing them; a minute covers that and a slow checkpoint
+        _, alive = psutil.wait_procs(stopping, timeout=60)
+        for process in alive:
+            print(f"warning: process {process.pid} of the run did not stop within a minute; killing it",
+                  file=sys.stderr)
+            with contextlib.suppress(psutil.Error):
+                process.kill()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code, (received[0] if received else None)
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.waitpid(-group, os.WNOHANG)  # reap workers orphaned to us (when this script is a container's PID 1)
-    except ChildProcessError:
-        pass
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def run_with_accelerate(run: StudyRun, resume: bool, num_processes: int) -> dict:

@@ -92,8 +92,8 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, reference, 
 
 
 def test_a_repeated_signal_forces_a_stop_except_when_a_launcher_forwards_it(monkeypatch):
-    # torchrun forwards the user's Ctrl-C to each worker, which therefore sees it twice; that copy must
-    # not cancel the checkpoint (the launcher itself escalates to SIGKILL after its timeout)
+    # a scheduler may signal every process and torchrun forwards its own copy, so a worker sees the signal
+    # twice; that copy must not cancel the checkpoint (the launcher escalates to SIGKILL after its timeout)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     alone = SimpleNamespace(_caught_signal=None)
     Trainer1D._on_signal(alone, signal.SIGINT, None)

@@ -7,6 +7,7 @@ import sys
 import time
 from collections import Counter
 
+import psutil
 import pytest
 
 import train
@@ -79,7 +80,18 @@ def test_study_runs_through_the_accelerate_launcher(tmp_path):
     assert (out / "report.md").exists()
 
 
-def test_ctrl_c_stops_both_processes_at_one_checkpoint(tmp_path):
+def wait_for_file(process: subprocess.Popen, path, errors) -> None:
+    deadline = time.time() + 120
+    while not path.exists():
+        assert process.poll() is None and time.time() < deadline, errors()[-2000:]
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum, receivers", [
+    (signal.SIGINT, "launcher"),  # a terminal's Ctrl-C: torchrun's workers have their own sessions, it forwards it
+    (signal.SIGTERM, "every process"),  # a scheduler (e.g. SLURM) signals all; the launcher forwards a second copy
+])
+def test_a_signal_stops_both_processes_at_one_checkpoint(tmp_path, signum, receivers):
     folder = tmp_path / "run"
     process = subprocess.Popen(
         [*LAUNCH, str(ROOT / "train.py"), *TINY, "--train-steps", "5000", "train.save_every=25",
@@ -87,15 +99,16 @@ def test_ctrl_c_stops_both_processes_at_one_checkpoint(tmp_path):
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    deadline = time.time() + 120
-    while not (folder / "checkpoints" / "step-000000025.pt").exists():
-        assert process.poll() is None and time.time() < deadline, process.stderr.read()[-2000:]
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
+    wait_for_file(process, folder / "checkpoints" / "step-000000025.pt", lambda: process.stderr.read())
+    if receivers == "launcher":
+        os.killpg(process.pid, signum)
+    else:
+        for target in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
+            target.send_signal(signum)
     _, err = process.communicate(timeout=120)
     assert process.returncode != 0
-    assert err.count("interrupted: SIGINT at step") == 1, err[-2000:]  # one process speaks for both
-    step = int(err.split("interrupted: SIGINT at step ")[1].split(":")[0])
+    assert err.count(f"interrupted: {signum.name} at step") == 1, err[-2000:]  # one process speaks for both
+    step = int(err.split(f"interrupted: {signum.name} at step ")[1].split(":")[0])
     assert (folder / "checkpoints" / f"step-{step:09d}.pt").exists()
     assert train.main(["--config", str(folder / "config.yaml"), "--train-steps", str(step + 10), "--resume"]) == 0
 
@@ -103,29 +116,30 @@ def test_ctrl_c_stops_both_processes_at_one_checkpoint(tmp_path):
 @pytest.mark.parametrize("processes, signum", [(1, signal.SIGTERM), (2, signal.SIGINT)])
 def test_a_signal_to_the_study_alone_stops_its_launched_run_at_a_checkpoint(tmp_path, processes, signum):
     # a scheduler or a container runtime may signal only the study's process; the launched run must
-    # still stop cleanly, and the study must wait for it (a launcher can exit before its workers)
+    # still stop cleanly, and the study must wait for it (accelerate's 1-process launcher exits at once)
     study = tmp_path / "study.yaml"
     study.write_text(
         "name: stopped\nseeds: [0]\nstrategies: {none: {strategy: none}}\ntask: {rank: 3}\n"
         "model: {hidden_dim: 32}\ntrain: {steps: 4000, batch_size: 32, log_every: 5, save_every: 25}\n"
-        "eval: {every: 1000, num_samples: 33, batch_size: 32}\ndevice: cpu\n"
+        "eval: {every: 26, num_samples: 3000, batch_size: 3000}\ndevice: cpu\n"  # slow to stop: step 26 evaluates
     )
-    out = tmp_path / "out"
+    out, log = tmp_path / "out", tmp_path / "stderr.txt"
     command = [sys.executable, str(ROOT / "experiments" / "matrix_inversion_mining_comparison.py"),
                "--config", str(study), "--output", str(out), "--launcher", "accelerate",
                "--num-processes", str(processes)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    run = out / "runs" / "none__seed0"
-    deadline = time.time() + 120
-    while not (run / "checkpoints" / "step-000000025.pt").exists():
-        assert process.poll() is None and time.time() < deadline, process.stderr.read()[-2000:]
-        time.sleep(0.05)
-    process.send_signal(signum)  # to the study's process only
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 128 + signum, err[-2000:]
+    with log.open("w") as stderr:  # a file, not a pipe: a pipe would make us wait for the run's processes too
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        run = out / "runs" / "none__seed0"
+        wait_for_file(process, run / "checkpoints" / "step-000000025.pt", log.read_text)
+        launched = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signum)  # to the study's process only
+        assert process.wait(timeout=120) == 128 + signum, log.read_text()[-2000:]
+    still_running = [p for p in launched if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not still_running, "the study exited before its run's processes"
+    err = log.read_text()
     assert err.count(f"interrupted: {signum.name} at step") == 1, err[-2000:]
     step = int(err.split(f"interrupted: {signum.name} at step ")[1].split(":")[0])
-    assert (run / "checkpoints" / f"step-{step:09d}.pt").exists()  # written before the study exited
+    assert (run / "checkpoints" / f"step-{step:09d}.pt").exists()
     assert f"interrupted: run none__seed0 stopped by {signum.name}; resume the study with:" in err
     assert not (run / "final.json").exists()

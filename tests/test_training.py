@@ -41,20 +41,22 @@ def test_short_run_learns_inverse_for_each_strategy(tmp_path, strategy):
     assert len(list((tmp_path / strategy / "checkpoints").glob("step-*.pt"))) >= 1
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tiny_args, monkeypatch):
+# 13: mid-interval, the checkpoint lands between log lines; 30: the last step, before the final scoring
+@pytest.mark.parametrize("stop_at", [13, 30])
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tiny_args, monkeypatch, stop_at):
     full = tmp_path / "full"
     assert train.main([*tiny_args(), "--results-dir", str(full)]) == 0
     split = tmp_path / "split"
     original = Trainer1D.train_step
 
-    def stop_after_13(self):
+    def stop_during_a_step(self):
         original(self)
-        if self.step == 13:  # as if SIGINT arrived mid-interval: the checkpoint lands between log lines
+        if self.step == stop_at:  # as if SIGINT arrived during this step
             self._on_signal(signal.SIGINT, None)
 
-    monkeypatch.setattr(Trainer1D, "train_step", stop_after_13)
+    monkeypatch.setattr(Trainer1D, "train_step", stop_during_a_step)
     assert train.main([*tiny_args(), "--results-dir", str(split)]) == 128 + signal.SIGINT
-    assert (split / "checkpoints" / "step-000000013.pt").exists() and not (split / "final.json").exists()
+    assert (split / "checkpoints" / f"step-{stop_at:09d}.pt").exists() and not (split / "final.json").exists()
     monkeypatch.undo()
     assert train.main([*tiny_args(), "--results-dir", str(split), "--resume"]) == 0
     assert comparable(metrics(split)) == comparable(metrics(full))
