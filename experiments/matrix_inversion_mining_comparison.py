@@ -96,7 +96,7 @@ class RunCrashed(RuntimeError):
 
 
 class RunStopped(Exception):
-    """SIGINT/SIGTERM reached this script while a launched run was going; the run saved a checkpoint."""
+    """SIGINT/SIGTERM reached this script while a launched run was going, and was passed on to the run."""
 
     def __init__(self, run_id: str, signum: int):
         self.signum = signum
