@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import PartialState
@@ -182,8 +182,8 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_command_line(build_parser(), sys.argv[1:] if argv is None else argv)
+def run_explaining_config_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """run(args); a ConfigError becomes its one-line message and exit code 2 (with --debug, the traceback)."""
     try:
         return run(args)
     except ConfigError as error:
@@ -191,6 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_command_line(build_parser(), sys.argv[1:] if argv is None else argv)
+    try:
+        return run_explaining_config_errors(run, args)
     except TrainingInterrupted as error:
         if PartialState().is_main_process:  # every process stops; one says so
             print(f"interrupted: {error}", file=sys.stderr)

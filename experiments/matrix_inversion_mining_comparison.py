@@ -33,7 +33,10 @@ from diffusion_lib.report import write_report  # noqa: E402
 from diffusion_lib.study import Study, StudyDir, StudyRun, expand, load_study, parse_shard, select, shard  # noqa: E402
 from diffusion_lib.results import RunDir  # noqa: E402
 from diffusion_lib.trainer import RunDiverged, TrainingInterrupted  # noqa: E402
-from train import OneLineParser, create_dataset, create_diffusion_model, create_trainer, parse_command_line  # noqa: E402
+from train import (  # noqa: E402
+    OneLineParser, create_dataset, create_diffusion_model, create_trainer, parse_command_line,
+    run_explaining_config_errors,
+)
 
 DEFAULT_CONFIG = ROOT / "configs" / "matrix_inversion_mining.yaml"
 
@@ -254,12 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_command_line(build_parser(), argv)
     try:
-        return run(args)
-    except ConfigError as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return run_explaining_config_errors(run, args)
     except (TrainingInterrupted, RunStopped, KeyboardInterrupt, RunCrashed) as error:
         again = [a for a in argv if a not in ("--resume", "--overwrite")]
         stopped = "error" if isinstance(error, RunCrashed) else "interrupted"
