@@ -13,7 +13,6 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
-import torch
 from accelerate import PartialState
 
 from diffusion_lib.config import (
@@ -21,9 +20,9 @@ from diffusion_lib.config import (
 )
 from diffusion_lib.diffusion import GaussianDiffusion1D
 from diffusion_lib.mining import STRATEGIES
-from diffusion_lib.models import EBM, EnergyDenoiser, compile_energy_kernels
+from diffusion_lib.models import EBM, EnergyDenoiser
 from diffusion_lib.tasks import MatrixTask, make_task
-from diffusion_lib.trainer import RunDiverged, Trainer1D, TrainingInterrupted, make_accelerator
+from diffusion_lib.trainer import Trainer1D, TrainingInterrupted, make_accelerator
 from diffusion_lib.utils import atomic_write_json
 
 
@@ -32,31 +31,38 @@ def create_dataset(config: RunConfig) -> MatrixTask:
     return make_task(config.task.dataset, rank=config.task.rank, ood=config.task.ood)
 
 
-def create_diffusion_model(config: RunConfig, task: MatrixTask) -> GaussianDiffusion1D:
-    torch.manual_seed(config.seed)  # the seed fixes the initial weights
-    compile_energy_kernels(config.train.compile)  # process-wide: set (or reset) for every model built
-    ebm = EBM(task.inp_dim, task.out_dim, hidden_dim=config.model.hidden_dim)
+def create_diffusion_model(config: RunConfig | Sequence[RunConfig], task: MatrixTask) -> GaussianDiffusion1D:
+    """The model for one run, or for a pack of runs (configs differing only in seed and folder)."""
+    configs = [config] if isinstance(config, RunConfig) else list(config)
+    ebm = EBM(task.inp_dim, task.out_dim, hidden_dim=configs[0].model.hidden_dim, runs=len(configs))
+    for run, run_config in enumerate(configs):
+        ebm.init_run(run, run_config.seed)  # the seed fixes the initial weights
+    settings = configs[0].diffusion
     return GaussianDiffusion1D(
         EnergyDenoiser(ebm),
-        timesteps=config.diffusion.timesteps,
-        mining_config=config.mining,
-        inference_steps=config.diffusion.inference_steps,
-        inference_step_scale=config.diffusion.inference_step_scale,
+        timesteps=settings.timesteps,
+        mining_config=configs[0].mining,
+        inference_steps=settings.inference_steps,
+        inference_step_scale=settings.inference_step_scale,
+        inference_step_schedule=settings.inference_step_schedule,
+        answer=settings.answer,
     )
 
 
 def create_trainer(
-    config: RunConfig,
+    config: RunConfig | Sequence[RunConfig],
     diffusion: GaussianDiffusion1D,
     task: MatrixTask,
     *,
     resume: bool = False,
     overwrite: bool = False,
     evaluate_only: bool = False,
+    label: str = "",
 ) -> Trainer1D:
+    first = config if isinstance(config, RunConfig) else config[0]
     return Trainer1D(
-        diffusion, task, config, make_accelerator(config.device),
-        resume=resume, overwrite=overwrite, evaluate_only=evaluate_only,
+        diffusion, task, config, make_accelerator(first.device),
+        resume=resume, overwrite=overwrite, evaluate_only=evaluate_only, label=label,
     )
 
 
@@ -161,16 +167,14 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluate:
         result = trainer.evaluate_saved()
         if accelerator.is_main_process:
-            atomic_write_json(trainer.run_dir.root / "evaluation.json", result)
+            atomic_write_json(trainer.runs[0].dir.root / "evaluation.json", result)
             print(json.dumps(result, indent=2))
         return 0
-    final = trainer.train()
-    if accelerator.is_main_process:
-        print(
-            f"done: step {final['step']}, held-out MSE (EMA) {final['mse_id']:.5f} in-distribution, "
-            f"{final['mse_ood']:.5f} ood (zeros predictor {final['zeros_mse_id']:.5f} / {final['zeros_mse_ood']:.5f}); "
-            f"results in {trainer.run_dir.root}"
-        )
+    [final] = trainer.train()
+    if final.get("status") != "finished":
+        if accelerator.is_main_process:
+            print(f"error: {final.get('error')}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -199,11 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_explaining_config_errors(run, args)
     except TrainingInterrupted as error:
         if PartialState().is_main_process:  # every process stops; one says so
-            print(f"interrupted: {error}", file=sys.stderr)
+            resume = f"python train.py --config {error.run_dirs[0].config} --resume"
+            print(f"interrupted: {error}; resume with: {resume}", file=sys.stderr)
         return 128 + error.signum
-    except RunDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """A straightforward implementation of the spec, used only as the yardstick for the fast library path.
 
-It shares the library's model *weights* (it takes our `EBM` module and reads its layers) but computes
-everything the plain way, as a first implementation of /work/shared/ired_spec.md would:
+It shares the library's model *weights* (it takes our `EBM` module and reads run 0 of its packed
+layers) but computes everything the plain way, as a first implementation of /work/shared/ired_spec.md
+would, on unpacked [B, dim] tensors:
 
 - the time MLP runs once per *sample*, fc1 is applied to cat([x, y]) on every energy evaluation;
 - the denoiser grad_y E comes from `torch.autograd.grad(..., create_graph=True)` everywhere
@@ -43,15 +44,21 @@ def x0_from_noise(diffusion: GaussianDiffusion1D, y_t: Tensor, t: Tensor, noise:
 
 
 # -- the energy, the plain way ---------------------------------------------------------------------
+def linear(layer: torch.nn.Module, x: Tensor) -> Tensor:
+    """Run 0's weights of a packed layer, as an ordinary nn.Linear."""
+    return F.linear(x, layer.weight[0], layer.bias[0])
+
+
 def plain_energy(ebm: EBM, x: Tensor, y: Tensor, t: Tensor) -> Tensor:
     """E(x, y, t) [B, 1]: time MLP per sample, fc1 on cat([x, y]), FiLM, sum of squares of fc4."""
-    emb = ebm.time_mlp(t)
-    gain2, shift2 = ebm.t_map_fc2(emb).chunk(2, dim=-1)
-    gain3, shift3 = ebm.t_map_fc3(emb).chunk(2, dim=-1)
-    h = F.silu(ebm.fc1(torch.cat([x, y], dim=-1)))
-    h = F.silu(ebm.fc2(h) * (1 + gain2) + shift2)
-    h = F.silu(ebm.fc3(h) * (1 + gain3) + shift3)
-    return ebm.fc4(h).pow(2).sum(dim=-1, keepdim=True)
+    emb = ebm.time_mlp[0](t).to(x.dtype)
+    emb = linear(ebm.time_mlp[3], F.gelu(linear(ebm.time_mlp[1], emb)))
+    gain2, shift2 = linear(ebm.t_map_fc2, emb).chunk(2, dim=-1)
+    gain3, shift3 = linear(ebm.t_map_fc3, emb).chunk(2, dim=-1)
+    h = F.silu(linear(ebm.fc1, torch.cat([x, y], dim=-1)))
+    h = F.silu(linear(ebm.fc2, h) * (1 + gain2) + shift2)
+    h = F.silu(linear(ebm.fc3, h) * (1 + gain3) + shift3)
+    return linear(ebm.fc4, h).pow(2).sum(dim=-1, keepdim=True)
 
 
 def plain_energy_and_grad(ebm: EBM, x: Tensor, y: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

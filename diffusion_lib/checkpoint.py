@@ -19,12 +19,16 @@ def checkpoint_path(folder: Path, step: int) -> Path:
     return folder / f"step-{step:09d}.pt"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint file holds, from its name."""
+    return int(_NAME.match(path.name).group(1))
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     """Checkpoint files in `folder`, newest step first."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
+    return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=checkpoint_step, reverse=True)
 
 
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:

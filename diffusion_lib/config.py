@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .mining import resolve_mining_config
+from .mining import STEP_SCHEDULES, resolve_mining_config
 from .tasks import TASKS
 from .utils import suggest
 
@@ -30,6 +30,10 @@ def _positive_int(default: int) -> Any:
     return _check(lambda v: v >= 1, "an int >= 1", default=default)
 
 
+DTYPES = ("float32", "float64", "bfloat16")
+ANSWERS = ("x0", "scaled")
+
+
 @dataclass
 class TaskConfig:
     dataset: str = _check(lambda v: v in TASKS, f"one of {', '.join(TASKS)}", default="inverse")
@@ -40,6 +44,8 @@ class TaskConfig:
 @dataclass
 class ModelConfig:
     hidden_dim: int = _positive_int(512)
+    # compute dtype: float64 for exactness checks; bfloat16 = mixed precision (float32 weights, bf16 autocast)
+    dtype: str = _check(lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}", default="float32")
 
 
 @dataclass
@@ -47,11 +53,16 @@ class DiffusionConfig:
     timesteps: int = _positive_int(10)
     inference_steps: int = _check(lambda v: v >= 0, "an int >= 0", default=5)  # inner opt_steps per timestep
     inference_step_scale: float = _check(lambda v: v > 0, "a float > 0", default=1.0)
+    # the published sampler's quirks, on request: steps after the first scaled by 2; answer sqrt(abar_0) x0
+    inference_step_schedule: str = _check(lambda v: v in STEP_SCHEDULES, f"one of {', '.join(STEP_SCHEDULES)}", default="constant")
+    answer: str = _check(lambda v: v in ANSWERS, f"one of {', '.join(ANSWERS)}", default="x0")
 
 
 @dataclass
 class TrainConfig:
     steps: int = _positive_int(100_000)
+    # > 0: train ceil(budget_flops / measured FLOPs per step) steps instead of `steps` (equal-compute runs)
+    budget_flops: float = _check(lambda v: v >= 0, "a float >= 0 (0 = off)", default=0.0)
     batch_size: int = _positive_int(2048)  # global: split evenly across accelerate processes
     lr: float = _check(lambda v: v > 0, "a float > 0", default=1e-4)
     adam_betas: list[float] = _check(
@@ -60,10 +71,14 @@ class TrainConfig:
     grad_clip: float = _check(lambda v: v > 0, "a float > 0", default=1.0)
     ema_decay: float = _check(lambda v: 0 < v < 1, "a float in (0, 1)", default=0.995)
     ema_every: int = _positive_int(10)
+    # EMA warm-up (ema-pytorch's schedule, as the reference runs): a copy until this step, then
+    # decay min(ema_decay, 1 - (1 + steps since)^-ema_power)
+    ema_update_after_step: int = _check(lambda v: v >= 0, "an int >= 0", default=100)
+    ema_power: float = _check(lambda v: v > 0, "a float > 0", default=2 / 3)
+    matmul_precision: str = _check(lambda v: v in ("highest", "high"), "one of highest, high", default="highest")
     log_every: int = _positive_int(100)
     save_every: int = _positive_int(1000)
     keep_checkpoints: int = _positive_int(2)
-    compile: bool = False  # torch.compile the energy kernels: a few % on CPU, device-dependent (README)
 
 
 @dataclass

@@ -1,16 +1,43 @@
-"""GaussianDiffusion1D: energy diffusion training loss (score + contrastive energy), opt_step, sampling."""
+"""GaussianDiffusion1D: energy diffusion training loss (score + contrastive energy), opt_step, sampling.
+
+Tensors are packed: [P, B, dim] for P runs trained together (see models.py); a single run may pass
+[B, dim]. Every random number of a training step comes from the run's own generator (`draw`), so a run
+computes the same numbers whether it trains alone or in a pack.
+"""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mining import mining_strategy, resolve_mining_config
+from .config import ANSWERS
+from .mining import STEP_SCHEDULES, mining_strategy, resolve_mining_config
 from .models import EnergyCondition, EnergyDenoiser
 from .schedule import schedule_constants
 from .utils import default
+
+
+@dataclass
+class Draws:
+    """One training step's random numbers for a pack: t [P, B], the score noise and the positive's noise."""
+
+    t: Tensor
+    noise: Tensor
+    noise_pos: Tensor | None  # only strategies with an energy loss draw it
+
+
+@dataclass
+class OptResult:
+    """What `opt_step` did: the final y, the fraction of samples accepted at each inner step [P, steps],
+    and the energy before the first and after the last step [P, B, 1]."""
+
+    y: Tensor
+    accepted: Tensor
+    energy_start: Tensor
+    energy: Tensor
 
 
 class GaussianDiffusion1D(nn.Module):
@@ -19,6 +46,8 @@ class GaussianDiffusion1D(nn.Module):
     `mining_config` picks how negatives for the energy loss are made (see `mining.py`); when omitted it
     is derived from the reference flag `supervise_energy_landscape` (False -> none, True -> adversarial).
     `use_innerloop_opt` only switches inference's inner steps (5 or 0); `inference_steps` overrides it.
+    `inference_step_schedule` and `answer` reproduce the published sampler on request ('reference',
+    'scaled'); the defaults follow the spec's intent (see README, "Where the published code differs").
     """
 
     def __init__(
@@ -31,21 +60,37 @@ class GaussianDiffusion1D(nn.Module):
         use_innerloop_opt: bool = True,
         inference_steps: int | None = None,
         inference_step_scale: float = 1.0,
+        inference_step_schedule: str = "constant",
+        answer: str = "x0",
         data_bound: float = 2.0,
     ):
         super().__init__()
         if timesteps < 1:
             raise ValueError(f"timesteps = {timesteps} is invalid: must be an int >= 1")
+        if inference_step_schedule not in STEP_SCHEDULES:
+            raise ValueError(f"inference_step_schedule = {inference_step_schedule!r}: must be one of {STEP_SCHEDULES}")
+        if answer not in ANSWERS:
+            raise ValueError(f"answer = {answer!r}: must be one of {ANSWERS}")
         self.model = model
         self.num_timesteps = timesteps
         self.mining_config = resolve_mining_config(mining_config, supervise_energy_landscape)
         self.strategy = mining_strategy(self.mining_config)
         self.inference_steps = default(inference_steps, 5 if use_innerloop_opt else 0)
         self.inference_step_scale = inference_step_scale
+        self.inference_step_schedule = inference_step_schedule
+        self.answer = answer
         # answers live in [-data_bound, data_bound]; 2 on continuous tasks (1 on discrete ones)
         self.data_bound = data_bound
         for name, value in schedule_constants(timesteps).items():
             self.register_buffer(name, value, persistent=False)
+
+    @property
+    def runs(self) -> int:
+        return self.model.runs
+
+    def _packed(self, v: Tensor) -> Tensor:
+        """[B, dim] -> [P, B, dim]: one batch shared by every run of the pack (a view, no copy)."""
+        return v.expand(self.runs, *v.shape) if v.dim() == 2 else v
 
     # -- schedule helpers ------------------------------------------------------------------------
     def _at(self, name: str, t: Tensor) -> Tensor:
@@ -63,19 +108,30 @@ class GaussianDiffusion1D(nn.Module):
     # -- inner optimiser, shared by mining and inference --------------------------------------------
     @torch.no_grad()
     def opt_step(
-        self, cond: EnergyCondition, y: Tensor, t: Tensor, steps: int, scale: float = 1.0
-    ) -> tuple[Tensor, Tensor]:
+        self,
+        cond: EnergyCondition,
+        y: Tensor,
+        t: Tensor,
+        steps: int,
+        scale: float = 1.0,
+        schedule: str = "constant",
+        clamp_bound: str = "per_sample",
+    ) -> OptResult:
         """`steps` of gradient descent on the energy with per-sample rejection of energy-raising steps.
 
-        Returns the final y and the fraction of (sample, step) pairs accepted. The step is
-        eta_t * scale on every step, and the clamp bound uses each sample's own t.
+        Step i moves by eta_t * scale ('constant'); 'reference' scales steps after the first by 2, as the
+        published code does on continuous tasks. Each proposal is clamped to data_bound * sqrt(abar_t),
+        with each sample's own t ('per_sample') or, as the published code, the first sample's t for the
+        whole batch ('first_sample').
         """
-        bound = self.data_bound * self._at("sqrt_alphas_cumprod", t)
-        step_size = self._at("opt_step_size", t) * scale
+        bound_t = t if clamp_bound == "per_sample" else t[..., :1]
+        bound = self.data_bound * self._at("sqrt_alphas_cumprod", bound_t)
+        eta = self._at("opt_step_size", t)
         energy, grad = self.model.energy_and_grad(cond, y)
-        accepted = y.new_zeros(())
+        energy_start, accepted = energy, []
         for i in range(steps):
-            proposal = torch.clamp(y - step_size * grad, -bound, bound)
+            step_scale = scale if i == 0 or schedule == "constant" else 2.0
+            proposal = torch.clamp(y - eta * step_scale * grad, -bound, bound)
             last = i == steps - 1
             # the energy at the proposal doubles as the next step's starting energy (one pass, not two)
             new_energy, new_grad = self.model.energy_and_grad(cond, proposal, need_grad=not last)
@@ -84,48 +140,68 @@ class GaussianDiffusion1D(nn.Module):
             energy = torch.where(keep, new_energy, energy)
             if not last:
                 grad = torch.where(keep, new_grad, grad)
-            accepted = accepted + keep.float().mean()
-        return y, accepted / max(steps, 1)
+            accepted.append(keep.flatten(1).float().mean(dim=1))
+        return OptResult(y, torch.stack(accepted, dim=-1) if accepted else y.new_zeros(y.shape[0], 0), energy_start, energy)
 
     # -- training loss -------------------------------------------------------------------------------
+    def draw(self, batch: int, generators: Sequence[torch.Generator], device: torch.device | str) -> Draws:
+        """A step's random numbers, run by run from each run's generator, always in the order t, eps, eps'."""
+        t, noise, noise_pos = [], [], []
+        supervised = self.strategy.mine is not None
+        for generator in generators:
+            t.append(torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator))
+            noise.append(torch.randn(batch, self.model.out_dim, device=device, generator=generator))
+            if supervised:
+                noise_pos.append(torch.randn(batch, self.model.out_dim, device=device, generator=generator))
+        return Draws(torch.stack(t), torch.stack(noise), torch.stack(noise_pos) if supervised else None)
+
     def forward(
-        self, x: Tensor, y0: Tensor, step: int = 0, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        y0: Tensor,
+        step: int = 0,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        draws: Draws | None = None,
     ) -> tuple[Tensor, dict[str, Tensor | float]]:
-        """Loss for one batch and its parts (detached), the mining statistics included."""
-        batch, device = y0.shape[0], y0.device
-        t = torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
-        noise = torch.randn(y0.shape, device=device, generator=generator)
+        """The training loss of a batch ([B, dim] for one run, [P, B, dim] for a pack): the sum over runs of
+        each run's mean loss, so backward gives every run its own gradient. Random numbers come from
+        `draws` or are drawn from the generator(s), one per run. Statistics are per run ([P], detached),
+        but for `energy_grad_evals`, the energy-gradient evaluations per sample this step spent (a float)."""
+        x, y0 = self._packed(x), self._packed(y0)
+        if draws is None:
+            generators = generator if isinstance(generator, Sequence) else [generator] * self.runs
+            draws = self.draw(y0.shape[1], generators, y0.device)
+        t, noise = draws.t, draws.noise.to(y0.dtype)
         cond = self.condition(x, t)
         _, eps_hat = self.model.energy_and_grad(cond, self.q_sample(y0, t, noise))
         loss_denoise = (eps_hat - noise).pow(2).mean(dim=-1)
-        stats: dict[str, Tensor | float] = {"loss_denoise": loss_denoise.mean().detach(), "grad_evals": 1.0}
+        stats: dict[str, Tensor | float] = {"loss_denoise": loss_denoise.mean(dim=-1).detach()}
         if self.strategy.mine is None:
-            loss = loss_denoise.mean()
-            stats["loss"] = loss.detach()
-            return loss, stats
+            loss = loss_denoise.mean(dim=-1)
+            stats.update(loss=loss.detach(), energy_grad_evals=1.0)
+            return loss.sum(), stats
 
         cfg = self.mining_config
-        noise_pos = torch.randn(y0.shape, device=device, generator=generator)
+        noise_pos = draws.noise_pos.to(y0.dtype)
         y_pos = self.q_sample(y0, t, noise_pos)
         negatives = self.strategy.mine(self, cond.detach(), y0, t, noise_pos, cfg, step)
         x0_neg = self.x0_from_noise(negatives.y, t, 0.0).clamp(-self.data_bound, self.data_bound)
         y_neg = self.q_sample(x0_neg, t, noise_pos)
-        # one pass for both: y stacked as [2, B, D], over which the per-sample condition broadcasts
-        energy, _ = self.model.energy_and_grad(cond, torch.stack([y_pos, y_neg]), need_grad=False)
-        energy_pos, energy_neg = energy.unbind(0)
+        # one pass for both: y stacked as [P, 2, B, D], over which the per-sample condition broadcasts
+        energy, _ = self.model.energy_and_grad(cond, torch.stack([y_pos, y_neg], dim=1), need_grad=False)
+        energy_pos, energy_neg = energy.squeeze(-1).unbind(1)
         # cross-entropy with the positive as the right class among logits [-E+, -E-]
-        loss_energy = F.softplus(energy_pos - energy_neg).squeeze(-1)
-        loss = (loss_denoise + cfg["loss_scale"] * loss_energy).mean()
+        loss_energy = F.softplus(energy_pos - energy_neg)
+        loss = (loss_denoise + cfg["loss_scale"] * loss_energy).mean(dim=-1)
         stats.update(
             loss=loss.detach(),
-            loss_energy=loss_energy.mean().detach(),
-            energy_pos=energy_pos.mean().detach(),
-            energy_neg=energy_neg.mean().detach(),
-            grad_evals=1.0 + negatives.grad_evals,
+            loss_energy=loss_energy.mean(dim=-1).detach(),
+            energy_pos=energy_pos.mean(dim=-1).detach(),
+            energy_neg=energy_neg.mean(dim=-1).detach(),
+            energy_grad_evals=1.0 + negatives.grad_evals,
+            **negatives.stats,
         )
-        if negatives.accept_rate is not None:
-            stats["accept_rate"] = negatives.accept_rate
-        return loss, stats
+        return loss.sum(), stats
 
     # -- inference -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -137,22 +213,27 @@ class GaussianDiffusion1D(nn.Module):
         step_scale: float | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Answers for conditions x: T denoising steps, each followed by `inner_steps` of opt_step."""
+        """Answers [P, B, D] for conditions x ([P, B, dim], or [B, dim] shared by every run): T denoising
+        steps, each followed by `inner_steps` of opt_step."""
         inner_steps = default(inner_steps, self.inference_steps)
         step_scale = default(step_scale, self.inference_step_scale)
-        batch = x.shape[0]
-        y = default(noise, lambda: torch.randn(batch, self.model.out_dim, device=x.device, generator=generator))
+        x = self._packed(x)
+        runs, batch = x.shape[:2]
+        if noise is None:
+            noise = torch.randn(runs, batch, self.model.out_dim, device=x.device, generator=generator)
+        y = self._packed(noise).to(x.dtype)
+        t = torch.empty(runs, batch, dtype=torch.long, device=x.device)
         for step in reversed(range(self.num_timesteps)):
-            t = torch.full((batch,), step, device=x.device, dtype=torch.long)
+            t.fill_(step)
             cond = self.condition(x, t)
             _, eps_hat = self.model.energy_and_grad(cond, y)
             x0 = self.x0_from_noise(y, t, eps_hat).clamp(-self.data_bound, self.data_bound)
             scale_t = self.sqrt_alphas_cumprod[step]
             y = scale_t * x0
             if inner_steps > 0:
-                y, _ = self.opt_step(cond, y, t, inner_steps, step_scale)
+                y = self.opt_step(cond, y, t, inner_steps, step_scale, self.inference_step_schedule).y
             y = y.clamp(-self.data_bound * scale_t, self.data_bound * scale_t)
             x0 = y / scale_t
             if step > 0:
                 y = self.sqrt_alphas_cumprod[step - 1] * x0
-        return x0
+        return x0 * self.sqrt_alphas_cumprod[0] if self.answer == "scaled" else x0

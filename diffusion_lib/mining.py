@@ -2,19 +2,22 @@
 
 A strategy maps (diffusion, condition, clean answer y0, t, noise eps') to negatives at noise level t.
 Adding one is a function plus a `@register(...)` line; nothing else in the library changes.
+Tensors are packed [P, B, ...] (see models.py); statistics are per run.
+
+This module imports no torch at load time, so the command-line help can list the strategies quickly.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from torch import Tensor
-
-from .models import EnergyCondition
 from .utils import suggest
 
 if TYPE_CHECKING:
-    from .diffusion import GaussianDiffusion1D
+    from torch import Tensor
+
+    from .diffusion import GaussianDiffusion1D, OptResult
+    from .models import EnergyCondition
 
 
 @dataclass(frozen=True)
@@ -28,11 +31,11 @@ class Option:
 @dataclass
 class Negatives:
     y: Tensor  # mined negatives at noise level t, before the spec's clamp-and-renoise
-    accept_rate: Tensor | None = None  # fraction of inner steps accepted (adversarial only)
+    stats: dict[str, Tensor] = field(default_factory=dict)  # per-run mining statistics (see `descent_stats`)
     grad_evals: float = 0.0  # energy-gradient evaluations per sample spent mining
 
 
-MineFn = Callable[["GaussianDiffusion1D", EnergyCondition, Tensor, Tensor, Tensor, dict, int], Negatives]
+MineFn = Callable[["GaussianDiffusion1D", "EnergyCondition", "Tensor", "Tensor", "Tensor", dict, int], Negatives]
 CostFn = Callable[[dict], float]
 
 
@@ -41,29 +44,56 @@ class Strategy:
     mine: MineFn | None  # None: no energy supervision at all
     options: dict[str, Option] = field(default_factory=dict)
     description: str = ""
-    cost: CostFn = lambda cfg: 0.0  # expected energy-gradient evaluations per sample per step, for estimates
+    cost: CostFn = lambda cfg: 0.0  # expected energy-gradient evaluations per sample per step spent mining
+    # steps after which the strategy's work repeats (a step's FLOPs are measured as the mean over one period)
+    period: Callable[[dict], int] = lambda cfg: 1
+
+
+def _one_of(*choices: str) -> Option:
+    return Option(str, choices[0], lambda v: v in choices, "one of " + ", ".join(choices))
+
+
+STEP_SCHEDULES = ("constant", "reference")  # inner descent steps: eta_t * scale each, or the published x2 rule
 
 
 COMMON_OPTIONS: dict[str, Option] = {
-    "opt_steps": Option(int, 2, lambda v: v >= 1, "an int >= 1"),
+    "opt_steps": Option(int, 2, lambda v: 1 <= v <= 1000, "an int in [1, 1000]"),
     "scale_factor": Option(float, 1.0, lambda v: v > 0, "a float > 0"),
     "noise_scale": Option(float, 3.0, lambda v: v > 0, "a float > 0"),
     "loss_scale": Option(float, 0.5, lambda v: v >= 0, "a float >= 0"),
+    # the published code's mining quirks, on request (README: "Where the published code differs")
+    "step_schedule": _one_of(*STEP_SCHEDULES),
+    "clamp_bound": _one_of("per_sample", "first_sample"),
 }
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
 def register(
-    name: str, options: dict[str, Option] | None = None, description: str = "", cost: CostFn | None = None
+    name: str,
+    options: dict[str, Option] | None = None,
+    description: str = "",
+    cost: CostFn | None = None,
+    period: Callable[[dict], int] | None = None,
 ) -> Callable[[MineFn | None], MineFn | None]:
     """Add a strategy: `@register("name", options={...}, description=..., cost=lambda cfg: ...)`."""
 
     def decorator(fn: MineFn | None) -> MineFn | None:
-        STRATEGIES[name] = Strategy(fn, options or {}, description, cost or Strategy.cost)
+        STRATEGIES[name] = Strategy(fn, options or {}, description, cost or Strategy.cost, period or Strategy.period)
         return fn
 
     return decorator
+
+
+def descent_stats(start: Tensor, result: OptResult) -> dict[str, Tensor]:
+    """What a descent did, per run: accept rate of each inner step, energy decrease, RMS distance moved."""
+    moved = (result.y - start).pow(2).mean(dim=-1).sqrt()  # ||y - y0|| / sqrt(d), per sample
+    return {
+        "accept_rate": result.accepted.mean(dim=-1),
+        "accept_rate_steps": result.accepted,
+        "energy_decrease": (result.energy_start - result.energy).squeeze(-1).mean(dim=-1),
+        "move_rms": moved.mean(dim=-1),
+    }
 
 
 register("none", description="no energy supervision: score loss only")(None)
@@ -82,8 +112,9 @@ def mine_adversarial(
     diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
 ) -> Negatives:
     start = mine_random(diffusion, cond, y0, t, noise, cfg, step).y
-    y, accept_rate = diffusion.opt_step(cond, start, t, steps=cfg["opt_steps"], scale=cfg["scale_factor"])
-    return Negatives(y, accept_rate, grad_evals=float(cfg["opt_steps"]))
+    result = diffusion.opt_step(cond, start, t, steps=cfg["opt_steps"], scale=cfg["scale_factor"],
+                                schedule=cfg["step_schedule"], clamp_bound=cfg["clamp_bound"])
+    return Negatives(result.y, descent_stats(start, result), grad_evals=float(cfg["opt_steps"]))
 
 
 @register(
@@ -91,6 +122,7 @@ def mine_adversarial(
     options={"every": Option(int, 4, lambda v: v >= 1, "an int >= 1")},
     description="adversarial on steps divisible by `every`, random otherwise",
     cost=lambda cfg: cfg["opt_steps"] / cfg["every"],
+    period=lambda cfg: cfg["every"],
 )
 def mine_periodic(
     diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
@@ -109,14 +141,15 @@ def mine_mixed(
     diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
 ) -> Negatives:
     negatives = mine_random(diffusion, cond, y0, t, noise, cfg, step)
-    k = round(cfg["fraction"] * y0.shape[0])
+    batch = y0.shape[1]
+    k = round(cfg["fraction"] * batch)
     if k == 0:
         return negatives
     head = slice(0, k)  # samples are i.i.d., so the first k are as good a subset as any
-    mined = mine_adversarial(diffusion, cond.select(head), y0[head], t[head], noise[head], cfg, step)
+    mined = mine_adversarial(diffusion, cond.select(head), y0[:, head], t[:, head], noise[:, head], cfg, step)
     y = negatives.y.clone()
-    y[head] = mined.y
-    return Negatives(y, mined.accept_rate, grad_evals=mined.grad_evals * k / y0.shape[0])
+    y[:, head] = mined.y
+    return Negatives(y, mined.stats, grad_evals=mined.grad_evals * k / batch)
 
 
 def _check_option(name: str, option: Option, value: Any) -> Any:

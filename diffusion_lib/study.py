@@ -7,11 +7,12 @@ The YAML holds `name`, `description`, `seeds`, `strategies` (label -> mining_con
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -167,6 +168,18 @@ def expand(study: Study, study_dir: Path) -> list[StudyRun]:
                 runs.append(StudyRun(run_id, label, point, seed, config))
     study.runs = runs
     return runs
+
+
+def pack_runs(runs: list[StudyRun], size: int, state: Callable[[StudyRun], Any]) -> list[list[StudyRun]]:
+    """The runs in packs of up to `size` that may train as one batched model (Trainer1D): the same config
+    but for seed and folder, and the same `state` (the step they resume from). Packs are ordered by their
+    first run, so packs of one keep the runs' (seed-major) order."""
+    groups: dict[tuple[str, Any], list[StudyRun]] = {}
+    for run in runs:
+        shared = {k: v for k, v in flatten(run.config.to_dict()).items() if k not in ("seed", "results_dir")}
+        groups.setdefault((json.dumps(shared, sort_keys=True, default=str), state(run)), []).append(run)
+    packs = [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+    return sorted(packs, key=lambda pack: runs.index(pack[0]))
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -1,43 +1,53 @@
-"""Trainer1D: accelerate-driven training with EMA, validation, metrics, atomic checkpoints and resume."""
+"""Trainer1D: trains one run, or a pack of runs that share every shape, as one batched model.
+
+A pack's runs differ only in their seed (and folder): their weights are stacked on a leading dimension
+(models.py), each draws its own data and noise from its own seed, and each keeps its own optimiser
+state, EMA, metrics, checkpoints and final.json, exactly as if it trained alone. Nothing reads the
+device on a training step: statistics and divergence flags accumulate there and are read at each log
+line, validation and checkpoint.
+"""
 from __future__ import annotations
 
 import math
 import os
 import signal
+import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from accelerate import Accelerator
-from ema_pytorch import EMA
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .checkpoint import capture_rng_state, load_latest_checkpoint, restore_rng_state, save_checkpoint
-from .config import ConfigError, RunConfig
-from .diffusion import GaussianDiffusion1D
+from .checkpoint import load_latest_checkpoint, save_checkpoint
+from .config import ConfigError, RunConfig, config_differences
+from .diffusion import Draws, GaussianDiffusion1D
+from .ema import EMA
+from .models import load_run_state_dict, run_state_dict
 from .results import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir
 from .tasks import MatrixTask
 from .utils import mix_seed
+from .yardsticks import yardsticks
 
-LOGGED = ("loss", "loss_denoise", "loss_energy", "energy_pos", "energy_neg", "accept_rate")
+# per-run statistics averaged over a log interval ("accept_rate_steps" is a list: one rate per inner step)
+LOGGED = ("loss", "loss_denoise", "loss_energy", "energy_pos", "energy_neg",
+          "accept_rate", "accept_rate_steps", "energy_decrease", "move_rms")
+# keys in which the runs of a pack may differ
+PER_RUN_KEYS = ("seed", "results_dir")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}  # bf16: autocast
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was written at `step`."""
+    """SIGINT/SIGTERM arrived; every run of the pack has a checkpoint at `step`."""
 
-    def __init__(self, step: int, signum: int, run_dir: RunDir):
-        self.step, self.signum, self.run_dir = step, signum, run_dir
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"{name} at step {step}: checkpoint saved in {run_dir.checkpoints}; "
-            f"resume with: python train.py --config {run_dir.config} --resume"
-        )
-
-
-class RunDiverged(RuntimeError):
-    """A non-finite loss or gradient: the run stops, its last good checkpoint stays."""
+    def __init__(self, step: int, signum: int, run_dirs: list[RunDir]):
+        self.step, self.signum, self.run_dirs = step, signum, run_dirs
+        folders = ", ".join(str(d.checkpoints) for d in run_dirs)
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in {folders}")
 
 
 @lru_cache(maxsize=None)
@@ -50,252 +60,444 @@ def make_accelerator(device: str = "auto") -> Accelerator:
     return Accelerator(cpu=device == "cpu")
 
 
+def check_pack(configs: Sequence[RunConfig]) -> None:
+    """Runs train together only if their configs agree on everything but seed and folder."""
+    for other in configs[1:]:
+        differing = config_differences(configs[0], other, ignore=PER_RUN_KEYS)
+        if differing:
+            raise ValueError(f"runs of a pack must share their config but for {PER_RUN_KEYS}; these differ: {differing}")
+
+
+@dataclass
+class Run:
+    """One run of a pack: its config and folder, and what the trainer tracks for it on the host."""
+
+    config: RunConfig
+    dir: RunDir
+    energy_grad_evals: float = 0.0  # cumulative energy-gradient evaluations per sample
+    train_seconds: float = 0.0  # its share of the pack's training time
+    last_log: dict[str, Any] = field(default_factory=dict)
+
+
 class Trainer1D:
-    """Trains a GaussianDiffusion1D on a task as `config` says, writing everything under config.results_dir."""
+    """Trains a GaussianDiffusion1D on a task as the config(s) say; each run writes under its results_dir.
+
+    `config` is one RunConfig (one run) or a sequence of them (a pack: `diffusion` then holds as many
+    runs, in the same order). `train()` returns each run's final.json content.
+    """
 
     def __init__(
         self,
         diffusion: GaussianDiffusion1D,
         task: MatrixTask,
-        config: RunConfig,
+        config: RunConfig | Sequence[RunConfig],
         accelerator: Accelerator | None = None,
         *,
         resume: bool = False,
         overwrite: bool = False,
         evaluate_only: bool = False,
+        label: str = "",
     ):
-        """`resume`: continue the run in config.results_dir; `overwrite`: start it over; `evaluate_only`:
-        only score its saved model (`evaluate_saved`), possibly with other sampling settings."""
-        self.config, self.task = config, task
+        """`resume`: continue the runs in their folders; `overwrite`: start them over; `evaluate_only`: only
+        score the saved model (`evaluate_saved`), possibly with other sampling settings. `label` names
+        the progress bar."""
+        configs = [config] if isinstance(config, RunConfig) else list(config)
+        if len(configs) != diffusion.runs:
+            raise ValueError(f"{len(configs)} configs for a model packing {diffusion.runs} runs")
+        check_pack(configs)
+        self.config, self.task = configs[0], task  # the settings every run shares
+        self.runs = [Run(c, RunDir(c.results_dir)) for c in configs]
+        self._all_runs = list(self.runs)  # the pack as built; `runs` loses those that fail
+        self.label = label or ", ".join(r.dir.root.name for r in self.runs)
         self.resume, self.overwrite = resume or evaluate_only, overwrite
-        self.run_dir = RunDir(config.results_dir)
-        self.run_dir.check(config, self.resume, overwrite, EVALUATION_CHANGES if evaluate_only else RESUMABLE_CHANGES)
-        self.accelerator = acc = accelerator or make_accelerator(config.device)
-        train = config.train
+        for run in self.runs:
+            run.dir.check(run.config, self.resume, overwrite, EVALUATION_CHANGES if evaluate_only else RESUMABLE_CHANGES)
+        self.accelerator = acc = accelerator or make_accelerator(self.config.device)
+        train = self.config.train
         if train.batch_size % acc.num_processes:
             raise ConfigError(
                 f"train.batch_size = {train.batch_size} must be divisible by the {acc.num_processes} processes"
             )
         self.local_batch = train.batch_size // acc.num_processes
+        torch.set_float32_matmul_precision(train.matmul_precision)
+        self.dtype = DTYPES[self.config.model.dtype]
+        self.autocast = self.config.model.dtype == "bfloat16"
 
-        self.diffusion = diffusion.to(acc.device)
-        self.ema = EMA(diffusion, beta=train.ema_decay, update_every=train.ema_every, include_online_model=False)
-        self.ema.to(acc.device)
+        self.diffusion = diffusion.to(device=acc.device, dtype=self.dtype)
+        self.ema = EMA(diffusion, train.ema_decay, train.ema_every, train.ema_update_after_step, train.ema_power)
         optimizer = torch.optim.Adam(diffusion.parameters(), lr=train.lr, betas=tuple(train.adam_betas))
         self.model, self.optimizer = acc.prepare(diffusion, optimizer)
+        self.params = dict(diffusion.named_parameters())
 
         # each process scores its own slice of every held-out set; the sums are reduced across processes
-        self.held_out = {
-            name: task.held_out(ood, config.eval.num_samples)
-            for name, ood in (("id", False), ("ood", True))
-        }
-        self.zeros_mse = {name: data.y.pow(2).mean().item() for name, data in self.held_out.items()}
+        self.held_out = {name: task.held_out(ood, self.config.eval.num_samples) for name, ood in (("id", False), ("ood", True))}
         self.local_held_out = {
             name: data.shard(acc.process_index, acc.num_processes).to(acc.device) for name, data in self.held_out.items()
         }
 
         self.step = 0
-        self.grad_evals = 0.0  # energy-gradient evaluations per sample, cumulative
-        self.train_seconds = 0.0
-        self._sums: dict[str, Any] = {}  # logged stats summed since the last log line (tensors until logged)
-        self._counts: dict[str, int] = {}  # how many steps contributed to each sum (mining stats skip some)
-        self._last_log: dict[str, float] = {}
+        self.total_steps = train.steps  # a FLOP budget replaces it once the step's FLOPs are measured
+        self.flops_per_step = math.nan  # per run, all processes together
+        self._sums: dict[str, torch.Tensor] = {}  # per-run statistics summed since the last log line, on device
+        self._counts: dict[str, int] = {}  # steps that contributed to each sum (mining stats skip some)
+        self._bad_step = torch.full((len(self.runs),), -1, dtype=torch.long, device=acc.device)
+        self._bad_parts = torch.zeros(len(self.runs), 4, device=acc.device)  # loss, denoise, energy, grad norm
+        self._clock: float | None = None  # start of the current stretch of training time
+        self.bar: Any = None
+        self.scoring_bar: Any = None
         self._caught_signal: int | None = None  # SIGINT/SIGTERM seen by this process
         self._stop_signal: int | None = None  # the signal all processes agreed to stop on
 
-    # -- the loop ------------------------------------------------------------------------------------
-    def train(self) -> dict[str, Any]:
-        acc, cfg = self.accelerator, self.config
-        if acc.is_main_process:
-            self.run_dir.prepare(cfg, self.overwrite)
-        acc.wait_for_everyone()
-        if self.resume and not self._load(truncate_metrics=True) and acc.is_main_process:
-            self.run_dir.truncate_metrics(0)  # no checkpoint yet: the run starts over, so do its metrics
-        if self.step >= cfg.train.steps and (final := self.run_dir.read_final()) is not None:
-            return final
-        if acc.is_main_process:
-            self.run_dir.final.unlink(missing_ok=True)  # the run continues: an old final.json is stale
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
 
-        bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not acc.is_main_process, dynamic_ncols=True)
+    # -- the loop ------------------------------------------------------------------------------------
+    def train(self) -> list[dict[str, Any]]:
+        acc, cfg = self.accelerator, self.config
+        if self.main:
+            for run in self.runs:
+                run.dir.prepare(run.config, self.overwrite)
+        acc.wait_for_everyone()
+        if self.resume and not self._load(truncate_metrics=True) and self.main:
+            for run in self.runs:  # no checkpoint yet: the run starts over, so do its metrics
+                run.dir.truncate_metrics(0)
+        self.measure_flops()
+        if self.step >= self.total_steps:
+            finals = [run.dir.read_final() for run in self.runs]
+            if all(final is not None for final in finals):
+                return finals
+        if self.main:
+            for run in self.runs:
+                run.dir.final.unlink(missing_ok=True)  # the runs continue: an old final.json is stale
+
+        self.bar = tqdm(total=self.total_steps, initial=self.step, desc=self.label, disable=not self.main,
+                        dynamic_ncols=True, **_bar_rate())
         previous_handlers = self._catch_signals()
+        self._clock = time.perf_counter()
         try:
-            while self.step < cfg.train.steps:
+            while self.step < self.total_steps and self.runs:
                 self._stop_if_requested()
                 self.train_step()
-                bar.update(1)
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                self.bar.update(1)
+                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                     self._log()
-                    bar.set_postfix(loss=f"{self._last_log['loss']:.4f}", gap=f"{self._last_log.get('energy_gap', 0):.3f}")
-                if self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
-                    self._log_validation(self.evaluate())
+                if self.step % cfg.eval.every == 0 and self.step < self.total_steps:
+                    self._validate()
                 if self.step % cfg.train.save_every == 0:
                     self._save()
-            self._stop_if_requested()  # a signal during the last step still stops the run before scoring
+            self._stop_if_requested()  # a signal during the last step still stops the runs before scoring
         finally:
-            bar.close()
+            self.bar.close()
             self._restore_signals(previous_handlers)
         return self._finish()
 
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, Draws]:
+        """Every run's data and noise for `step`, each from a generator keyed to (seed, step, process): a
+        resumed or packed run draws exactly what it would have drawn alone."""
+        acc = self.accelerator
+        generators = [
+            torch.Generator(device=acc.device).manual_seed(mix_seed(run.config.seed, step, acc.process_index))
+            for run in self.runs
+        ]
+        xs, ys = zip(*(self.task.sample(self.local_batch, g) for g in generators))
+        draws = self.diffusion.draw(self.local_batch, generators, acc.device)
+        return torch.stack(xs).to(self.dtype), torch.stack(ys).to(self.dtype), draws
+
+    def _loss(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        x, y, draws = self._batch(step)
+        with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.model(x, y, step=step, draws=draws)
+
     def train_step(self) -> None:
-        """One optimisation step on a fresh batch (data keyed to the step), with EMA update and bookkeeping."""
-        acc, train = self.accelerator, self.config.train
-        started = time.perf_counter()
-        # data and noise are keyed to (seed, step, process): a resumed run draws exactly what it would have
-        generator = torch.Generator(device=acc.device).manual_seed(
-            mix_seed(self.config.seed, self.step, acc.process_index)
-        )
-        x, y = self.task.sample(self.local_batch, generator)
-        loss, stats = self.model(x, y, step=self.step, generator=generator)
-        acc.backward(loss)
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), train.grad_clip)
-        if not torch.isfinite(loss.detach() + grad_norm).item():
-            self._diverged(stats, grad_norm)
+        """One optimisation step of every run on fresh batches, with EMA update and bookkeeping."""
+        loss, stats = self._loss(self.step)
+        self.accelerator.backward(loss)
+        grad_norm = self._clip_gradients()
+        self._watch_divergence(stats, grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update()
+        self.ema.update(self.diffusion, self.step)
         self.step += 1
-        self.grad_evals += stats["grad_evals"]
-        seconds = time.perf_counter() - started
-        self.train_seconds += seconds
-        for key, value in [*((k, stats[k]) for k in LOGGED if k in stats), ("seconds", seconds)]:
-            self._sums[key] = self._sums.get(key, 0.0) + value
-            self._counts[key] = self._counts.get(key, 0) + 1
+        for run in self.runs:
+            run.energy_grad_evals += stats["energy_grad_evals"]
+        for key in LOGGED:
+            if key in stats:
+                self._sums[key] = self._sums[key] + stats[key].float() if key in self._sums else stats[key].float()
+                self._counts[key] = self._counts.get(key, 0) + 1
 
-    def _diverged(self, stats: dict[str, Any], grad_norm: torch.Tensor) -> None:
-        parts = {k: float(stats[k]) for k in ("loss", "loss_denoise", "loss_energy") if k in stats}
-        parts["grad_norm"] = float(grad_norm)
-        detail = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
-        message = f"non-finite loss or gradient at step {self.step + 1} ({detail}); last good checkpoint kept"
-        if self.accelerator.is_main_process:
-            self.run_dir.write_final({"status": "failed", "error": message, "step": self.step, **self._run_info()})
-        raise RunDiverged(message)
+    def _clip_gradients(self) -> torch.Tensor:
+        """Each run's gradient-norm clip (as torch.nn.utils.clip_grad_norm_ does for a lone model); [P] norms."""
+        grads = [p.grad for p in self.params.values()]
+        norms = torch.stack([torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim()))) for g in grads])
+        total = torch.linalg.vector_norm(norms, dim=0)
+        coef = (self.config.train.grad_clip / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+        return total
+
+    def _watch_divergence(self, stats: dict[str, Any], grad_norm: torch.Tensor) -> None:
+        """Record, on the device, the first step at which each run's loss or gradient was not finite."""
+        newly = ~(torch.isfinite(stats["loss"]) & torch.isfinite(grad_norm)) & (self._bad_step < 0)
+        energy = stats.get("loss_energy", torch.full_like(grad_norm, math.nan))
+        parts = torch.stack([stats["loss"], stats["loss_denoise"], energy, grad_norm], dim=1).float()
+        self._bad_step = torch.where(newly, self.step + 1, self._bad_step)
+        self._bad_parts = torch.where(newly.unsqueeze(1), parts, self._bad_parts)
+
+    def _check_divergence(self) -> None:
+        """Fail and drop the runs that diverged since the last check (their last good checkpoint stays)."""
+        bad = self.accelerator.reduce(self._bad_step, reduction="max").tolist()
+        if max(bad, default=-1) < 0:
+            return
+        parts = self._bad_parts.tolist()
+        for run, step, (loss, denoise, energy, grad_norm) in zip(self.runs, bad, parts):
+            if step < 0:
+                continue
+            energy_part = "" if self.diffusion.strategy.mine is None else f"loss_energy={energy:.4g}, "
+            detail = f"loss={loss:.4g}, loss_denoise={denoise:.4g}, {energy_part}grad_norm={grad_norm:.4g}"
+            message = f"non-finite loss or gradient at step {step} ({detail}); last good checkpoint kept"
+            if self.main:
+                run.dir.write_final({"status": "failed", "error": message, "step": step - 1, **self._run_info(run)})
+                tqdm.write(f"{run.dir.root.name}: FAILED: {message}", file=sys.stderr)
+        self._keep([i for i, step in enumerate(bad) if step < 0])
+
+    def _keep(self, index: list[int]) -> None:
+        """Shrink the pack to the runs at `index`: every packed tensor keeps those rows."""
+        self.runs = [self.runs[i] for i in index]
+        rows = torch.tensor(index, dtype=torch.long, device=self.accelerator.device)
+        optimizer_state = self.optimizer.state
+        for p, p_ema in zip(self.params.values(), self.ema.model.parameters()):
+            p.data, p_ema.data = p.data.index_select(0, rows), p_ema.data.index_select(0, rows)
+            for key, value in optimizer_state.get(p, {}).items():
+                if value.dim() > 0:  # the moments; Adam's step count is shared
+                    optimizer_state[p][key] = value.index_select(0, rows.to(value.device))
+        self._sums = {k: v.index_select(0, rows) for k, v in self._sums.items()}
+        self._bad_step = self._bad_step.index_select(0, rows)
+        self._bad_parts = self._bad_parts.index_select(0, rows)
+
+    # -- compute accounting --------------------------------------------------------------------------
+    def measure_flops(self) -> None:
+        """Matmul FLOPs of one training step per run, counted (FlopCounterMode) over forward and backward of
+        the strategy's period of steps; sets the step count of a FLOP-budget run. Leaves the runs unchanged
+        (no optimiser step; data and noise are keyed to the step, not drawn from shared state)."""
+        period = self.diffusion.strategy.period(self.diffusion.mining_config)
+        with FlopCounterMode(display=False) as counter:
+            for i in range(period):
+                loss, _ = self._loss(self.step + i)
+                self.accelerator.backward(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        local = torch.tensor(counter.get_total_flops() / period / len(self.runs), device=self.accelerator.device)
+        self.flops_per_step = float(self.accelerator.reduce(local, reduction="sum"))
+        budget = self.config.train.budget_flops
+        if budget > 0:
+            self.total_steps = max(1, math.ceil(budget / self.flops_per_step))
+
+    def synchronize(self) -> None:
+        """Wait for the device to finish the work queued so far (timing needs it; training does not)."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize(self.accelerator.device)
+
+    def _account_time(self) -> None:
+        """Close the current stretch of training time (waiting for the device), each run taking its share."""
+        if self._clock is None:
+            return
+        self.synchronize()
+        share = (time.perf_counter() - self._clock) / max(len(self.runs), 1)
+        for run in self.runs:
+            run.train_seconds += share
+        self._clock = None
+
+    def _resume_clock(self) -> None:
+        self._clock = time.perf_counter()
 
     # -- metrics -------------------------------------------------------------------------------------
-    def _reduced_sums(self) -> dict[str, float]:
-        """The interval's sums, averaged over processes (every process calls this at the same step)."""
-        keys = sorted(self._sums)
-        values = torch.tensor([float(self._sums[k]) for k in keys], device=self.accelerator.device)
-        return dict(zip(keys, self.accelerator.reduce(values, reduction="mean").tolist()))
+    def _reduced_sums(self) -> list[dict[str, Any]]:
+        """Per run, the interval's sums averaged over processes (every process calls this at one step)."""
+        reduced = {k: self.accelerator.reduce(v, reduction="mean").tolist() for k, v in sorted(self._sums.items())}
+        return [{k: v[i] for k, v in reduced.items()} for i in range(len(self.runs))]
 
     def _log(self) -> None:
-        if not self._counts:
-            return
-        sums = self._reduced_sums()
-        record: dict[str, Any] = {"kind": "train", "step": self.step}
-        record.update({k: sums[k] / self._counts[k] for k in LOGGED if k in sums})
-        if "energy_neg" in record:
-            record["energy_gap"] = record["energy_neg"] - record["energy_pos"]
-        record.update(
-            sec_per_step=sums["seconds"] / self._counts["seconds"],
-            grad_evals=self.grad_evals,
-            train_seconds=self.train_seconds,
-        )
-        self._last_log = record
+        self._account_time()
+        self._check_divergence()
+        if self._counts and self.runs:
+            steps = self._counts.get("loss", 1)
+            load = _load_average()
+            for run, sums in zip(self.runs, self._reduced_sums()):
+                record: dict[str, Any] = {"kind": "train", "step": self.step}
+                record.update({k: _mean(sums[k], self._counts[k]) for k in LOGGED if k in sums})
+                if "energy_neg" in record:
+                    record["energy_gap"] = record["energy_neg"] - record["energy_pos"]
+                interval_seconds = run.train_seconds - run.last_log.get("train_seconds", 0.0)
+                record.update(sec_per_step=interval_seconds / steps, **self._clocks(run), **load)
+                run.last_log = record
+                if self.main:
+                    run.dir.append_metrics(record)
+            self.bar.set_postfix(_postfix(self.runs), refresh=False)
         self._sums, self._counts = {}, {}
-        if self.accelerator.is_main_process:
-            self.run_dir.append_metrics(record)
+        self._resume_clock()
 
-    def _log_validation(self, mse: dict[str, float]) -> None:
-        if self.accelerator.is_main_process:
-            record = {"kind": "val", "step": self.step, **{f"val_{k}": v for k, v in mse.items()}}
-            record.update(grad_evals=self.grad_evals, train_seconds=self.train_seconds)
-            self.run_dir.append_metrics(record)
+    def _clocks(self, run: Run) -> dict[str, float]:
+        return {"flops": self.flops_per_step * self.step, "train_seconds": run.train_seconds,
+                "energy_grad_evals": run.energy_grad_evals}
+
+    def _validate(self) -> None:
+        self._account_time()
+        self._check_divergence()
+        if self.runs:
+            for run, score in zip(self.runs, self._score_models(sweep=False)):
+                self._log_validation(run, score)
+        self._resume_clock()
+
+    def _log_validation(self, run: Run, score: dict[str, Any]) -> None:
+        if self.main:
+            mse = {f"val_{k}": v for k, v in score.items() if k.startswith("mse_")}
+            run.dir.append_metrics({"kind": "val", "step": self.step, **mse, **self._clocks(run), **_load_average()})
 
     # -- validation ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, diffusion: GaussianDiffusion1D | None = None, inner_steps: int | None = None) -> dict[str, float]:
-        """Held-out MSE of `diffusion` (default: the EMA model) on the in-distribution and ood sets."""
-        diffusion = diffusion or self.ema.ema_model
+    def evaluate(self, diffusion: GaussianDiffusion1D | None = None, inner_steps: int | None = None) -> list[dict[str, float]]:
+        """Per run, held-out MSE of `diffusion` (default: the EMA model) on the in-distribution and ood sets."""
+        diffusion = diffusion or self.ema.model
         chunk = self.config.eval.batch_size
-        result = {}
+        results: list[dict[str, float]] = [{} for _ in self.runs]
         for name, data in self.local_held_out.items():
-            squared_error = torch.zeros((), device=self.accelerator.device)
+            squared_error = torch.zeros(len(self.runs), device=self.accelerator.device, dtype=torch.float64)
             for start in range(0, data.x.shape[0], chunk):
                 part = slice(start, start + chunk)
-                answer = diffusion.sample(data.x[part], noise=data.noise[part], inner_steps=inner_steps)
-                squared_error += (answer - data.y[part]).pow(2).sum()
-            total = self.accelerator.reduce(squared_error, reduction="sum")
-            result[f"mse_{name}"] = total.item() / self.held_out[name].y.numel()
-        return result
+                with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    answer = diffusion.sample(data.x[part].to(self.dtype), noise=data.noise[part], inner_steps=inner_steps)
+                squared_error += (answer.double() - data.y[part].double()).pow(2).flatten(1).sum(dim=1)
+            total = self.accelerator.reduce(squared_error, reduction="sum").tolist()
+            for result, value in zip(results, total):
+                result[f"mse_{name}"] = value / self.held_out[name].y.numel()
+            if self.scoring_bar is not None:
+                self.scoring_bar.update(1)
+        return results
 
-    def _scores(self) -> dict[str, Any]:
-        """Held-out MSE of the EMA and the raw model, and of the EMA model per inference inner-step count."""
-        return {
-            **self.evaluate(),
-            **{f"{k}_raw": v for k, v in self.evaluate(self.accelerator.unwrap_model(self.model)).items()},
-            "inference_steps_sweep": {
-                str(steps): self.evaluate(inner_steps=steps) for steps in self.config.eval.inference_steps_sweep
-            },
-        }
+    def _score_models(self, sweep: bool) -> list[dict[str, Any]]:
+        """Per run: held-out MSE of the EMA and the raw model, and (if `sweep`) of the EMA model per inference
+        inner-step count."""
+        ema, raw = self.evaluate(), self.evaluate(self.accelerator.unwrap_model(self.model))
+        scores = [{**e, **{f"{k}_raw": v for k, v in r.items()}} for e, r in zip(ema, raw)]
+        if sweep:
+            for steps in self.config.eval.inference_steps_sweep:
+                for score, result in zip(scores, self.evaluate(inner_steps=steps)):
+                    score.setdefault("inference_steps_sweep", {})[str(steps)] = result
+            for score in scores:
+                score.setdefault("inference_steps_sweep", {})
+        return scores
 
-    def _finish(self) -> dict[str, Any]:
-        if self.step % self.config.train.save_every:
+    def _finish(self) -> list[dict[str, Any]]:
+        self._account_time()
+        self._check_divergence()
+        finished_runs = list(self.runs)
+        if finished_runs and self.step % self.config.train.save_every:
             self._save()  # before scoring, so a kill while scoring loses no steps
-        scores = self._scores()
-        # a run killed between its final val line and final.json has that line already: log it once
-        if not any(r.get("kind") == "val" and r["step"] == self.step for r in self.run_dir.read_metrics()):
-            self._log_validation({k: scores[k] for k in ("mse_id", "mse_ood")})
-        last = {k: self._last_log[k] for k in ("loss", "loss_denoise", "loss_energy") if k in self._last_log}
-        final = {
-            "status": "finished",
-            "step": self.step,
-            **scores,
-            "zeros_mse_id": self.zeros_mse["id"],
-            "zeros_mse_ood": self.zeros_mse["ood"],
-            **last,
-            **self._run_info(),
-        }
-        if self.accelerator.is_main_process:
-            self.run_dir.write_final(final)
+        passes = 2 * (2 + len(self.config.eval.inference_steps_sweep))
+        self.scoring_bar = tqdm(total=passes, desc=f"{self.label}: scoring", leave=False,
+                                disable=not self.main or not finished_runs, **_bar_rate())
+        try:
+            scores = self._score_models(sweep=True) if finished_runs else []
+        finally:
+            self.scoring_bar.close()
+            self.scoring_bar = None
+        marks = {name: yardsticks(self.task, data) for name, data in self.held_out.items()}
+        for run, score in zip(finished_runs, scores):
+            # a run killed between its final val line and final.json has that line already: log it once
+            if self.main and not any(r.get("kind") == "val" and r["step"] == self.step for r in run.dir.read_metrics()):
+                self._log_validation(run, score)
+            last = {k: run.last_log[k] for k in ("loss", "loss_denoise", "loss_energy") if k in run.last_log}
+            final = {
+                "status": "finished",
+                "step": self.step,
+                **score,
+                "zeros_mse_id": marks["id"]["zeros"],
+                "zeros_mse_ood": marks["ood"]["zeros"],
+                "yardsticks": marks,
+                **last,
+                **self._run_info(run),
+            }
+            if self.main:
+                tqdm.write(_done_line(run, final))  # shown before it is written: a failed write loses nothing
+                run.dir.write_final(final)
         self.accelerator.wait_for_everyone()
-        return final
+        return [run.dir.read_final() or {} for run in self._all_runs]
 
-    def _run_info(self) -> dict[str, Any]:
+    def _run_info(self, run: Run) -> dict[str, Any]:
         return {
-            "grad_evals": self.grad_evals,
+            "energy_grad_evals": run.energy_grad_evals,
             "num_processes": self.accelerator.num_processes,
-            "train_seconds": self.train_seconds,
-            "steps_per_second": self.step / self.train_seconds if self.train_seconds else math.nan,
+            "pack_size": len(self._all_runs),
+            "train_seconds": run.train_seconds,
+            "steps_per_second": self.step / run.train_seconds if run.train_seconds else math.nan,
+            "flops_per_step": self.flops_per_step,
+            "train_flops": self.flops_per_step * self.step,
+            "budget_flops": self.config.train.budget_flops,
         }
 
     def evaluate_saved(self) -> dict[str, Any]:
         """Sample-only: score the latest checkpoint's EMA and raw model (no training, nothing truncated)."""
         if not self._load(truncate_metrics=False):
-            raise ConfigError(f"--evaluate: no readable checkpoint in '{self.run_dir.checkpoints}'")
-        return {"step": self.step, **self._scores()}
+            raise ConfigError(f"--evaluate: no readable checkpoint in '{self.runs[0].dir.checkpoints}'")
+        return {"step": self.step, **self._score_models(sweep=True)[0]}
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def _save(self) -> None:
-        interval = {"sums": self._reduced_sums(), "counts": dict(self._counts)}  # a collective: every process
-        if not self.accelerator.is_main_process:
-            return
-        state = {
-            "model": self.accelerator.unwrap_model(self.model).state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": capture_rng_state(),
-            "config": self.config.to_dict(),
-            "grad_evals": self.grad_evals,
-            "train_seconds": self.train_seconds,
-            "interval": interval,
-            "last_log": self._last_log,
-        }
-        save_checkpoint(self.run_dir.checkpoints, self.step, state, keep=self.config.train.keep_checkpoints)
+        self._account_time()
+        self._check_divergence()
+        sums = self._reduced_sums()  # a collective: every process
+        if self.main:
+            optimizer_state = self.optimizer.state
+            for i, (run, run_sums) in enumerate(zip(self.runs, sums)):
+                moments = {
+                    key: {name: optimizer_state[p][key][i].cpu().clone() for name, p in self.params.items()}
+                    for key in ("exp_avg", "exp_avg_sq") if all(key in optimizer_state.get(p, {}) for p in self.params.values())
+                }
+                state = {
+                    "model": run_state_dict(self.diffusion, i),
+                    "ema": run_state_dict(self.ema.model, i),
+                    "optimizer": {"step": self.step, **moments},
+                    "config": run.config.to_dict(),
+                    "energy_grad_evals": run.energy_grad_evals,
+                    "train_seconds": run.train_seconds,
+                    "interval": {"sums": run_sums, "counts": dict(self._counts)},
+                    "last_log": run.last_log,
+                }
+                save_checkpoint(run.dir.checkpoints, self.step, state, keep=self.config.train.keep_checkpoints)
+        self._resume_clock()
 
     def _load(self, truncate_metrics: bool) -> bool:
-        state = load_latest_checkpoint(self.run_dir.checkpoints, required=("model", "ema", "optimizer", "rng"))
-        if state is None:
+        """Every run's newest readable checkpoint (they must be at one step); False if none has one."""
+        states = [load_latest_checkpoint(run.dir.checkpoints, required=("model", "ema", "optimizer")) for run in self.runs]
+        if all(state is None for state in states):
             return False
-        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        restore_rng_state(state["rng"])
-        self.step, self.grad_evals = state["step"], state["grad_evals"]
-        self.train_seconds = state["train_seconds"]
-        self._sums, self._counts = dict(state["interval"]["sums"]), dict(state["interval"]["counts"])
-        self._last_log = dict(state["last_log"])
-        if truncate_metrics and self.accelerator.is_main_process:
-            self.run_dir.truncate_metrics(self.step)  # lines logged after this checkpoint will be logged again
+        steps = {None if state is None else state["step"] for state in states}
+        if len(steps) > 1:
+            raise ConfigError(f"runs packed together must resume from one step; their checkpoints are at {sorted(steps, key=str)}")
+        self.step = states[0]["step"]
+        optimizer_state = self.optimizer.state
+        for i, (run, state) in enumerate(zip(self.runs, states)):
+            load_run_state_dict(self.diffusion, state["model"], i)
+            load_run_state_dict(self.ema.model, state["ema"], i)
+            for key in ("exp_avg", "exp_avg_sq"):
+                for name, p in self.params.items():
+                    slot = optimizer_state.setdefault(p, {})
+                    if key not in slot:
+                        slot[key] = torch.zeros_like(p)
+                    slot[key][i].copy_(state["optimizer"][key][name])
+            run.energy_grad_evals = state["energy_grad_evals"]
+            run.train_seconds = state["train_seconds"]
+            run.last_log = dict(state["last_log"])
+        for p in self.params.values():
+            optimizer_state[p]["step"] = torch.tensor(float(self.step))
+        counts = states[0]["interval"]["counts"]
+        self._counts = dict(counts)
+        device = self.accelerator.device
+        self._sums = {key: torch.tensor([s["interval"]["sums"][key] for s in states], device=device)
+                      for key in states[0]["interval"]["sums"]}
+        if truncate_metrics and self.main:
+            for run in self.runs:
+                run.dir.truncate_metrics(self.step)  # lines logged after this checkpoint will be logged again
         self.accelerator.wait_for_everyone()
         return True
 
@@ -315,7 +517,7 @@ class Trainer1D:
         if self._stop_requested():
             self._save()
             self.accelerator.wait_for_everyone()  # no process leaves before the checkpoint is on disk
-            raise TrainingInterrupted(self.step, self._stop_signal, self.run_dir)
+            raise TrainingInterrupted(self.step, self._stop_signal, [run.dir for run in self.runs])
 
     def _stop_requested(self) -> bool:
         """Whether any process caught SIGINT/SIGTERM; all processes agree, so they stop at the same step."""
@@ -337,3 +539,33 @@ class Trainer1D:
 
 def _under_elastic_launcher() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _mean(total: Any, count: int) -> Any:
+    return [v / count for v in total] if isinstance(total, list) else total / count
+
+
+def _load_average() -> dict[str, float]:
+    """The 1-minute load average, so a reader can tell whether wall-clock numbers were measured on a busy machine."""
+    try:
+        return {"loadavg": os.getloadavg()[0]}
+    except (AttributeError, OSError):  # not on every platform
+        return {}
+
+
+def _bar_rate() -> dict[str, float]:
+    """Redraw a terminal's bar often, but a bar going to a file (a log) only every 30 s."""
+    return {"mininterval": 0.1 if sys.stderr.isatty() else 30.0}
+
+
+def _postfix(runs: list[Run]) -> dict[str, str]:
+    """The bar's stats: only those the strategy has, averaged over the pack's runs."""
+    keys = [k for k in ("loss", "loss_denoise", "energy_gap", "accept_rate") if k in runs[0].last_log]
+    return {k: f"{sum(r.last_log[k] for r in runs) / len(runs):.3g}" for k in keys}
+
+
+def _done_line(run: Run, final: dict[str, Any]) -> str:
+    marks = final["yardsticks"]
+    return (f"{run.dir.root.name}: done at step {final['step']}: held-out MSE (EMA) {final['mse_id']:.3g} in-dist, "
+            f"{final['mse_ood']:.3g} ood (linear map {marks['id']['linear']:.3g} / {marks['ood']['linear']:.3g}, "
+            f"zeros {marks['id']['zeros']:.3g} / {marks['ood']['zeros']:.3g})")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
+import math
 import os
 import signal
 import statistics
@@ -28,11 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffusion_lib.config import ConfigError, parse_overrides  # noqa: E402
-from diffusion_lib.mining import mining_strategy  # noqa: E402
 from diffusion_lib.report import write_report  # noqa: E402
-from diffusion_lib.study import Study, StudyDir, StudyRun, expand, load_study, parse_shard, select, shard  # noqa: E402
+from diffusion_lib.study import (  # noqa: E402
+    Study, StudyDir, StudyRun, expand, load_study, pack_runs, parse_shard, select, shard,
+)
 from diffusion_lib.results import RunDir  # noqa: E402
-from diffusion_lib.trainer import RunDiverged, TrainingInterrupted  # noqa: E402
+from diffusion_lib.checkpoint import checkpoint_step, list_checkpoints  # noqa: E402
+from diffusion_lib.trainer import TrainingInterrupted  # noqa: E402
 from train import (  # noqa: E402
     OneLineParser, create_dataset, create_diffusion_model, create_trainer, parse_command_line,
     run_explaining_config_errors,
@@ -57,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--launcher", choices=("inprocess", "accelerate"), default="inprocess",
                         help="train each run in this process, or through `accelerate launch`")
     parser.add_argument("--num-processes", type=int, default=1, help="processes per run with --launcher accelerate")
+    parser.add_argument("--pack", type=int, metavar="P",
+                        help="train up to P runs that differ only in seed as one batched model (default: every "
+                             "seed of a group on a GPU, 1 on a CPU; in-process launcher only)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base run config")
     return parser
@@ -85,13 +90,40 @@ def status_of(run: StudyRun) -> str:
     return "partial" if run_dir.checkpoints.exists() else "to do"
 
 
-def run_in_process(run: StudyRun, resume: bool) -> dict:
-    task = create_dataset(run.config)
-    trainer = create_trainer(run.config, create_diffusion_model(run.config, task), task, resume=resume)
+def run_in_process(pack: list[StudyRun], resume: bool, label: str = "") -> list[dict]:
+    """Train a pack of runs (one batched model, see Trainer1D) in this process; their final.json contents."""
+    configs = [run.config for run in pack]
+    task = create_dataset(configs[0])
+    trainer = create_trainer(configs, create_diffusion_model(configs, task), task, resume=resume, label=label)
     try:
         return trainer.train()
     finally:
         trainer.accelerator.free_memory()  # the accelerator outlives the run: drop its references to it
+
+
+def resume_step(run: StudyRun) -> int:
+    """The step a run would resume from (its newest checkpoint's, by name; 0 without one)."""
+    newest = list_checkpoints(RunDir(run.config.results_dir).checkpoints)
+    return checkpoint_step(newest[0]) if newest else 0
+
+
+def pack_label(pack: list[StudyRun]) -> str:
+    """'adversarial seed 1', 'adversarial mining.opt_steps=5 seeds 0, 1, 2'."""
+    first = pack[0]
+    seeds = ", ".join(str(run.seed) for run in pack)
+    return " ".join([first.strategy, *(f"{k}={v}" for k, v in first.sweep.items()),
+                     f"seed{'s' if len(pack) > 1 else ''} {seeds}"])
+
+
+def default_pack_size(study: Study, runs: list[StudyRun], launcher: str) -> int:
+    """Every seed of a group in one pack on a GPU (launch overheads dominate a lone run there); one run at
+    a time on a CPU (packing gains nothing there and a run's bar is easier to follow)."""
+    if launcher != "inprocess":
+        return 1
+    import torch
+
+    on_gpu = any(r.config.device == "cuda" or (r.config.device == "auto" and torch.cuda.is_available()) for r in runs)
+    return len(study.seeds) if on_gpu else 1
 
 
 class RunCrashed(RuntimeError):
@@ -184,66 +216,78 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def train_all(runs: list[StudyRun], args: argparse.Namespace) -> None:
-    durations: list[float] = []
-    for i, run in enumerate(runs, 1):
-        tag = f"[{i}/{len(runs)}] {run.run_id}"
+def train_all(runs: list[StudyRun], args: argparse.Namespace, pack_size: int) -> None:
+    todo = []
+    for run in runs:
         status = status_of(run)
         if status in ("finished", "failed") and args.resume:
-            print(f"{tag}: already {status}, skipped")
-            continue
-        eta = f", ETA {format_seconds(statistics.mean(durations) * (len(runs) - i + 1))}" if durations else ""
-        print(f"{tag}: starting ({run.strategy}, seed {run.seed}{eta})", flush=True)
-        started = time.perf_counter()
-        try:  # with --resume, a run that never reached a checkpoint starts over inside its folder
-            if args.launcher == "accelerate":
-                final = run_with_accelerate(run, args.resume, args.num_processes)
-            else:
-                final = run_in_process(run, args.resume)
-        except RunDiverged as error:  # the run is marked failed in its final.json; the study goes on
-            print(f"{tag}: FAILED: {error}", flush=True)
-            continue
-        durations.append(time.perf_counter() - started)
-        if final.get("status") == "finished":
-            print(f"{tag}: done in {format_seconds(durations[-1])}, MSE in-dist {final['mse_id']:.4g}, "
-                  f"ood {final['mse_ood']:.4g}", flush=True)
+            print(f"{run.run_id}: already {status}, skipped")
         else:
-            print(f"{tag}: FAILED: {final.get('error')}", flush=True)
+            todo.append(run)
+    packs = pack_runs(todo, pack_size, resume_step)
+    seconds_per_run: list[float] = []
+    left = len(todo)
+    for i, pack in enumerate(packs, 1):
+        tag = f"[{i}/{len(packs)}] {pack_label(pack)}"
+        eta = f" (ETA {format_seconds(statistics.mean(seconds_per_run) * left)})" if seconds_per_run else ""
+        print(f"{tag}: starting{eta}", flush=True)
+        started = time.perf_counter()
+        # with --resume, a run that never reached a checkpoint starts over inside its folder
+        if args.launcher == "accelerate":
+            finals = [run_with_accelerate(pack[0], args.resume, args.num_processes)]
+        else:
+            finals = run_in_process(pack, args.resume, label=tag)
+        seconds = time.perf_counter() - started
+        seconds_per_run.append(seconds / len(pack))
+        left -= len(pack)
+        for run, final in zip(pack, finals):  # a failed run is marked so in its final.json; the study goes on
+            if final.get("status") == "finished":
+                print(f"{tag}: {run.run_id} done in {format_seconds(seconds)}: MSE (EMA) in-dist "
+                      f"{final['mse_id']:.3g}, ood {final['mse_ood']:.3g}", flush=True)
+            else:
+                print(f"{tag}: {run.run_id} FAILED: {final.get('error')}", flush=True)
 
 
-def dry_run(study: Study, runs: list[StudyRun]) -> None:
-    """List the runs with their state, and estimate their cost from a few timed steps per distinct setup."""
-    print(f"{len(runs)} runs in {Path(runs[0].config.results_dir).parent.parent}:")
-    seconds_per_step: dict[str, float] = {}
-    total_seconds = total_evals = 0.0
-    for run in runs:
-        key = json.dumps({k: v for k, v in run.config.to_dict().items() if k not in ("seed", "results_dir")})
-        if key not in seconds_per_step:
-            seconds_per_step[key] = time_steps(run)
-        status = status_of(run)
-        remaining = run.config.train.steps if status == "to do" else 0
-        evals = remaining * run.config.train.batch_size * (1 + mining_strategy(run.config.mining).cost(run.config.mining))
-        total_seconds += remaining * seconds_per_step[key]
-        total_evals += evals
-        print(f"  {run.run_id:<48} {status:<9} {run.config.train.steps} steps, "
-              f"~{format_seconds(remaining * seconds_per_step[key])} training")
+def dry_run(runs: list[StudyRun], args: argparse.Namespace, pack_size: int) -> None:
+    """List the runs with their state, and estimate what is left to train from a probe per distinct setup:
+    the measured FLOPs of a step (as the runs measure them) and the median time of a few steps."""
+    print(f"{len(runs)} runs in {Path(runs[0].config.results_dir).parent.parent} (packs of up to {pack_size}):")
+    probes: dict[str, tuple[float, float]] = {}
+    total_seconds = total_flops = 0.0
+    for pack in pack_runs(runs, pack_size, lambda run: 0):
+        flops_per_step, seconds_per_step = probe_steps(pack)
+        for run in pack:
+            status = status_of(run) if (args.resume or args.overwrite) else "to do"
+            status = "to do" if args.overwrite else status
+            budget = run.config.train.budget_flops
+            steps = math.ceil(budget / flops_per_step) if budget > 0 else run.config.train.steps
+            done = steps if status in ("finished", "failed") else (resume_step(run) if status == "partial" else 0)
+            left = max(steps - done, 0)
+            total_seconds += left * seconds_per_step
+            total_flops += left * flops_per_step
+            state = f"{status} (step {done})" if status == "partial" else status
+            print(f"  {run.run_id:<48} {state:<18} {left} of {steps} steps left, "
+                  f"~{format_seconds(left * seconds_per_step)}, {left * flops_per_step:.3g} FLOP")
     print(f"estimated cost: ~{format_seconds(total_seconds)} of training on this machine "
-          f"(validation extra), {total_evals:.3g} energy-gradient evaluations")
+          f"(validation and final scoring extra), {total_flops:.3g} training FLOP (matmuls, measured per step)")
 
 
-def time_steps(run: StudyRun, steps: int = 3) -> float:
-    """Median seconds of a few training steps of this run's setup, in memory (nothing is written)."""
+def probe_steps(pack: list[StudyRun], steps: int = 3) -> tuple[float, float]:
+    """(FLOPs per step per run, seconds per step per run) of a pack's setup, measured in memory on a copy
+    of the pack (nothing is written): FLOPs as the runs count them, time as the median of a few steps."""
     with tempfile.TemporaryDirectory() as folder:
-        probe = dataclasses.replace(run.config, results_dir=folder)
-        task = create_dataset(probe)
-        trainer = create_trainer(probe, create_diffusion_model(probe, task), task)
+        probes = [dataclasses.replace(run.config, results_dir=str(Path(folder) / str(i))) for i, run in enumerate(pack)]
+        task = create_dataset(probes[0])
+        trainer = create_trainer(probes, create_diffusion_model(probes, task), task)
+        trainer.measure_flops()
         times = []
         for _ in range(steps + 1):
             started = time.perf_counter()
             trainer.train_step()
+            trainer.synchronize()
             times.append(time.perf_counter() - started)
         trainer.accelerator.free_memory()
-        return statistics.median(times[1:])
+        return trainer.flops_per_step, statistics.median(times[1:]) / len(pack)
 
 
 def report(study: Study, study_dir: Path) -> None:
@@ -279,6 +323,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num-processes {args.num_processes} must be >= 1")
     if args.launcher != "accelerate" and args.num_processes != 1:
         raise ConfigError("--num-processes needs --launcher accelerate")
+    if args.pack is not None and args.pack < 1:
+        raise ConfigError(f"--pack {args.pack} must be >= 1")
+    if args.pack not in (None, 1) and args.launcher != "inprocess":
+        raise ConfigError("--pack needs the in-process launcher (a launched train.py trains one run)")
     if args.shard and args.overwrite:
         raise ConfigError("--overwrite with --shard would delete the other shards' runs; overwrite without --shard first")
     study = select(load_study(args.config, parse_overrides(args.overrides)), args.strategies, args.seeds)
@@ -287,19 +335,20 @@ def run(args: argparse.Namespace) -> int:
     selected = shard(runs, *parse_shard(args.shard)) if args.shard else runs
     if args.launcher == "inprocess" and len({run.config.device for run in runs}) > 1:
         raise ConfigError("runs on different devices need --launcher accelerate (one device per process)")
+    pack_size = args.pack or default_pack_size(study, runs, args.launcher)
     if not selected:
         print(f"shard {args.shard} has no runs (the study has {len(runs)})")
         return 0
-    if args.dry_run:
-        dry_run(study, selected)
-        return 0
+    # refuse before training anything, not halfway through the study (and refuse a dry run alike)
     folder = StudyDir(study_dir)
     folder.check(study, resume=args.resume, overwrite=args.overwrite, sharded=bool(args.shard))
-    if not args.resume and not args.overwrite:
-        for run in selected:  # refuse before training anything, not halfway through the study
-            RunDir(run.config.results_dir).check(run.config, resume=False, overwrite=False)
+    for run in selected:
+        RunDir(run.config.results_dir).check(run.config, resume=args.resume, overwrite=args.overwrite)
+    if args.dry_run:
+        dry_run(selected, args, pack_size)
+        return 0
     folder.prepare(study, overwrite=args.overwrite)
-    train_all(selected, args)
+    train_all(selected, args, pack_size)
     if args.shard:
         print(f"shard {args.shard} done; when every shard is, merge with: "
               f"python experiments/matrix_inversion_mining_comparison.py --report-only {study_dir}")

@@ -26,7 +26,7 @@ def refused(args, capsys, tmp_path):
         (["train.steps=0"], "'train.steps' = 0 is out of range: must be an int >= 1"),
         (["--batch_size", "0"], "'train.batch_size' = 0 is out of range"),
         (["--rank", "0"], "'task.rank' = 0 is out of range"),
-        (["--mining-opt-steps", "0"], "mining_config['opt_steps'] = 0 is invalid: must be an int >= 1"),
+        (["--mining-opt-steps", "0"], "mining_config['opt_steps'] = 0 is invalid: must be an int in [1, 1000]"),
         (["--mining-scale-factor", "0"], "mining_config['scale_factor'] = 0.0 is invalid: must be a float > 0"),
         (["train.lr=0"], "'train.lr' = 0.0 is out of range: must be a float > 0"),
         (["--mining-strategy", "greedy"], "mining_config['strategy'] = 'greedy' is unknown"),

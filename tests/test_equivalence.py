@@ -1,23 +1,27 @@
-"""The fast library path computes the same numbers as the straightforward implementation of the spec.
+"""The library computes the same numbers as straightforward implementations of the spec and of the
+published code.
 
 `benchmarks/straightforward.py` shares the library's EBM weights but does everything the plain way
 (time MLP per sample, fc1 on cat([x, y]), autograd with create_graph=True, a separate energy forward
 for each rejection test). Both paths get the same inputs, t and noises (the same generator seed), so
 losses, parameter gradients, mined negatives, opt_step results and samples must agree to float32
-tolerance for every strategy.
+tolerance for every strategy. The published code's rules (configs/reference_faithful.yaml) are written
+out below, in float64, and must agree too.
 """
-import os
-
 import pytest
 import torch
 
+import train
 from benchmarks import straightforward as plain
-from diffusion_lib import EBM, EnergyCondition, EnergyDenoiser, GaussianDiffusion1D, models
+from conftest import ROOT
+from diffusion_lib import EBM, EnergyDenoiser, GaussianDiffusion1D
+from diffusion_lib.config import config_from_file
 from diffusion_lib.tasks import make_task
 
 RANK, HIDDEN, BATCH = 3, 64, 48
 STRATEGIES = ["none", "random", "adversarial"]
 TOL = dict(rtol=1e-4, atol=1e-5)
+TOL64 = dict(rtol=1e-10, atol=1e-12)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,8 +35,8 @@ def one_thread():
 
 
 def make_diffusion(strategy: str, seed: int = 0, **mining) -> GaussianDiffusion1D:
-    torch.manual_seed(seed)
     ebm = EBM(RANK * RANK, RANK * RANK, hidden_dim=HIDDEN)
+    ebm.init_run(0, seed)
     return GaussianDiffusion1D(EnergyDenoiser(ebm), mining_config={"strategy": strategy, **mining})
 
 
@@ -46,16 +50,20 @@ def param_grads(diffusion: GaussianDiffusion1D, loss: torch.Tensor) -> dict[str,
     return {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, params, grads)}
 
 
+def draw_t(batch: int = BATCH, seed: int = 2) -> torch.Tensor:
+    return torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(seed))
+
+
 def test_energy_and_input_gradient_match():
     diffusion = make_diffusion("none")
     ebm = diffusion.model.ebm
     x, y = problems()
-    t = torch.randint(0, diffusion.num_timesteps, (BATCH,), generator=torch.Generator().manual_seed(2))
-    energy, grad = ebm.energy_and_grad(diffusion.condition(x, t), y)
+    t = draw_t()
+    energy, grad = ebm.energy_and_grad(diffusion.condition(x[None], t[None]), y[None])
     energy_plain, grad_plain = plain.plain_energy_and_grad(ebm, x, y, t)
-    torch.testing.assert_close(energy, energy_plain, **TOL)
-    torch.testing.assert_close(grad, grad_plain, **TOL)
-    torch.testing.assert_close(ebm(x, y, t, diffusion.num_timesteps), energy_plain, **TOL)
+    torch.testing.assert_close(energy[0], energy_plain, **TOL)
+    torch.testing.assert_close(grad[0], grad_plain, **TOL)
+    torch.testing.assert_close(ebm(x[None], y[None], t[None], diffusion.num_timesteps)[0], energy_plain, **TOL)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -80,9 +88,9 @@ def test_mined_negatives_match(strategy):
     g = torch.Generator().manual_seed(4)
     t = torch.randint(0, diffusion.num_timesteps, (BATCH,), generator=g)
     noise_pos = torch.randn(y0.shape, generator=g)
-    cond = diffusion.condition(x, t).detach()
-    mined = diffusion.strategy.mine(diffusion, cond, y0, t, noise_pos, diffusion.mining_config, 0).y
-    torch.testing.assert_close(mined, plain.plain_negatives(diffusion, x, y0, t, noise_pos), **TOL)
+    cond = diffusion.condition(x[None], t[None]).detach()
+    mined = diffusion.strategy.mine(diffusion, cond, y0[None], t[None], noise_pos[None], diffusion.mining_config, 0).y
+    torch.testing.assert_close(mined[0], plain.plain_negatives(diffusion, x, y0, t, noise_pos), **TOL)
     assert not mined.requires_grad
 
 
@@ -99,9 +107,9 @@ def test_opt_step_matches(steps, scale, data_bound, start):
     g = torch.Generator().manual_seed(5)
     t = torch.randint(0, diffusion.num_timesteps, (BATCH,), generator=g)  # per-sample t: per-sample bounds
     y = start * torch.randn(BATCH, RANK * RANK, generator=g)
-    fast, accept_rate = diffusion.opt_step(diffusion.condition(x, t), y, t, steps, scale)
-    torch.testing.assert_close(fast, plain.plain_opt_step(diffusion, x, y, t, steps, scale), **TOL)
-    assert 0.0 < float(accept_rate) < 1.0  # some steps rejected, some accepted: both branches compared
+    result = diffusion.opt_step(diffusion.condition(x[None], t[None]), y[None], t[None], steps, scale)
+    torch.testing.assert_close(result.y[0], plain.plain_opt_step(diffusion, x, y, t, steps, scale), **TOL)
+    assert 0.0 < float(result.accepted.mean()) < 1.0  # some steps rejected, some accepted: both branches compared
 
 
 @pytest.mark.parametrize("inner_steps", [0, 5])
@@ -110,7 +118,7 @@ def test_samples_match(inner_steps):
     x, _ = problems()
     noise = torch.randn(BATCH, RANK * RANK, generator=torch.Generator().manual_seed(6))
     fast = diffusion.sample(x, noise=noise, inner_steps=inner_steps)
-    torch.testing.assert_close(fast, plain.plain_sample(diffusion, x, noise, inner_steps), **TOL)
+    torch.testing.assert_close(fast[0], plain.plain_sample(diffusion, x, noise, inner_steps), **TOL)
 
 
 def test_numpy_loader_matches_task_distribution():
@@ -121,82 +129,85 @@ def test_numpy_loader_matches_task_distribution():
     torch.testing.assert_close(a, a.transpose(-1, -2))
 
 
-@pytest.mark.parametrize("need_grad", [True, False])
-def test_hand_derived_backward_passes_gradcheck(need_grad):
-    """The custom Function's backward (second order for G = grad_y E) against finite differences, in
-    float64, for every input: y (stacked [2, B, D] as in the energy loss), the condition, the weights."""
-    torch.manual_seed(7)
-    batch, dim, hidden = 3, 4, 8
-    ebm = EBM(dim, dim, hidden_dim=hidden, time_dim=8).double()
-    # gradcheck perturbs its inputs in place, so passing the parameters themselves checks their gradients
-    params = [ebm.fc1.weight, ebm.fc2.weight, ebm.fc2.bias, ebm.fc3.weight, ebm.fc3.bias, ebm.fc4.weight, ebm.fc4.bias]
-    y = torch.randn(2, batch, dim, dtype=torch.float64, requires_grad=True)
-    cond = [torch.randn(batch, hidden, dtype=torch.float64, requires_grad=True) for _ in range(5)]
+# -- the published code's rules, written out -------------------------------------------------------------
+def reference_opt_step(diffusion, x, y, t, steps, scale):
+    """The published inner loop: the first step at eta_t * scale, later ones at eta_t * 2 (its step-scale
+    variable is reused as the clamp factor); the clamp bound of the batch's first sample for everyone; a
+    separate energy forward decides acceptance."""
+    ebm = diffusion.model.ebm
+    bound = diffusion.data_bound * diffusion.sqrt_alphas_cumprod[t[0]]
+    eta = diffusion.opt_step_size[t].unsqueeze(-1)
+    for i in range(steps):
+        energy, grad = plain.plain_energy_and_grad(ebm, x, y, t)
+        proposal = torch.clamp(y - eta * (scale if i == 0 else 2.0) * grad, -bound, bound)
+        y = torch.where(plain.plain_energy(ebm, x, proposal, t) > energy, y, proposal).detach()
+    return y
 
-    def outputs(y, *tensors):
-        energy, grad = ebm.energy_and_grad(EnergyCondition(*tensors[:5]), y, need_grad=need_grad)
-        return (energy, grad) if need_grad else energy
 
-    assert torch.autograd.gradcheck(outputs, (y, *cond, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
+def reference_loss(diffusion, x, y0, generator):
+    cfg, ebm = diffusion.mining_config, diffusion.model.ebm
+    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=generator)
+    # drawn in float32 and widened, as the library draws them whatever the model's dtype
+    noise, noise_pos = (torch.randn(y0.shape, generator=generator).to(y0.dtype) for _ in range(2))
+    _, eps_hat = plain.plain_energy_and_grad(ebm, x, plain.q_sample(diffusion, y0, t, noise), t)
+    start = plain.q_sample(diffusion, y0, t, cfg["noise_scale"] * noise_pos)
+    y_neg = reference_opt_step(diffusion, x, start, t, cfg["opt_steps"], cfg["scale_factor"])
+    x0_neg = plain.x0_from_noise(diffusion, y_neg, t, 0.0).clamp(-2, 2)
+    e_pos = plain.plain_energy(ebm, x, plain.q_sample(diffusion, y0, t, noise_pos), t)
+    e_neg = plain.plain_energy(ebm, x, plain.q_sample(diffusion, x0_neg, t, noise_pos), t)
+    loss_energy = torch.nn.functional.softplus(e_pos - e_neg).squeeze(-1)
+    return ((eps_hat - noise).pow(2).mean(-1) + cfg["loss_scale"] * loss_energy).mean(), y_neg
+
+
+def reference_sample(diffusion, x, noise):
+    """The published sampler: inner steps by the same x2 rule; the answer sqrt(abar_0) * x0."""
+    ebm, y = diffusion.model.ebm, noise
+    for step in reversed(range(diffusion.num_timesteps)):
+        t = torch.full((x.shape[0],), step)
+        _, eps_hat = plain.plain_energy_and_grad(ebm, x, y, t)
+        scale_t = diffusion.sqrt_alphas_cumprod[step]
+        y = scale_t * plain.x0_from_noise(diffusion, y, t, eps_hat.detach()).clamp(-2, 2)
+        y = reference_opt_step(diffusion, x, y, t, diffusion.inference_steps, diffusion.inference_step_scale)
+        x0 = y.clamp(-2 * scale_t, 2 * scale_t) / scale_t
+        y = diffusion.sqrt_alphas_cumprod[step - 1] * x0 if step > 0 else y
+    return diffusion.sqrt_alphas_cumprod[0] * x0.detach()
 
 
 @pytest.fixture
-def fresh_kernels():
-    """No compiled wrapper left over from elsewhere in the session; eager again afterwards."""
-    for kernel in (models._FORWARD, models._BACKWARD):
-        kernel.cache.clear()
-    yield
-    models.compile_energy_kernels(False)
+def faithful():
+    """configs/reference_faithful.yaml's model at test size, in float64 (the comparison is exact up to rounding)."""
+    config = config_from_file(ROOT / "configs" / "reference_faithful.yaml")
+    config.task.rank, config.model.hidden_dim = RANK, HIDDEN
+    assert config.mining["step_schedule"] == "reference" and config.mining["clamp_bound"] == "first_sample"
+    task = train.create_dataset(config)
+    return train.create_diffusion_model(config, task).double()
 
 
-def _loss_and_grads(diffusion, x, y):
-    loss, _ = diffusion(x, y, generator=torch.Generator().manual_seed(3))
-    return loss, param_grads(diffusion, loss)
-
-
-def test_compile_failure_falls_back_to_eager(monkeypatch, fresh_kernels):
-    """A compiled kernel that cannot run (no C++ compiler, say) warns and the step runs eagerly, unchanged."""
-
-    def broken_compile(fn, **options):
-        def run(*args):
-            raise RuntimeError("no working C++ compiler")
-
-        return run
-
-    diffusion = make_diffusion("adversarial")
-    x, y = problems()
-    loss, grads = _loss_and_grads(diffusion, x, y)
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    assert models.compile_energy_kernels() is True
-    with pytest.warns(UserWarning, match="running it eagerly"):
-        loss_fallback, grads_fallback = _loss_and_grads(diffusion, x, y)
-    assert models._FORWARD.compiled is None and models._BACKWARD.compiled is None
-    assert torch.equal(loss, loss_fallback)
-    assert all(torch.equal(grads[n], grads_fallback[n]) for n in grads)
-
-
-def test_compile_unavailable_is_refused_cleanly(monkeypatch, fresh_kernels):
-    def no_compile(fn, **options):
-        raise RuntimeError("torch.compile is not supported on this Python")
-
-    monkeypatch.setattr(torch, "compile", no_compile)
-    with pytest.warns(UserWarning, match="run eagerly"):
-        assert models.compile_energy_kernels() is False
-    assert models._FORWARD.compiled is None and models._BACKWARD.compiled is None
-
-
-@pytest.mark.skipif(not os.environ.get("IRED_TEST_COMPILE"), reason="compiles for ~15 s; set IRED_TEST_COMPILE=1")
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_compiled_kernels_match_eager(strategy, fresh_kernels):
-    diffusion = make_diffusion(strategy)
-    x, y = problems()
-    noise = torch.randn(BATCH, RANK * RANK, generator=torch.Generator().manual_seed(6))
-    loss, grads = _loss_and_grads(diffusion, x, y)
-    answer = diffusion.sample(x, noise=noise)
-    assert models.compile_energy_kernels() is True
-    loss_compiled, grads_compiled = _loss_and_grads(diffusion, x, y)
-    answer_compiled = diffusion.sample(x, noise=noise)
-    torch.testing.assert_close(loss_compiled, loss, **TOL)
+@pytest.mark.parametrize("seed", [3, 8])
+def test_reference_faithful_config_reproduces_the_published_training_step(faithful, seed):
+    x, y = (v.double() for v in problems())
+    loss, stats = faithful(x, y, generator=torch.Generator().manual_seed(seed))
+    loss_ref, _ = reference_loss(faithful, x, y, torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(loss, loss_ref, **TOL64)
+    grads, grads_ref = param_grads(faithful, loss), param_grads(faithful, loss_ref)
     for name in grads:
-        torch.testing.assert_close(grads_compiled[name], grads[name], **TOL)
-    torch.testing.assert_close(answer_compiled, answer, **TOL)
+        torch.testing.assert_close(grads[name], grads_ref[name], **TOL64, msg=lambda m: f"{name}: {m}")
+    assert float(stats["accept_rate_steps"][0, 1]) < 1.0  # the doubled second step overshoots for some samples
+
+
+def test_reference_faithful_config_reproduces_the_published_negatives_and_samples(faithful):
+    x, y0 = (v.double() for v in problems())
+    g = torch.Generator().manual_seed(4)
+    t = torch.randint(0, 10, (BATCH,), generator=g)
+    t[0] = 9  # the first sample's t sets everyone's clamp bound: the tightest one makes the quirk visible
+    noise_pos = torch.randn(y0.shape, generator=g, dtype=torch.float64)
+    cfg = faithful.mining_config
+    start = plain.q_sample(faithful, y0, t, cfg["noise_scale"] * noise_pos)
+    cond = faithful.condition(x[None], t[None])
+    mined = faithful.strategy.mine(faithful, cond, y0[None], t[None], noise_pos[None], cfg, 0).y[0]
+    expected = reference_opt_step(faithful, x, start, t, cfg["opt_steps"], cfg["scale_factor"])
+    torch.testing.assert_close(mined, expected, **TOL64)
+    moved = (mined != start).any(dim=-1)  # every accepted step lands inside the first sample's (t = 9) bound
+    assert moved.sum() > BATCH // 4 and mined[moved].abs().max() <= 2 * faithful.sqrt_alphas_cumprod[9] + 1e-12
+    noise = torch.randn(BATCH, RANK * RANK, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    torch.testing.assert_close(faithful.sample(x, noise=noise)[0], reference_sample(faithful, x, noise), **TOL64)

@@ -20,7 +20,7 @@ LONG = [*TINY, "--train-steps", "600", "train.save_every=50", "eval.every=200"]
 
 
 def comparable(records):
-    return [{k: v for k, v in r.items() if k not in ("sec_per_step", "train_seconds")} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("sec_per_step", "train_seconds", "loadavg")} for r in records]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def wait_for_checkpoint(process, folder, step, timeout=120):
 def assert_same_as_reference(folder, reference):
     assert comparable(RunDir(folder).read_metrics()) == comparable(RunDir(reference).read_metrics())
     got, want = (json.loads((d / "final.json").read_text()) for d in (folder, reference))
-    for key in ("mse_id", "mse_ood", "mse_id_raw", "mse_ood_raw", "loss", "loss_denoise", "loss_energy", "grad_evals"):
+    for key in ("mse_id", "mse_ood", "mse_id_raw", "mse_ood_raw", "loss", "loss_denoise", "loss_energy", "energy_grad_evals", "train_flops"):
         assert got[key] == pytest.approx(want[key], abs=1e-6), key
 
 

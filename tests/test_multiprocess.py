@@ -32,7 +32,7 @@ def launch(*args):
 def test_two_processes_train_write_once_and_validate_on_the_whole_set(tmp_path, capsys):
     folder = tmp_path / "run"
     result = launch(*LEARNING, "--results-dir", str(folder))
-    assert result.stdout.count("# resolved config") == 1 and result.stdout.count("done: step 150") == 1
+    assert result.stdout.count("# resolved config") == 1 and result.stdout.count("done at step 150") == 1
     final = json.loads((folder / "final.json").read_text())
     assert final["num_processes"] == 2 and final["step"] == 150
     assert final["mse_id"] < 0.3 * final["zeros_mse_id"], final  # it learns

@@ -26,7 +26,7 @@ eval: {every: 8, num_samples: 32, batch_size: 32, inference_steps_sweep: [0, 2]}
 device: cpu
 """
 RUN_IDS = ["none__seed0", "adversarial__seed0", "none__seed1", "adversarial__seed1"]
-TIMINGS = ("train_seconds", "steps_per_second")
+TIMINGS = ("train_seconds", "steps_per_second", "loadavg")
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_tiny_study_writes_every_output(tmp_path, study_file, capsys):
     out = tmp_path / "study"
     assert main("--config", study_file, "--output", out) == 0
     printed = capsys.readouterr().out
-    assert "[1/4] none__seed0: starting" in printed and "[4/4] adversarial__seed1: done" in printed
+    assert "[1/4] none seed 0: starting" in printed and "[4/4] adversarial seed 1: adversarial__seed1 done" in printed
     table = rows(out)
     assert [r["run_id"] for r in table] == RUN_IDS
     assert all(r["status"] == "finished" and float(r["mse_id"]) > 0 for r in table)
@@ -89,9 +89,9 @@ def test_resume_after_an_interrupted_study_redoes_nothing_finished(tmp_path, stu
     spy = []
     real = comparison.run_in_process
 
-    def recording(run, resume):
-        spy.append((run.run_id, resume))
-        return real(run, resume)
+    def recording(pack, resume, label=""):
+        spy.extend((run.run_id, resume) for run in pack)
+        return real(pack, resume, label)
 
     monkeypatch.setattr(comparison, "run_in_process", recording)
     assert main("--config", study_file, "--output", out, "--resume") == 0
@@ -103,10 +103,10 @@ def test_resume_after_an_interrupted_study_redoes_nothing_finished(tmp_path, stu
 
 
 def test_a_diverging_run_is_marked_failed_and_the_study_goes_on(tmp_path, study_file, poison_batch, capsys):
-    poison_batch(24 + 5)  # step 5 of the second run
+    poison_batch(25 + 6)  # step 5 of the second run (each run draws step 0's batch once more to count FLOPs)
     out = tmp_path / "study"
     assert main("--config", study_file, "--output", out) == 0
-    assert "[2/4] adversarial__seed0: FAILED: non-finite loss or gradient at step 5" in capsys.readouterr().out
+    assert "[2/4] adversarial seed 0: adversarial__seed0 FAILED: non-finite loss or gradient at step 5" in capsys.readouterr().out
     table = {r["run_id"]: r for r in rows(out)}
     assert table["adversarial__seed0"]["status"] == "failed"
     assert all(table[r]["status"] == "finished" for r in RUN_IDS if r != "adversarial__seed0")
