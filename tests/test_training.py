@@ -1,5 +1,6 @@
 """End-to-end training behaviour on CPU: learning, resume, reproducibility, divergence, checkpoints."""
 import json
+import math
 import signal
 
 import pytest
@@ -118,3 +119,13 @@ def test_mining_statistics_average_over_the_steps_that_mined(tmp_path, tiny_args
                                 "train.log_every=4")) == 0
     rates = [r["accept_rate"] for r in metrics(tmp_path / "run") if r["kind"] == "train"]
     assert len(rates) == 2 and all(rate > 0.5 for rate in rates), rates
+
+
+@pytest.mark.parametrize("dtype, stored", [("float64", torch.float64), ("bfloat16", torch.float32)])
+def test_other_dtypes_train(tmp_path, tiny_args, dtype, stored):
+    """float64 computes everything in double; bfloat16 is mixed precision (float32 weights, bf16 autocast)."""
+    assert train.main(tiny_args(f"model.dtype={dtype}", "--train-steps", "10")) == 0
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["status"] == "finished" and all(math.isfinite(final[k]) for k in ("mse_id", "mse_ood_raw"))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-000000010.pt", weights_only=True)
+    assert {v.dtype for v in state["model"].values()} == {stored}

@@ -1,0 +1,106 @@
+"""Compute is measured, not counted: FLOPs per step against a count from the shapes, FLOP budgets, the EMA."""
+import json
+import math
+
+import pytest
+import torch
+
+import train
+from diffusion_lib.ema import EMA
+
+RANK, HIDDEN, BATCH, T, TIME = 3, 16, 8, 10, 128
+
+
+def tiny_config(tmp_path, **overrides):
+    return train.build_config({
+        "task.rank": RANK, "model.hidden_dim": HIDDEN, "train.batch_size": BATCH, "train.steps": 12,
+        "train.log_every": 4, "train.save_every": 100, "eval.every": 100, "eval.num_samples": 16,
+        "device": "cpu", "results_dir": str(tmp_path / "run"), **overrides,
+    })
+
+
+def expected_flops(strategy: str, opt_steps: int = 2) -> int:
+    """Matmul FLOPs of one training step, counted by hand from the spec's shapes (2 m n k per product).
+
+    Forward: the time path on the T timesteps (two 128x128 layers, two 128 -> 2H FiLM maps), fc1 on x, the
+    energy E (fc1 on y, fc2, fc3, fc4) and its explicit input gradient (the same four products, transposed).
+    Backward: every product gives one more for each operand that needs a gradient (weights always; inputs
+    unless they are data: the sinusoidal features, x, the noised y). The data: U U^T per problem.
+    """
+    d = din = RANK * RANK
+    b, h = BATCH, HIDDEN
+    energy = 2 * b * (d * h + 2 * h * h + h * d)  # one E forward over b answers
+    time_path = 2 * T * TIME * TIME * 2 + 2 * T * TIME * 2 * h * 2
+    forward = time_path + 2 * b * din * h + 2 * energy  # E and its gradient sweep
+    backward = (
+        2 * T * TIME * TIME * (1 + 2) + 2 * T * TIME * 2 * h * 2 * 2  # time_mlp.1 (weight only), .3, FiLM maps
+        + 2 * b * din * h  # fc1 on x: weight only
+        + 2 * b * d * h + 2 * 2 * (2 * b * h * h) + 2 * (2 * b * h * d)  # E: fc1 on y (weight only), fc2, fc3, fc4
+        + 2 * energy  # the gradient sweep: both operands of all four products
+    )
+    flops = 2 * b * RANK**3 + forward + backward
+    if strategy == "none":
+        return flops
+    pair = 2 * energy  # E+ and E- stacked: forward over 2b answers
+    flops += pair + 2 * pair - 2 * (2 * b) * d * h  # backward: both operands, but fc1 on y (weight only)
+    if strategy == "adversarial":  # mining, no graph: E and gradient per step, plus E at the last proposal
+        flops += 2 * energy * opt_steps + energy
+    return flops
+
+
+@pytest.mark.parametrize("strategy, opt_steps", [("none", 2), ("random", 2), ("adversarial", 2), ("adversarial", 5)])
+def test_flops_per_step_match_a_count_from_the_shapes(tmp_path, strategy, opt_steps):
+    config = tiny_config(tmp_path, **{"mining.strategy": strategy, "mining.opt_steps": opt_steps})
+    task = train.create_dataset(config)
+    trainer = train.create_trainer(config, train.create_diffusion_model(config, task), task)
+    trainer.measure_flops()
+    assert trainer.flops_per_step == expected_flops(strategy, opt_steps)
+
+
+def test_the_reference_setup_costs_what_its_shapes_say():
+    """At rank 20, batch 2048 the ratios none : random : adversarial are fixed by the shapes alone."""
+    global RANK, HIDDEN, BATCH
+    saved = RANK, HIDDEN, BATCH
+    RANK, HIDDEN, BATCH = 20, 512, 2048
+    try:
+        none, random, adversarial = (expected_flops(s) for s in ("none", "random", "adversarial"))
+    finally:
+        RANK, HIDDEN, BATCH = saved
+    assert none == pytest.approx(23.8e9, rel=0.01)  # also what benchmarks/throughput.py's own count gave
+    assert random / none == pytest.approx(1.90, abs=0.01) and adversarial / none == pytest.approx(2.70, abs=0.01)
+
+
+def test_a_budget_run_trains_to_its_flop_budget(tmp_path):
+    probe = tiny_config(tmp_path, **{"mining.strategy": "random"})
+    per_step = expected_flops("random")
+    budget = 7.5 * per_step  # between steps 7 and 8: the run takes the 8th
+    config = tiny_config(tmp_path, **{"mining.strategy": "random", "train.budget_flops": budget, "train.steps": 1000})
+    task = train.create_dataset(config)
+    [final] = train.create_trainer(config, train.create_diffusion_model(config, task), task).train()
+    assert final["step"] == math.ceil(budget / per_step) == 8
+    assert final["budget_flops"] == budget and final["flops_per_step"] == per_step
+    assert 0 <= final["train_flops"] - budget < per_step  # within one step of the budget
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["flops"] for r in records if r["kind"] == "train"] == [4 * per_step, 8 * per_step]
+    assert probe.train.budget_flops == 0  # off by default
+
+
+def test_ema_follows_the_reference_warm_up():
+    """ema-pytorch's schedule with update_after_step 100, power 2/3, every 10: a copy up to step 100, then
+    decay 1 - (1 + (step - 100))^(-2/3), capped at beta; it reaches 0.995 only at step 100 + 2828."""
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, beta=0.995, update_every=10, update_after_step=100, power=2 / 3)
+    assert ema.decay(0) == ema.decay(100) == 0.0
+    assert ema.decay(110) == pytest.approx(0.79782, abs=1e-5)  # 1 - exp(-2/3 ln 11) = 1 - exp(-1.59861)
+    assert ema.decay(2900) == pytest.approx(1 - 2801 ** (-2 / 3)) and ema.decay(2900) < 0.995
+    assert ema.decay(2950) == 0.995
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, 105)  # not a multiple of 10: nothing happens
+    assert not torch.equal(ema.model.weight, model.weight)
+    ema.update(model, 100)  # warm-up: a copy
+    assert torch.equal(ema.model.weight, model.weight)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model, 110)  # 1 + (3 - 1) * (1 - decay)
+    torch.testing.assert_close(ema.model.weight, torch.full((2, 2), 1 + 2 * 11 ** (-2 / 3)))
