@@ -32,6 +32,7 @@ def _positive_int(default: int) -> Any:
 
 DTYPES = ("float32", "float64", "bfloat16")
 ANSWERS = ("x0", "scaled")
+TRACKERS = ("none", "tensorboard", "wandb")
 
 
 @dataclass
@@ -76,6 +77,8 @@ class TrainConfig:
     ema_update_after_step: int = _check(lambda v: v >= 0, "an int >= 0", default=100)
     ema_power: float = _check(lambda v: v > 0, "a float > 0", default=2 / 3)
     matmul_precision: str = _check(lambda v: v in ("highest", "high"), "one of highest, high", default="highest")
+    # live curves: the metrics.jsonl records also go to TensorBoard or W&B (diffusion_lib/tracking.py)
+    log_with: str = _check(lambda v: v in TRACKERS, f"one of {', '.join(TRACKERS)}", default="none")
     log_every: int = _positive_int(100)
     save_every: int = _positive_int(1000)
     keep_checkpoints: int = _positive_int(2)

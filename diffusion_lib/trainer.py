@@ -30,6 +30,7 @@ from .ema import EMA
 from .models import load_run_state_dict, run_state_dict
 from .results import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir
 from .tasks import MatrixTask
+from .tracking import RunTracker, check_tracker
 from .utils import mix_seed
 from .yardsticks import yardsticks
 
@@ -77,6 +78,7 @@ class Run:
     energy_grad_evals: float = 0.0  # cumulative energy-gradient evaluations per sample
     train_seconds: float = 0.0  # its share of the pack's training time
     last_log: dict[str, Any] = field(default_factory=dict)
+    tracker: RunTracker | None = None  # a live dashboard, if train.log_with asks for one
 
 
 class Trainer1D:
@@ -112,6 +114,7 @@ class Trainer1D:
         self.resume, self.overwrite = resume or evaluate_only, overwrite
         for run in self.runs:
             run.dir.check(run.config, self.resume, overwrite, EVALUATION_CHANGES if evaluate_only else RESUMABLE_CHANGES)
+        check_tracker(self.config.train.log_with)
         self.accelerator = acc = accelerator or make_accelerator(self.config.device)
         train = self.config.train
         if train.batch_size % acc.num_processes:
@@ -171,6 +174,20 @@ class Trainer1D:
             for run in self.runs:
                 run.dir.final.unlink(missing_ok=True)  # the runs continue: an old final.json is stale
 
+        if self.main and cfg.train.log_with != "none":
+            for run in self.runs:
+                run.tracker = RunTracker(cfg.train.log_with, run.dir.root, run.config.to_dict())
+        try:
+            self._loop()
+            return self._finish()
+        finally:
+            for run in self._all_runs:
+                if run.tracker is not None:
+                    run.tracker.finish()
+
+    def _loop(self) -> None:
+        """Train until the last step (or until every run failed), logging, validating and saving on schedule."""
+        cfg = self.config
         self.bar = tqdm(total=self.total_steps, initial=self.step, desc=self.label, disable=not self.main,
                         dynamic_ncols=True, **_bar_rate())
         previous_handlers = self._catch_signals()
@@ -190,7 +207,6 @@ class Trainer1D:
         finally:
             self.bar.close()
             self._restore_signals(previous_handlers)
-        return self._finish()
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, Draws]:
         """Every run's data and noise for `step`, each from a generator keyed to (seed, step, process): a
@@ -330,8 +346,7 @@ class Trainer1D:
                 interval_seconds = run.train_seconds - run.last_log.get("train_seconds", 0.0)
                 record.update(sec_per_step=interval_seconds / steps, **self._clocks(run), **load)
                 run.last_log = record
-                if self.main:
-                    run.dir.append_metrics(record)
+                self._record(run, record)
             self.bar.set_postfix(_postfix(self.runs), refresh=False)
         self._sums, self._counts = {}, {}
         self._resume_clock()
@@ -349,9 +364,15 @@ class Trainer1D:
         self._resume_clock()
 
     def _log_validation(self, run: Run, score: dict[str, Any]) -> None:
+        mse = {f"val_{k}": v for k, v in score.items() if k.startswith("mse_")}
+        self._record(run, {"kind": "val", "step": self.step, **mse, **self._clocks(run), **_load_average()})
+
+    def _record(self, run: Run, record: dict[str, Any]) -> None:
+        """One metrics line: to metrics.jsonl and, if one is set, the run's dashboard (main process only)."""
         if self.main:
-            mse = {f"val_{k}": v for k, v in score.items() if k.startswith("mse_")}
-            run.dir.append_metrics({"kind": "val", "step": self.step, **mse, **self._clocks(run), **_load_average()})
+            run.dir.append_metrics(record)
+            if run.tracker is not None:
+                run.tracker.log(record)
 
     # -- validation ----------------------------------------------------------------------------------
     @torch.no_grad()
