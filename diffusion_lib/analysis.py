@@ -38,7 +38,7 @@ YARDSTICKS = {  # name -> (short name, what it is)
     "linear": ("linear map", "least-squares linear map from vec(A) to the answer, fit on training problems"),
     "clamp_floor": ("clamp floor", "the true answer clamped to ±2: the error clamping alone causes"),
 }
-# budget read-off axes: final.json key, val-line key
+# budget read-off axes: val-line key -> final.json key of the same quantity
 BUDGET_AXES = {"flops": "train_flops", "train_seconds": "train_seconds"}
 CONFIG_COLUMNS = ("task.rank", "train.steps", "train.batch_size", "train.lr", "model.hidden_dim", "train.budget_flops")
 FINAL_COLUMNS = ("mse_id", "mse_ood", "mse_id_raw", "mse_ood_raw", "train_seconds", "steps_per_second",
@@ -46,7 +46,9 @@ FINAL_COLUMNS = ("mse_id", "mse_ood", "mse_id_raw", "mse_ood_raw", "train_second
 DIAGNOSTICS = ("accept_rate", "energy_decrease", "move_rms")
 LAST_FRACTION = 0.2  # "the end of training" for convergence and mining diagnostics: its last fifth
 LOAD_SPREAD_LIMIT = 0.5
-NEEDS_VALUES = "needs ≥ 2 seeds shared by both groups or ≥ 2 values per group"
+# why a comparison gives no verdict (Comparison.refused); report.py words them
+NO_VALUES, TOO_FEW, NOT_REACHED, UNEVEN_LOAD, MIXED_PACKING = (
+    "no values", "too few values", "budget not reached", "uneven load", "mixed packing")
 _ABSENT = object()  # a factor a group does not set (differs from every real value)
 
 
@@ -216,6 +218,29 @@ def group_row(name: str, runs: Sequence[RunRecord]) -> GroupRow:
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class YardstickStanding:
+    """Which groups' final EMA MSE beats (is below) a yardstick of their own runs, on one held-out set."""
+
+    set: str
+    name: str  # the linear map, or the zeros predictor where the linear map was not recorded (old folders)
+    rated: list[str]  # groups with both a final EMA MSE and that yardstick
+    beaten_by: list[str]
+
+
+def yardstick_standing(rows: Sequence[GroupRow]) -> list[YardstickStanding]:
+    """Per held-out set that has a yardstick at all."""
+    found = []
+    for set_name in SETS:
+        name = next((n for n in ("linear", "zeros") if any(math.isfinite(g.vs_yardstick[set_name][n]) for g in rows)), None)
+        if name is None:
+            continue
+        rated = [g for g in rows if math.isfinite(g.vs_yardstick[set_name][name])]
+        found.append(YardstickStanding(set_name, name, [g.group for g in rated],
+                                       [g.group for g in rated if g.vs_yardstick[set_name][name] < 1]))  # fmt: skip
+    return found
+
+
 # -- comparisons -----------------------------------------------------------------------------------------
 @dataclass
 class Comparison:
@@ -238,7 +263,7 @@ class Comparison:
     ci_high: float
     p: float  # uncorrected two-sided p
     primary: bool = False
-    refused: str | None = None  # why there is no verdict
+    refused: str | None = None  # why there is no verdict: NO_VALUES, TOO_FEW, NOT_REACHED, UNEVEN_LOAD, MIXED_PACKING
     p_adjusted: float = math.nan  # Holm-adjusted over the report's family (NaN for primary and untested)
     equal_flops: float = math.nan  # the FLOP budget every finished run of both groups trained to, if one
 
@@ -288,7 +313,7 @@ def compare(
         a, b, factor, metric, view, result.test if testable else "none", len(xa), len(xb), unpaired,
         float(np.mean(xa)) if xa else math.nan, float(np.mean(xb)) if xb else math.nan,
         result.diff, result.ci_low, result.ci_high, result.p_value,
-        refused=None if testable else "no values" if not xa or not xb else NEEDS_VALUES,
+        refused=None if testable else NO_VALUES if not xa or not xb else TOO_FEW,
     )  # fmt: skip
 
 
@@ -357,7 +382,7 @@ class BudgetTable:
     budget: float  # the smallest last val point of any finished run (NaN: no run logged the axis)
     rows: list[BudgetRow]
     comparisons: list[Comparison]
-    warning: str | None = None  # set when the axis cannot be trusted (wall-clock under uneven load)
+    refused: str | None = None  # why no comparison on this axis gives a verdict (UNEVEN_LOAD, MIXED_PACKING)
 
 
 def read_at(run: RunRecord, axis: str, metric: Metric, budget: float) -> float:
@@ -370,7 +395,7 @@ def budget_table(
     groups: Mapping[str, Sequence[RunRecord]], axis: str, primary: tuple[str, str] | None, refuse_all: str | None
 ) -> BudgetTable:
     """Read-offs at the largest budget every finished run's val curve can reach; a comparison gives no
-    verdict unless every finished run of both groups reached it (or when `refuse_all` says why not)."""
+    verdict unless every finished run of both groups reached it (NOT_REACHED), nor when `refuse_all`."""
     ends = [xs[-1] for runs in groups.values() for r in finished(runs)
             if (xs := r.curve("val", axis, "val_mse_id")[0]).size]  # fmt: skip
     budget = min(ends) if ends else math.nan
@@ -386,12 +411,12 @@ def budget_table(
     comparisons = []
     if math.isfinite(budget):
         for a, b, factor in group_pairs(groups, primary):
-            short = [f"{reached[g][0]}/{reached[g][1]} runs of {g}" for g in (a, b) if reached[g][0] < reached[g][1]]
+            short = any(reached[g][0] < reached[g][1] for g in (a, b))
             for metric in METRICS:
                 c = compare(a, b, groups[a], groups[b], factor, metric, axis,
                             lambda r: read_at(r, axis, metric, budget))  # fmt: skip
                 if short:
-                    c.refused = f"only {' and '.join(short)} reached the budget"
+                    c.refused = NOT_REACHED
                 elif refuse_all and c.refused is None:
                     c.refused = refuse_all
                 comparisons.append(c)
@@ -418,13 +443,8 @@ class LoadReport:
 
     @property
     def refusal(self) -> str | None:
-        """Why wall-clock comparisons give no verdict, or None."""
-        reasons = []
-        if self.load_warning:
-            reasons.append(f"the machine load varied by {self.spread:.2g} (> {LOAD_SPREAD_LIMIT})")
-        if self.pack_warning:
-            reasons.append("groups were packed differently (pack_size)")
-        return " and ".join(reasons) or None
+        """Why wall-clock comparisons give no verdict (UNEVEN_LOAD, else MIXED_PACKING), or None."""
+        return UNEVEN_LOAD if self.load_warning else MIXED_PACKING if self.pack_warning else None
 
 
 def load_report(groups: Mapping[str, Sequence[RunRecord]]) -> LoadReport:
@@ -483,6 +503,47 @@ def mining_diagnostics(groups: Mapping[str, Sequence[RunRecord]]) -> list[Diagno
         with_data = sum(any(math.isfinite(per_run[k][i]) for k in DIAGNOSTICS) for i in range(len(finished(runs))))
         rows.append(DiagnosticsRow(name, {k: _mean_of(v) for k, v in per_run.items()}, per_step, with_data))
     return rows
+
+
+# -- curves (for the plots) -----------------------------------------------------------------------------
+Curve = tuple[np.ndarray, np.ndarray]  # (x, y), sorted by x
+
+
+def run_curves(runs: Sequence[RunRecord], kind: str, x_key: str, y_key: str) -> list[Curve]:
+    """The (x, y) curve of each finished run that logged both keys."""
+    return [c for r in finished(runs) if (c := r.curve(kind, x_key, y_key))[0].size]
+
+
+def seed_band(seeds: Sequence[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x, mean, min, max) over curves at the x values all of them share (seeds log the same steps);
+    empty arrays when they share none."""
+    common = sorted(set.intersection(*(set(xs.tolist()) for xs, _ in seeds))) if seeds else []
+    if not common:
+        return np.array([]), np.array([]), np.array([]), np.array([])
+    stack = np.array([[dict(zip(xs.tolist(), ys.tolist()))[x] for x in common] for xs, ys in seeds])
+    return np.array(common), stack.mean(axis=0), stack.min(axis=0), stack.max(axis=0)
+
+
+def mean_on_shared_range(seeds: Sequence[Curve], points: int = 60) -> Curve:
+    """The mean of curves logged at different x (seconds, FLOPs), read log-linearly at `points` x values
+    on the range every curve covers; empty when their ranges do not overlap."""
+    start, end = max(xs[0] for xs, _ in seeds), min(xs[-1] for xs, _ in seeds)
+    if start > end:
+        return np.array([]), np.array([])
+    grid = np.linspace(start, end, points)
+    return grid, np.array([np.mean([interpolate_at(xs, ys, x) for xs, ys in seeds]) for x in grid])
+
+
+def accept_rate_step_curves(run: RunRecord) -> list[Curve]:
+    """One (step, accept rate) curve per inner mining step, from the train lines' accept_rate_steps."""
+    lines = [r for r in run.metrics if r.get("kind") == "train" and isinstance(r.get("accept_rate_steps"), list)
+             and is_number(r.get("step"))]  # fmt: skip
+    found = []
+    for i in range(max((len(r["accept_rate_steps"]) for r in lines), default=0)):
+        points = sorted((float(r["step"]), float(r["accept_rate_steps"][i])) for r in lines
+                        if len(r["accept_rate_steps"]) > i and is_number(r["accept_rate_steps"][i]))  # fmt: skip
+        found.append((np.array([p[0] for p in points]), np.array([p[1] for p in points])))
+    return found
 
 
 # -- test-time compute -----------------------------------------------------------------------------------
@@ -558,15 +619,17 @@ def summary_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
 # -- disagreements ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Disagreement:
-    """Two readings of the same question (A vs B on one set) with different verdicts."""
+    """Two readings of the same question (A vs B on one set) with different verdicts: `kind` "model" is
+    EMA (first) vs raw (second) at the end of training; "compute" is equal steps (first) vs equal FLOPs
+    (second) on `basis`."""
 
     a: str
     b: str
     set: str
-    first: str  # what was read, e.g. "EMA" or "equal steps (EMA)"
-    first_verdict: str
+    kind: str
+    basis: str
+    first: str  # verdict
     second: str
-    second_verdict: str
 
 
 def disagreements(final: Sequence[Comparison], flops: Sequence[Comparison]) -> list[Disagreement]:
@@ -577,13 +640,11 @@ def disagreements(final: Sequence[Comparison], flops: Sequence[Comparison]) -> l
     for c in final:
         raw = index.get((c.a, c.b, Metric(c.metric.set, "raw")))
         if c.metric.basis == "ema" and raw and "n/a" not in (c.verdict, raw.verdict) and c.verdict != raw.verdict:
-            found.append(Disagreement(c.a, c.b, c.metric.set, "EMA", c.verdict, "raw", raw.verdict))
+            found.append(Disagreement(c.a, c.b, c.metric.set, "model", "ema", c.verdict, raw.verdict))
     for f in flops:
         c = index.get((f.a, f.b, f.metric))
         if c and "n/a" not in (c.verdict, f.verdict) and c.verdict != f.verdict:
-            basis = BASES[c.metric.basis]
-            found.append(Disagreement(c.a, c.b, c.metric.set, f"equal steps ({basis})", c.verdict,
-                                      f"equal FLOPs ({basis})", f.verdict))  # fmt: skip
+            found.append(Disagreement(c.a, c.b, c.metric.set, "compute", c.metric.basis, c.verdict, f.verdict))
     return found
 
 
@@ -621,6 +682,7 @@ class StudyAnalysis:
     inference_steps: list[str]
     inference: dict[str, dict[str, dict[str, Estimate]]]
     problems: list[Problem]
+    standing: list[YardstickStanding]
     family_size: int  # tests in the Holm family
     flops_ratio: dict[str, float]  # group -> its mean training FLOPs / the smallest group mean
 
@@ -643,12 +705,12 @@ def analyse(runs: Sequence[RunRecord], primary: Mapping[str, Any] | None = None)
               if not c.primary and c.refused is None and math.isfinite(c.p)]  # fmt: skip
     for c, adjusted in zip(family, holm([c.p for c in family])):
         c.p_adjusted = adjusted
+    rows = [group_row(n, g) for n, g in groups.items()]
     return StudyAnalysis(
-        tally(runs), sorted({r.seed for r in runs}), [group_row(n, g) for n, g in groups.items()],
-        yardstick_table(runs), spec, comparisons, budgets, common_budget_flops(runs), load,
-        disagreements(comparisons, budgets[0].comparisons), mining_diagnostics(groups),
-        inference_steps(runs), inference_table(groups, inference_steps(runs)), problems(runs), len(family),
-        flops_ratios(groups),
+        tally(runs), sorted({r.seed for r in runs}), rows, yardstick_table(runs), spec, comparisons, budgets,
+        common_budget_flops(runs), load, disagreements(comparisons, budgets[0].comparisons),
+        mining_diagnostics(groups), inference_steps(runs), inference_table(groups, inference_steps(runs)),
+        problems(runs), yardstick_standing(rows), len(family), flops_ratios(groups),
     )  # fmt: skip
 
 

@@ -1,8 +1,8 @@
 """The report's figures (matplotlib, headless), each saved atomically as a PNG.
 
 `write_plots(plot_dir, groups, analysis)` draws every figure the data allow and returns (file name,
-caption) pairs for report.md. Curves come from the runs' metrics; the numbers drawn beside them
-(yardsticks, means and CIs) come from `analysis`, never recomputed here.
+caption) pairs for report.md. Every number drawn (curves, their means over seeds, yardsticks, CIs) comes
+from analysis.py; nothing is computed here.
 """
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .analysis import BASES, SETS, YARDSTICKS, Metric, StudyAnalysis, finished, final_values  # noqa: E402
+from .analysis import (  # noqa: E402
+    BASES, SETS, YARDSTICKS, Curve, Metric, StudyAnalysis, accept_rate_step_curves, final_values, finished,
+    mean_on_shared_range, run_curves, seed_band,
+)
 from .results import RunRecord  # noqa: E402
-from .stats import interpolate_at  # noqa: E402
 from .utils import atomic_write  # noqa: E402
 
 Groups = Mapping[str, Sequence[RunRecord]]
@@ -80,22 +82,9 @@ def _yardstick_lines(ax: plt.Axes, analysis: StudyAnalysis, set_name: str) -> tu
     return values, handles
 
 
-def _curves(runs: Sequence[RunRecord], kind: str, x_key: str, y_key: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [c for r in finished(runs) if (c := r.curve(kind, x_key, y_key))[0].size]
-
-
-def _mean_on_common_x(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
-    """(x, mean, min, max) over curves at the x values all of them share (seeds log the same steps)."""
-    common = sorted(set.intersection(*(set(xs.tolist()) for xs, _ in curves)))
-    if not common:
-        return (np.array([]),) * 4
-    stack = np.array([[dict(zip(xs.tolist(), ys.tolist()))[x] for x in common] for xs, ys in curves])
-    return np.array(common), stack.mean(axis=0), stack.min(axis=0), stack.max(axis=0)
-
-
-def _mean_band(ax: plt.Axes, curves: list[tuple[np.ndarray, np.ndarray]], color: Any, **style: Any) -> list[float]:
+def _mean_band(ax: plt.Axes, curves: list[Curve], color: Any, **style: Any) -> list[float]:
     """Mean over seeds (line) and min..max (band) at the shared x; seeds as thin lines if they share none."""
-    x, mean, low, high = _mean_on_common_x(curves)
+    x, mean, low, high = seed_band(curves)
     if not x.size:
         for xs, ys in curves:
             ax.plot(xs, ys, color=color, alpha=0.5, linewidth=0.8, **style)
@@ -113,7 +102,7 @@ def _val_vs_step(path: Path, groups: Groups, colors: dict[str, Any], analysis: S
             ax, metric = axes[row][col], Metric(set_name, basis)
             plotted, counts = [], {}
             for group, runs in groups.items():
-                curves = _curves(runs, "val", "step", metric.val_key)
+                curves = run_curves(runs, "val", "step", metric.val_key)
                 counts[group] = len(curves)
                 if curves:
                     plotted += _mean_band(ax, curves, colors[group])
@@ -133,18 +122,15 @@ def _val_vs_axis(path: Path, groups: Groups, colors: dict[str, Any], analysis: S
             ax, metric = axes[row][col], Metric(set_name, basis)
             plotted, counts = [], {}
             for group, runs in groups.items():
-                curves = _curves(runs, "val", x_key, metric.val_key)
+                curves = run_curves(runs, "val", x_key, metric.val_key)
                 counts[group] = len(curves)
                 for xs, ys in curves:
                     ax.plot(xs, ys, color=colors[group], alpha=0.55, linewidth=1)
                     plotted += ys.tolist()
                 if not curves:
                     continue
-                start, end = max(xs[0] for xs, _ in curves), min(xs[-1] for xs, _ in curves)
-                if start <= end:
-                    grid = np.linspace(start, end, 60)
-                    ax.plot(grid, [np.mean([interpolate_at(xs, ys, x) for xs, ys in curves]) for x in grid],
-                            color=colors[group], linewidth=2)  # fmt: skip
+                grid, mean = mean_on_shared_range(curves)
+                ax.plot(grid, mean, color=colors[group], linewidth=2)
             sticks, handles = _yardstick_lines(ax, analysis, set_name) if plotted else ([], [])
             _style_axes(ax, f"{SETS[set_name]}, {BASES[basis]} model", xlabel, "MSE", plotted + sticks)
             _legend(ax, colors, counts, handles)
@@ -189,25 +175,13 @@ TRAINING_PANELS = (
 STEP_STYLES = ("-", "--", ":", "-.")
 
 
-def _accept_rate_steps(run: RunRecord) -> list[tuple[np.ndarray, np.ndarray]]:
-    """One (step, accept rate) curve per inner step i, from the train lines' accept_rate_steps lists."""
-    lines = [r for r in run.metrics if r.get("kind") == "train" and isinstance(r.get("accept_rate_steps"), list)]
-    width = max((len(r["accept_rate_steps"]) for r in lines), default=0)
-    curves = []
-    for i in range(width):
-        points = sorted((float(r["step"]), float(r["accept_rate_steps"][i])) for r in lines
-                        if len(r["accept_rate_steps"]) > i and isinstance(r.get("step"), (int, float)))  # fmt: skip
-        curves.append((np.array([p[0] for p in points]), np.array([p[1] for p in points])))
-    return curves
-
-
 def _training_curves(path: Path, groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis) -> None:
     fig, axes = _figure(2, 3, "Training curves (line = mean over seeds, band = min..max); mining panels: strategies that mine by descent", (17, 9))
     for ax, (key, title, ylabel) in zip(axes.flat, TRAINING_PANELS):
         plotted, counts, inner_steps = [], {}, 0
         for group, runs in groups.items():
             if key == "accept_rate_steps":
-                per_run = [c for r in finished(runs) if (c := _accept_rate_steps(r))]
+                per_run = [c for r in finished(runs) if (c := accept_rate_step_curves(r))]
                 counts[group] = len(per_run)
                 inner_steps = max([inner_steps, *(len(c) for c in per_run)])
                 for i in range(max((len(c) for c in per_run), default=0)):
@@ -215,7 +189,7 @@ def _training_curves(path: Path, groups: Groups, colors: dict[str, Any], analysi
                     if curves:
                         plotted += _mean_band(ax, curves, colors[group], linestyle=STEP_STYLES[i % len(STEP_STYLES)])
                 continue
-            curves = _curves(runs, "train", "step", key)
+            curves = run_curves(runs, "train", "step", key)
             counts[group] = len(curves)
             if curves:
                 plotted += _mean_band(ax, curves, colors[group])

@@ -35,10 +35,10 @@ def fmt(value: Any, signed: bool = False) -> str:
     if value == 0:
         return "0"
     sign = "+" if signed and value > 0 else ""
-    if abs(value) < 1e-3 or abs(value) >= 1e6:
-        mantissa, exponent = f"{value:.2e}".split("e")
+    rounded = float(f"{value:.3g}")  # decide the notation after rounding: 999 960 reads 1e6, not 1000000
+    if abs(rounded) < 1e-3 or abs(rounded) >= 1e6:
+        mantissa, exponent = f"{rounded:.2e}".split("e")
         return f"{sign}{float(mantissa):.3g}e{int(exponent)}"
-    rounded = float(f"{value:.3g}")
     text = f"{rounded:.{max(0, 2 - math.floor(math.log10(abs(rounded))))}f}"
     return sign + (text.rstrip("0").rstrip(".") if "." in text else text)
 
@@ -79,10 +79,25 @@ def _test_text(c: Comparison) -> str:
     return f"none (n = {c.n_a} / {c.n_b})"
 
 
-def _result_text(c: Comparison) -> str:
+def _reason(code: str, a: StudyAnalysis, c: Comparison | None = None) -> str:
+    """Why there is no verdict (an analysis refusal code), in words; NOT_REACHED names `c`'s short groups."""
+    if code == an.NOT_REACHED:
+        table = next(t for t in a.budgets if t.axis == c.view)
+        short = [f"{r.reached}/{r.finished} runs of {r.group}" for r in table.rows
+                 if r.group in (c.a, c.b) and r.reached < r.finished]  # fmt: skip
+        return f"only {' and '.join(short)} reached the budget"
+    return {
+        an.NO_VALUES: "no values",
+        an.TOO_FEW: "needs ≥ 2 seeds shared by both groups or ≥ 2 values per group",
+        an.UNEVEN_LOAD: f"the machine load varied by {fmt(a.load.spread)} (> {an.LOAD_SPREAD_LIMIT})",
+        an.MIXED_PACKING: "groups were trained with different pack sizes",
+    }[code]
+
+
+def _result_text(c: Comparison, a: StudyAnalysis) -> str:
     """'worse: A − B = +0.00073 (+7.5 % of random), 95 % CI [...], p = ..., paired t, 3 pairs'."""
     if c.refused:
-        return f"no verdict ({c.refused}); A − B = {fmt(c.diff, signed=True)}"
+        return f"no verdict ({_reason(c.refused, a, c)}); A − B = {fmt(c.diff, signed=True)}"
     p = f"p = {fmt(c.p)}" + ("" if c.primary else f", Holm-adjusted p = {fmt(c.p_adjusted)}")
     return (f"**{c.verdict}**: A − B = {fmt(c.diff, signed=True)} ({percent(c.effect_pct)} of {c.b}), "
             f"95 % CI [{fmt(c.ci_low)}, {fmt(c.ci_high)}], {p}, {_test_text(c)}")
@@ -116,10 +131,10 @@ def _primary_paragraph(a: StudyAnalysis) -> list[str]:
     for ema in (c for c in found if c.metric.basis == "ema"):
         raw = next(c for c in found if (c.a, c.b, c.metric.set) == (ema.a, ema.b, ema.metric.set) and c.metric.basis == "raw")
         where = f" ({ema.a} vs {ema.b})" if len(found) > 2 else ""
-        if "n/a" not in (ema.verdict, raw.verdict) and ema.verdict != raw.verdict:
+        if any((d.a, d.b, d.set, d.kind) == (ema.a, ema.b, ema.metric.set, "model") for d in a.disagreements):
             lines.append(f"- **EMA and raw disagree{where}**: EMA says {ema.verdict}, raw says {raw.verdict}; "
                          "the verdict depends on which model is scored.")  # fmt: skip
-        lines += [f"- EMA{where}: {_result_text(ema)}.", f"- raw{where}: {_result_text(raw)}."]
+        lines += [f"- EMA{where}: {_result_text(ema, a)}.", f"- raw{where}: {_result_text(raw, a)}."]
         if math.isfinite(ema.equal_flops):
             lines.append(f"- Equal compute: every finished run of both groups trained to the same budget of "
                          f"{fmt(ema.equal_flops)} FLOPs.")  # fmt: skip
@@ -132,7 +147,9 @@ def _disagreement_paragraph(a: StudyAnalysis) -> list[str]:
                 "equal steps and at equal FLOPs (where both exist).", ""]  # fmt: skip
     lines = ["**Readings disagree** (the same question gets different verdicts):"]
     for d in a.disagreements:
-        lines.append(f"- {d.a} vs {d.b}, {SETS[d.set]}: {d.first} {d.first_verdict}, {d.second} {d.second_verdict}.")
+        first, second = ("EMA", "raw") if d.kind == "model" else (f"equal steps ({BASES[d.basis]})",
+                                                                   f"equal FLOPs ({BASES[d.basis]})")  # fmt: skip
+        lines.append(f"- {d.a} vs {d.b}, {SETS[d.set]}: {first} {d.first}, {second} {d.second}.")
     return lines + [""]
 
 
@@ -161,25 +178,19 @@ def _convergence_sentence(a: StudyAnalysis) -> str:
 
 
 def _yardstick_sentence(a: StudyAnalysis) -> str:
-    parts = []
-    for set_name, label in SETS.items():
-        name = next((n for n in ("linear", "zeros") if any(math.isfinite(g.vs_yardstick[set_name][n]) for g in a.groups)), None)
-        if name is None:
-            parts.append(f"{label}: n/a")
-            continue
-        rated = [g for g in a.groups if math.isfinite(g.vs_yardstick[set_name][name])]
-        beat = [g.group for g in rated if g.vs_yardstick[set_name][name] < 1]
-        stick = f"the {YARDSTICKS[name][0]}"
-        if len(beat) == len(rated):
+    parts = {s: f"{label}: n/a" for s, label in SETS.items()}
+    for st in a.standing:
+        stick = f"the {YARDSTICKS[st.name][0]}"
+        if len(st.beaten_by) == len(st.rated):
             who = f"every group beats {stick}"
-        elif not beat:
+        elif not st.beaten_by:
             who = f"no group beats {stick}"
         else:
-            who = f"{len(beat)} of {len(rated)} groups ({', '.join(beat)}) beat {stick}"
-        if len(rated) < len(a.groups):
-            who += f" (only groups with a final MSE are rated: {len(rated)} of {len(a.groups)})"
-        parts.append(f"{label}: {who}")
-    return "**Yardsticks** (final EMA MSE against each group's own yardsticks): " + "; ".join(parts) + "."
+            who = f"{len(st.beaten_by)} of {len(st.rated)} groups ({', '.join(st.beaten_by)}) beat {stick}"
+        if len(st.rated) < len(a.groups):
+            who += f" (only groups with a final MSE are rated: {len(st.rated)} of {len(a.groups)})"
+        parts[st.set] = f"{SETS[st.set]}: {who}"
+    return "**Yardsticks** (final EMA MSE against each group's own yardsticks): " + "; ".join(parts.values()) + "."
 
 
 def _verdict_section(a: StudyAnalysis) -> list[str]:
@@ -235,12 +246,12 @@ def _groups_section(a: StudyAnalysis) -> list[str]:
     ]  # fmt: skip
 
 
-def _comparison_rows(comparisons: Sequence[Comparison]) -> list[list[str]]:
+def _comparison_rows(comparisons: Sequence[Comparison], a: StudyAnalysis) -> list[list[str]]:
     return [[
         f"{c.a} vs {c.b}" + (" (primary)" if c.primary else ""), c.factor, _metric_label(c.metric), _test_text(c),
         fmt(c.mean_a), fmt(c.mean_b), fmt(c.diff, signed=True), percent(c.effect_pct),
         f"[{fmt(c.ci_low)}, {fmt(c.ci_high)}]", fmt(c.p), "uncorrected" if c.primary else fmt(c.p_adjusted),
-        c.verdict if c.refused is None else f"no verdict: {c.refused}",
+        c.verdict if c.refused is None else f"no verdict: {_reason(c.refused, a, c)}",
     ] for c in comparisons]  # fmt: skip
 
 
@@ -267,10 +278,10 @@ def _comparisons_section(a: StudyAnalysis) -> list[str]:
     ]  # fmt: skip
     if not a.comparisons:
         return lines + ["No two groups differ in exactly one factor.", ""]
-    return lines + _table(COMPARISON_HEADER, _comparison_rows(a.comparisons)) + _unpaired_notes(a.comparisons)
+    return lines + _table(COMPARISON_HEADER, _comparison_rows(a.comparisons, a)) + _unpaired_notes(a.comparisons)
 
 
-def _budget_subsection(letter: str, table: an.BudgetTable, seeds: Sequence[int]) -> list[str]:
+def _budget_subsection(letter: str, table: an.BudgetTable, a: StudyAnalysis) -> list[str]:
     title, unit = AXIS_TITLES[table.axis]
     lines = [f"### ({letter}) {title}: budget {fmt(table.budget)} {unit}", ""]
     if not math.isfinite(table.budget):
@@ -279,11 +290,11 @@ def _budget_subsection(letter: str, table: an.BudgetTable, seeds: Sequence[int])
     lines += [
         f"Validation MSE (EMA and raw, in-distribution and ood) read off each finished run's validation curve at "
         f"{fmt(table.budget)} {unit}: the smallest last validation point of any finished run, read log-linearly "
-        f"between the bracketing validation points, never extrapolated. Seeds {_seeds(seeds)}; 'reached': "
+        f"between the bracketing validation points, never extrapolated. Seeds {_seeds(a.seeds)}; 'reached': "
         "finished runs whose curve covers the budget; means ± 95 % CI over those. " + EMA_LAG, "",
     ]  # fmt: skip
-    if table.warning:
-        lines += [f"**Warning:** {table.warning}; no verdicts on this axis.", ""]
+    if table.refused:
+        lines += [f"**No verdicts on this axis:** {_reason(table.refused, a)} (see machine load below).", ""]
     rows = [[r.group, pm(r.own_final), f"{r.reached}/{r.finished}", *(pm(r.mse[m.key]) for m in an.METRICS)]
             for r in table.rows]  # fmt: skip
     header = ["group", f"group's own final {unit}", "reached", *(f"MSE {_metric_label(m)}" for m in an.METRICS)]
@@ -295,7 +306,7 @@ def _budget_subsection(letter: str, table: an.BudgetTable, seeds: Sequence[int])
     else:
         lines += ["Every finished run reached the budget.", ""]
     if table.comparisons:
-        lines += _table(COMPARISON_HEADER, _comparison_rows(table.comparisons)) + _unpaired_notes(table.comparisons)
+        lines += _table(COMPARISON_HEADER, _comparison_rows(table.comparisons, a)) + _unpaired_notes(table.comparisons)
     return lines
 
 
@@ -334,7 +345,7 @@ def _equal_compute_section(a: StudyAnalysis) -> list[str]:
         *_table(["group", "training FLOPs", "FLOPs vs cheapest", "training seconds", "steps/s"], rows),
     ]  # fmt: skip
     for letter, table in zip("ab", a.budgets):
-        lines += _budget_subsection(letter, table, a.seeds)
+        lines += _budget_subsection(letter, table, a)
     return lines + _load_subsection(a)
 
 

@@ -8,7 +8,9 @@ import math
 
 import pytest
 
-from diffusion_lib.analysis import Metric, analyse, summary_columns, summary_rows
+from diffusion_lib.analysis import (
+    MIXED_PACKING, NO_VALUES, NOT_REACHED, UNEVEN_LOAD, Metric, analyse, summary_columns, summary_rows,
+)
 from diffusion_lib.results import RunDir, RunRecord
 
 STEPS = (100, 200, 300, 400, 500)
@@ -170,8 +172,8 @@ def test_ema_and_raw_disagreement_is_found():
     # family of four: raw in-dist p = 0.001037 is the smallest -> 4 * 0.001037 = 0.00415 < 0.05
     assert raw.p_adjusted == pytest.approx(4 * P001) and raw.verdict == "worse"
     assert find(a.comparisons, "id", "ema").verdict == "no detectable difference"
-    assert [(d.a, d.b, d.set, d.first, d.first_verdict, d.second, d.second_verdict) for d in a.disagreements] == [
-        ("adversarial", "random", "id", "EMA", "no detectable difference", "raw", "worse")
+    assert [(d.a, d.b, d.set, d.kind, d.first, d.second) for d in a.disagreements] == [
+        ("adversarial", "random", "id", "model", "no detectable difference", "worse")
     ]
 
 
@@ -198,12 +200,21 @@ def test_budget_read_off_at_the_smallest_final_flops():
     assert all(c.refused is None for c in table.comparisons)
 
 
+def test_equal_steps_and_equal_flops_disagreement_is_found():
+    a = analyse(budget_study())
+    # at 500 steps costly has half of cheap's error (better); at cheap's 5e11 FLOPs it is at step 166.67:
+    # 0.5 * exp(-1.667) = 0.094 against cheap's exp(-5) = 0.0067 (worse). Per-seed differences scale with
+    # (1 + 0.03 * seed), so each paired t is about 59 (p ~ 3e-4, x 12 tests in the family: still < 0.05)
+    found = {(d.a, d.b, d.set, d.kind, d.basis, d.first, d.second) for d in a.disagreements}
+    assert found == {("costly", "cheap", s, "compute", b, "better", "worse") for s in ("id", "ood") for b in ("ema", "raw")}
+
+
 def test_budget_refuses_a_verdict_unless_every_run_reached_it():
     a = analyse(budget_study(late_start=True))
     table = a.budgets[0]
     assert [(r.group, r.reached, r.finished) for r in table.rows] == [("cheap", 3, 3), ("costly", 2, 3)]
     assert table.comparisons and all(c.verdict == "n/a" for c in table.comparisons)
-    assert {c.refused for c in table.comparisons} == {"only 2/3 runs of costly reached the budget"}
+    assert {c.refused for c in table.comparisons} == {NOT_REACHED}
     # refused tests are not in the Holm family: 4 final tests + 4 wall-clock tests
     assert a.family_size == 8
 
@@ -227,18 +238,19 @@ def test_steady_load_gives_no_warning():
     assert a.load.spread == pytest.approx(0.3) and not a.load.load_warning and not a.load.pack_warning
     assert [r.mean for r in a.load.rows] == pytest.approx([1.0, 1.3])
     seconds = a.budgets[1]
-    assert seconds.axis == "train_seconds" and seconds.warning is None
+    assert seconds.axis == "train_seconds" and seconds.refused is None
     assert all(c.refused is None for c in seconds.comparisons)
 
 
 def test_varying_load_or_packing_refuses_wall_clock_verdicts():
     a = analyse(load_study(1.8))  # spread 0.8 > 0.5
     assert a.load.load_warning and a.load.spread == pytest.approx(0.8)
-    assert all(c.verdict == "n/a" and "load varied" in c.refused for c in a.budgets[1].comparisons)
+    assert a.budgets[1].refused == UNEVEN_LOAD
+    assert all(c.verdict == "n/a" and c.refused == UNEVEN_LOAD for c in a.budgets[1].comparisons)
     assert all(c.refused is None for c in a.budgets[0].comparisons)  # FLOPs do not depend on the load
     packed = analyse(load_study(1.0, pack_b=2))
     assert packed.load.pack_warning and not packed.load.load_warning
-    assert all("pack_size" in c.refused for c in packed.budgets[1].comparisons)
+    assert all(c.refused == MIXED_PACKING for c in packed.budgets[1].comparisons)
 
 
 # -- convergence -----------------------------------------------------------------------------------------
@@ -323,7 +335,7 @@ def test_old_format_records_are_analysed_with_gaps():
     assert a.budgets[1].budget == pytest.approx(5.0)  # training seconds were logged: 500 * 0.01
     assert find(a.comparisons, "id", "ema").verdict == "better"
     raw = find(a.comparisons, "id", "raw")
-    assert (raw.test, raw.verdict, raw.refused) == ("none", "n/a", "no values")  # no raw scores in these folders
+    assert (raw.test, raw.verdict, raw.refused) == ("none", "n/a", NO_VALUES)  # no raw scores in these folders
     assert all(math.isnan(r.mse["mse_id_raw"].mean) for r in a.budgets[1].rows)
     assert all(math.isnan(r) for r in a.flops_ratio.values()) and not a.disagreements
     assert [g.convergence.status for g in a.groups] == ["not converged", "not converged"]

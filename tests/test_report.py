@@ -4,13 +4,19 @@ import csv
 import json
 import math
 import re
+import sys
 
 import pytest
 
 from diffusion_lib.analysis import Estimate
 from diffusion_lib.report import fmt, pm, write_report
 from diffusion_lib.results import RunRecord
+from conftest import ROOT
+from diffusion_lib.study import expand, load_study, select
 from test_analysis import make_metrics, make_run
+
+sys.path.insert(0, str(ROOT / "experiments"))
+import matrix_inversion_mining_comparison as comparison  # noqa: E402
 
 PLOTS = ("val_mse_vs_step.png", "val_mse_vs_flops.png", "val_mse_vs_seconds.png", "final_mse.png",
          "training_curves.png", "mse_vs_inference_steps.png")  # fmt: skip
@@ -23,13 +29,14 @@ PRIMARY = {"compare": ["adversarial", "random"], "metric": "mse_id"}
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """none / random / adversarial x 3 seeds (adversarial: lower EMA error, higher raw error, 2.7x the FLOPs,
-    its seeds' clocks far apart), one failed run, one missing and one damaged; the report is written once."""
+    its seeds' clocks far apart, trained under a higher load), one failed run, one missing and one damaged;
+    the report is written once."""
     runs = []
     for s in range(3):
         runs.append(make_run(f"none__seed{s}", "none", s, 1.0, energy=False))
         runs.append(make_run(f"random__seed{s}", "random", s, 0.9, flops_per_step=1.9e9))
         runs.append(make_run(f"adversarial__seed{s}", "adversarial", s, 0.8, flops_per_step=2.7e9, mining=True,
-                             seconds_per_step=0.03, t0=20.0 * s, raw=1.6))  # fmt: skip
+                             seconds_per_step=0.03, t0=20.0 * s, raw=1.6, load=1.8))  # fmt: skip
     failed = {"status": "failed", "error": "non-finite loss or gradient at step 151 (loss=nan)", "step": 150}
     runs.append(RunRecord("random__seed3", "random", {}, 3, failed, make_metrics(1.0, 3, steps=(100,))))
     runs.append(RunRecord("none__seed3", "none", {}, 3, None, make_metrics(1.0, 3, steps=(100, 200))))
@@ -52,6 +59,7 @@ def test_number_format():
     assert fmt(0.00015312) == "1.53e-4" and fmt(2e-5) == "2e-5" and fmt(-6.94e-4) == "-6.94e-4"
     assert fmt(1234.5) == "1230" and fmt(12.345) == "12.3" and fmt(9.9996) == "10"
     assert fmt(2.5e15) == "2.5e15" and fmt(0) == "0" and fmt(7.5, signed=True) == "+7.5"
+    assert fmt(999_960) == "1e6" and fmt(0.00099996) == "0.001"  # the notation follows the rounded value
     assert fmt(math.nan) == "n/a" and fmt(None) == "n/a" and fmt(math.inf) == "n/a"
     assert pm(Estimate(0.0209, 0.00153, 3)) == "0.0209 ± 0.00153"
     assert pm(Estimate(0.3, math.nan, 1)) == "0.3 ± n/a" and pm(Estimate(math.nan, math.nan, 0)) == "n/a"
@@ -120,7 +128,12 @@ def test_budget_tables_count_runs_and_warn(study):
     assert "### (a) Matched FLOPs: budget 5e11 training FLOPs" in compute
     assert "an EMA model read mid-training lags its raw model" in compute
     assert "Every finished run reached the budget." in compute  # the FLOP budget
-    assert "### Machine load and packing" in compute and "**Warning:**" not in compute
+    # the load was 1.0 for none and random, 1.8 for adversarial: 0.8 > 0.5, so no wall-clock verdicts at all
+    assert "**No verdicts on this axis:** the machine load varied by 0.8 (> 0.5)" in compute
+    assert "| random vs none | strategy | in-distribution, EMA | paired t, 3 pairs |" in compute
+    assert "no verdict: the machine load varied by 0.8 (> 0.5) |" in compute
+    assert "**Warning:** the load varied by 0.8 (> 0.5) during training" in compute
+    assert "| adversarial | 1.8 | 1.8 to 1.8 | 15 | 1 |" in compute
 
 
 def test_problems_and_plots(study):
@@ -167,3 +180,17 @@ def test_degenerate_studies_do_not_crash(tmp_path):
 
     write_report(tmp_path / "empty", [], title="Nothing yet")
     assert "0 (0 finished, 0 failed, 0 missing, 0 damaged)" in (tmp_path / "empty" / "report.md").read_text()
+
+
+def test_description_lists_the_strategies_actually_run(tmp_path):
+    study = select(load_study(ROOT / "configs" / "matrix_inversion_mining.yaml"), ["random", "adversarial"], [0, 1])
+    expand(study, tmp_path)
+    text = comparison.describe(study)
+    # the file's own description names 'none', which this study no longer runs
+    assert "no energy supervision (none)" not in text and "it names none, which this study does not run" in text
+    assert "Strategies (2): `random: {strategy: random}`; `adversarial: {strategy: adversarial, opt_steps: 2, " \
+           "scale_factor: 1.0}`." in text
+    assert "rank 20; 100000 steps of batch 2048, lr 0.0001" in text and "hidden 512" in text and "seeds 0, 1." in text
+    whole = load_study(ROOT / "configs" / "matrix_inversion_mining.yaml")
+    expand(whole, tmp_path)
+    assert comparison.describe(whole).startswith("Matrix inversion (rank 20) with energy diffusion, comparing no energy")
