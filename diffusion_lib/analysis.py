@@ -560,7 +560,9 @@ def sweep_value(run: RunRecord, steps: str, set_name: str) -> float:
     return float(value) if is_number(value) else math.nan
 
 
-def inference_table(groups: Mapping[str, Sequence[RunRecord]], steps: Sequence[str]) -> dict[str, dict[str, dict[str, Estimate]]]:
+def inference_table(
+    groups: Mapping[str, Sequence[RunRecord]], steps: Sequence[str]
+) -> dict[str, dict[str, dict[str, Estimate]]]:
     """group -> set -> inner steps -> EMA MSE over finished seeds."""
     return {name: {s: {k: estimate([sweep_value(r, k, s) for r in runs]) for k in steps} for s in SETS}
             for name, runs in groups.items()}  # fmt: skip

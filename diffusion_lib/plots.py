@@ -96,7 +96,8 @@ def _mean_band(ax: plt.Axes, curves: list[Curve], color: Any, **style: Any) -> l
 
 
 def _val_vs_step(path: Path, groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis) -> None:
-    fig, axes = _figure(2, 2, "Validation MSE vs training step (line = mean over seeds, band = min..max; grey = yardsticks)", (13, 9))
+    fig, axes = _figure(2, 2, "Validation MSE vs training step (line = mean over seeds, band = min..max; "
+                              "grey = yardsticks)", (13, 9))
     for row, set_name in enumerate(SETS):
         for col, basis in enumerate(BASES):
             ax, metric = axes[row][col], Metric(set_name, basis)
@@ -113,10 +114,13 @@ def _val_vs_step(path: Path, groups: Groups, colors: dict[str, Any], analysis: S
     _save_figure(fig, path)
 
 
-def _val_vs_axis(path: Path, groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis, x_key: str, xlabel: str) -> None:
+def _val_vs_axis(
+    path: Path, groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis, x_key: str, xlabel: str
+) -> None:
     """Seeds run at different speeds: each seed is a thin line, the group mean (thick) is read on the range
     all its seeds cover; every group gets a legend entry even when its seeds' ranges do not overlap."""
-    fig, axes = _figure(2, 2, f"Validation MSE vs {xlabel} (thin = seeds, thick = mean over the range every seed covers)", (13, 9))
+    fig, axes = _figure(2, 2, f"Validation MSE vs {xlabel} (thin = seeds, thick = mean over the range every seed "
+                              "covers)", (13, 9))
     for row, set_name in enumerate(SETS):
         for col, basis in enumerate(BASES):
             ax, metric = axes[row][col], Metric(set_name, basis)
@@ -139,7 +143,8 @@ def _val_vs_axis(path: Path, groups: Groups, colors: dict[str, Any], analysis: S
 
 def _final_mse(path: Path, groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis) -> None:
     """Per group: EMA (circle) and raw (square) side by side, mean with 95 % CI bar, seeds as dots."""
-    fig, axes = _figure(1, 2, "Final MSE per group (marker = mean, bar = 95 % CI, dots = seeds; circle = EMA, square = raw)", (13, 5))
+    fig, axes = _figure(1, 2, "Final MSE per group (marker = mean, bar = 95 % CI, dots = seeds; circle = EMA, "
+                              "square = raw)", (13, 5))
     names = list(groups)
     estimates = {g.group: g.mse for g in analysis.groups}
     for ax, set_name in zip(axes[0], SETS):
@@ -176,7 +181,8 @@ STEP_STYLES = ("-", "--", ":", "-.")
 
 
 def _training_curves(path: Path, groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis) -> None:
-    fig, axes = _figure(2, 3, "Training curves (line = mean over seeds, band = min..max); mining panels: strategies that mine by descent", (17, 9))
+    fig, axes = _figure(2, 3, "Training curves (line = mean over seeds, band = min..max); mining panels: strategies "
+                              "that mine by descent", (17, 9))
     for ax, (key, title, ylabel) in zip(axes.flat, TRAINING_PANELS):
         plotted, counts, inner_steps = [], {}, 0
         for group, runs in groups.items():

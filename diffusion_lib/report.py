@@ -368,8 +368,9 @@ def _test_time_section(a: StudyAnalysis) -> list[str]:
     if not a.inference_steps:
         return lines + ["No run has an inference-steps sweep (eval.inference_steps_sweep was empty).", ""]
     lines += [
-        "Final EMA model's held-out MSE (mean ± 95 % CI over finished seeds) when sampling with a given number "
-        "of inner optimisation steps per diffusion timestep.", "",
+        "Held-out MSE of the final EMA model (at each run's last step; steps and FLOPs in the group table) when "
+        "sampling with a given number of inner optimisation steps per diffusion timestep: mean ± 95 % CI over "
+        f"the finished seeds (seeds {_seeds(a.seeds)}; per group, see the group table).", "",
     ]  # fmt: skip
     header = ["group", *(f"{s} inner step{'' if s == '1' else 's'}" for s in a.inference_steps)]
     for set_name, label in SETS.items():
