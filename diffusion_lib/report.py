@@ -1,209 +1,59 @@
-"""Study report: per-run summary, seed statistics, pairwise tests, equal-compute reads and plots.
+"""Study report: formats an `analysis.StudyAnalysis` into files; computes no statistics itself.
 
-`write_report(out_dir, runs, title=...)` writes, each file atomically:
-  summary.csv   one row per run (`summary_rows`), sweep keys as columns
-  summary.json  {"title", "counts": {finished, failed, missing}, "groups": [per-group means and
-                95 % CI half widths, see `group_summary`], "rows": the summary rows}; NaN is written as null
-  report.md     the readable report, linking the PNGs under plots/
-A run's numbers come only from its RunRecord (final.json content and metrics.jsonl records).
+`write_report(out_dir, runs, title=..., primary=...)` writes, each file atomically:
+  summary.csv   one row per run (`analysis.summary_rows`): labels, sweep keys, config columns, results
+  summary.json  {"title", "counts", "primary", "holm_family_size", "groups", "comparisons", "budgets",
+                "rows"}: the analysis' numbers unformatted; NaN is written as null
+  report.md     the readable report, verdict first, linking the PNGs under plots/ (plots.py)
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-import matplotlib
+from . import analysis as an
+from .analysis import ALPHA, BASES, SETS, YARDSTICKS, Comparison, Estimate, Metric, StudyAnalysis
+from .plots import write_plots
+from .results import RunRecord, is_number
+from .utils import atomic_write_json, atomic_write_text
 
-matplotlib.use("Agg")  # headless: reports are written on servers and in tests
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .stats import WelchResult, interpolate_at, mean_ci, welch_test  # noqa: E402
-from .stats import verdict as verdict_word  # noqa: E402
-from .utils import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
-
-SETS = (("id", "in-dist"), ("ood", "ood"))
-METRIC_LABELS = {f"mse_{name}": label for name, label in SETS}  # the final error metrics compared
-FINAL_COLUMNS = ("mse_id", "mse_ood", "mse_id_raw", "mse_ood_raw", "train_seconds", "steps_per_second", "grad_evals")
-ROW_COLUMNS = ("seed", "status", *FINAL_COLUMNS, "steps", "error")  # see summary_columns
-BUDGET_AXES = (
-    ("train_seconds", "matched wall-clock", "training seconds"),
-    ("grad_evals", "matched energy-gradient evaluations", "energy-gradient evaluations per sample"),
-)
-_ABSENT = object()  # a factor a group does not set (differs from every real value)
+AXIS_TITLES = {"flops": ("Matched FLOPs", "training FLOPs"), "train_seconds": ("Matched wall-clock", "training seconds")}
+EMA_LAG = ("Caveat: an EMA model read mid-training lags its raw model (the EMA decay warms up over thousands of "
+           "steps), so a read-off penalises the run that is read earlier in its own training, typically the "
+           "costlier one. The raw-model columns do not lag.")
 
 
-@dataclass
-class RunRecord:
-    """One run of a study: its label, sweep values, seed, final.json (None if missing) and metrics."""
-
-    run_id: str
-    strategy: str
-    sweep: dict[str, Any]
-    seed: int
-    final: dict[str, Any] | None
-    metrics: list[dict[str, Any]]
-
-    @property
-    def group(self) -> str:
-        """Strategy plus sweep values, e.g. 'adversarial · mining.opt_steps=5'."""
-        return " · ".join([self.strategy, *(f"{key}={value}" for key, value in self.sweep.items())])
-
-    @property
-    def status(self) -> str:
-        if self.final is None:
-            return "missing"
-        return "finished" if self.final.get("status") == "finished" else "failed"
-
-    @property
-    def finished(self) -> bool:
-        return self.status == "finished"
-
-    def curve(self, kind: str, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
-        """(x, y) of the `kind` records that carry finite values for both keys, sorted by x."""
-        points = [
-            (float(r[x_key]), float(r[y_key]))
-            for r in self.metrics
-            if r.get("kind") == kind and _is_number(r.get(x_key)) and _is_number(r.get(y_key))
-        ]
-        points.sort(key=lambda p: p[0])
-        return np.array([p[0] for p in points]), np.array([p[1] for p in points])
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# -- tables of numbers ---------------------------------------------------------------------------------
-def group_runs(runs: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
-    """Runs by group label, groups in the order they first appear."""
-    groups: dict[str, list[RunRecord]] = {}
-    for run in runs:
-        groups.setdefault(run.group, []).append(run)
-    return groups
-
-
-def final_values(runs: Sequence[RunRecord], key: str) -> list[float]:
-    """`final[key]` of each finished run that has it."""
-    return [float(r.final[key]) for r in runs if r.finished and r.final.get(key) is not None]
-
-
-def summary_columns(runs: Sequence[RunRecord]) -> list[str]:
-    """The columns of `summary_rows`: sweep keys (in first-seen order) between the labels and the results."""
-    return ["run_id", "group", "strategy", *_sweep_keys(runs), *ROW_COLUMNS]
-
-
-def summary_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
-    """One row per run, in the order of `runs`; every row has every column (None where absent)."""
-    sweep_keys = _sweep_keys(runs)
-    rows = []
-    for run in runs:
-        final = run.final or {}
-        row: dict[str, Any] = {"run_id": run.run_id, "group": run.group, "strategy": run.strategy}
-        row.update({key: run.sweep.get(key) for key in sweep_keys})
-        row.update(seed=run.seed, status=run.status)
-        row.update({key: final.get(key) for key in FINAL_COLUMNS})
-        row.update(steps=final.get("step"), error=final.get("error"))
-        rows.append(row)
-    return rows
-
-
-def _sweep_keys(runs: Sequence[RunRecord]) -> list[str]:
-    return list(dict.fromkeys(key for run in runs for key in run.sweep))
-
-
-def group_summary(group: str, runs: Sequence[RunRecord]) -> dict[str, Any]:
-    """Mean and 95 % CI half width over a group's finished runs of the final metrics."""
-    summary: dict[str, Any] = {"group": group, "runs": len(runs), "finished": sum(r.finished for r in runs)}
-    for key in FINAL_COLUMNS:
-        summary[f"{key}_mean"], summary[f"{key}_ci95"] = mean_ci(final_values(runs, key))
-    return summary
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """Group `a` vs group `b` (which differ only in `factor`) on one error metric."""
-
-    a: str
-    b: str
-    factor: str
-    metric: str  # "mse_id" or "mse_ood"
-    n_a: int
-    n_b: int
-    mean_a: float
-    mean_b: float
-    result: WelchResult
-
-    @property
-    def testable(self) -> bool:
-        return self.n_a >= 2 and self.n_b >= 2
-
-    @property
-    def verdict(self) -> str:
-        return verdict_word(self.result)
-
-
-def _differing_factor(a: RunRecord, b: RunRecord) -> str | None:
-    """The one factor (strategy or sweep key) in which two groups differ, else None."""
-    fa, fb = {"strategy": a.strategy, **a.sweep}, {"strategy": b.strategy, **b.sweep}
-    differ = [k for k in dict.fromkeys([*fa, *fb]) if fa.get(k, _ABSENT) != fb.get(k, _ABSENT)]
-    return differ[0] if len(differ) == 1 else None
-
-
-def pairwise_comparisons(runs: Sequence[RunRecord]) -> list[Comparison]:
-    """Welch tests for every pair of groups differing in one factor, as 'later group vs earlier group'."""
-    groups = list(group_runs(runs).items())
-    comparisons = []
-    for j, (name_a, runs_a) in enumerate(groups):
-        for name_b, runs_b in groups[:j]:
-            factor = _differing_factor(runs_a[0], runs_b[0])
-            if factor is None:
-                continue
-            for metric in METRIC_LABELS:
-                va, vb = final_values(runs_a, metric), final_values(runs_b, metric)
-                comparisons.append(
-                    Comparison(name_a, name_b, factor, metric, len(va), len(vb),
-                               mean_ci(va)[0], mean_ci(vb)[0], welch_test(va, vb))  # fmt: skip
-                )
-    return comparisons
-
-
-def matched_budget(groups: dict[str, list[RunRecord]], axis: str) -> float:
-    """The smallest final `axis` value of any finished run: a budget every finished run reached."""
-    values = [v for runs in groups.values() for v in final_values(runs, axis)]
-    return min(values) if values else math.nan
-
-
-def value_at_budget(run: RunRecord, axis: str, metric: str, budget: float) -> float:
-    """The run's validation `metric` (EMA) read off its val curve at `axis` = budget; NaN if not reached."""
-    xs, ys = run.curve("val", axis, f"val_{metric}")
-    return interpolate_at(xs, ys, budget)
-
-
-# -- formatting ----------------------------------------------------------------------------------------
-def fmt(value: Any) -> str:
-    """3 significant digits (whole numbers from 1000), scientific when small or huge; 'n/a' if missing."""
-    if not _is_number(value):
+# -- number format: one format everywhere ----------------------------------------------------------------
+def fmt(value: Any, signed: bool = False) -> str:
+    """3 significant digits; scientific below 1e-3 and from 1e6 (FLOPs); 'n/a' if missing or not finite."""
+    if not is_number(value) or not math.isfinite(value):
         return "n/a"
     if value == 0:
         return "0"
-    if abs(value) < 1e-2 or abs(value) >= 1e6:
-        return f"{value:.2e}"
-    if abs(value) >= 1e3:
-        return f"{value:.0f}"  # seconds and gradient counts: whole numbers read better than 1.2e+03
-    return f"{value:.3g}"
+    sign = "+" if signed and value > 0 else ""
+    rounded = float(f"{value:.3g}")  # decide the notation after rounding: 999 960 reads 1e6, not 1000000
+    if abs(rounded) < 1e-3 or abs(rounded) >= 1e6:
+        mantissa, exponent = f"{rounded:.2e}".split("e")
+        return f"{sign}{float(mantissa):.3g}e{int(exponent)}"
+    text = f"{rounded:.{max(0, 2 - math.floor(math.log10(abs(rounded))))}f}"
+    return sign + (text.rstrip("0").rstrip(".") if "." in text else text)
 
 
-def _pm(mean: float, half: float) -> str:
-    return "n/a" if not _is_number(mean) else f"{fmt(mean)} ± {fmt(half)}"
+def pm(e: Estimate) -> str:
+    """'mean ± 95 % CI half width'."""
+    return "n/a" if not math.isfinite(e.mean) else f"{fmt(e.mean)} ± {fmt(e.half)}"
 
 
-def _mean_pm(values: Sequence[float]) -> str:
-    return _pm(*mean_ci(values))
+def percent(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{fmt(value, signed=True)} %"
+
+
+def _seeds(seeds: Sequence[int]) -> str:
+    return ", ".join(map(str, seeds)) or "none"
 
 
 def _cell(text: Any) -> str:
@@ -217,15 +67,352 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines + [""]
 
 
+def _metric_label(metric: Metric) -> str:
+    return f"{SETS[metric.set]}, {BASES[metric.basis]}"
+
+
+def _test_text(c: Comparison) -> str:
+    if c.test == "paired":
+        return f"paired t, {c.n_a} pairs"
+    if c.test == "Welch":
+        return f"Welch t, n = {c.n_a} / {c.n_b}"
+    return f"none (n = {c.n_a} / {c.n_b})"
+
+
+def _reason(code: str, a: StudyAnalysis, c: Comparison | None = None) -> str:
+    """Why there is no verdict (an analysis refusal code), in words; NOT_REACHED names `c`'s short groups."""
+    if code == an.NOT_REACHED:
+        table = next(t for t in a.budgets if t.axis == c.view)
+        short = [f"{r.reached}/{r.finished} runs of {r.group}" for r in table.rows
+                 if r.group in (c.a, c.b) and r.reached < r.finished]  # fmt: skip
+        return f"only {' and '.join(short)} reached the budget"
+    return {
+        an.NO_VALUES: "no values",
+        an.TOO_FEW: "needs ≥ 2 seeds shared by both groups or ≥ 2 values per group",
+        an.UNEVEN_LOAD: f"the machine load varied by {fmt(a.load.spread)} (> {an.LOAD_SPREAD_LIMIT})",
+        an.MIXED_PACKING: "groups were trained with different pack sizes",
+    }[code]
+
+
+def _result_text(c: Comparison, a: StudyAnalysis) -> str:
+    """'worse: A − B = +0.00073 (+7.5 % of random), 95 % CI [...], p = ..., paired t, 3 pairs'."""
+    if c.refused:
+        return f"no verdict ({_reason(c.refused, a, c)}); A − B = {fmt(c.diff, signed=True)}"
+    p = f"p = {fmt(c.p)}" + ("" if c.primary else f", Holm-adjusted p = {fmt(c.p_adjusted)}")
+    return (f"**{c.verdict}**: A − B = {fmt(c.diff, signed=True)} ({percent(c.effect_pct)} of {c.b}), "
+            f"95 % CI [{fmt(c.ci_low)}, {fmt(c.ci_high)}], {p}, {_test_text(c)}")
+
+
+# -- report.md sections ----------------------------------------------------------------------------------
+def _header(title: str, description: str, a: StudyAnalysis) -> list[str]:
+    lines = [f"# {title}", ""]
+    if description:
+        lines += [description.strip(), ""]
+    tally = ", ".join(f"{n} {status}" for status, n in a.tally.items())
+    return lines + [f"**Runs:** {sum(a.tally.values())} ({tally}).", ""]
+
+
+def _primary_paragraph(a: StudyAnalysis) -> list[str]:
+    spec = a.primary
+    if spec is None:
+        return ["**No primary comparison declared** (study.yaml `primary`): every test in this report is one "
+                f"Holm–Bonferroni family ({a.family_size} tests).", ""]  # fmt: skip
+    if spec.missing:
+        return [f"**Primary comparison {spec.a} vs {spec.b} ({SETS[spec.set]}) not available:** the study has no "
+                f"runs of {', '.join(spec.missing)}. Every test below is one Holm–Bonferroni family "
+                f"({a.family_size} tests).", ""]  # fmt: skip
+    found = a.primary_comparisons
+    if not found:
+        return [f"**Primary comparison {spec.a} vs {spec.b}:** no two groups of these strategies differ only in "
+                "the strategy, so it cannot be tested.", ""]  # fmt: skip
+    lines = [f"**Primary comparison** (declared in study.yaml; tested alone, not corrected for multiple tests): "
+             f"{spec.a} vs {spec.b}, {SETS[spec.set]} MSE at the end of training, A − B < 0 means {spec.a} has "
+             "the lower error.", ""]  # fmt: skip
+    for ema in (c for c in found if c.metric.basis == "ema"):
+        raw = next(c for c in found if (c.a, c.b, c.metric.set) == (ema.a, ema.b, ema.metric.set) and c.metric.basis == "raw")
+        where = f" ({ema.a} vs {ema.b})" if len(found) > 2 else ""
+        if any((d.a, d.b, d.set, d.kind) == (ema.a, ema.b, ema.metric.set, "model") for d in a.disagreements):
+            lines.append(f"- **EMA and raw disagree{where}**: EMA says {ema.verdict}, raw says {raw.verdict}; "
+                         "the verdict depends on which model is scored.")  # fmt: skip
+        lines += [f"- EMA{where}: {_result_text(ema, a)}.", f"- raw{where}: {_result_text(raw, a)}."]
+        if math.isfinite(ema.equal_flops):
+            lines.append(f"- Equal compute: every finished run of both groups trained to the same budget of "
+                         f"{fmt(ema.equal_flops)} FLOPs.")  # fmt: skip
+    return lines + [""]
+
+
+def _disagreement_paragraph(a: StudyAnalysis) -> list[str]:
+    if not a.disagreements:
+        return ["**No disagreements:** EMA and raw verdicts agree for every comparison, and so do the verdicts at "
+                "equal steps and at equal FLOPs (where both exist).", ""]  # fmt: skip
+    lines = ["**Readings disagree** (the same question gets different verdicts):"]
+    for d in a.disagreements:
+        first, second = ("EMA", "raw") if d.kind == "model" else (f"equal steps ({BASES[d.basis]})",
+                                                                   f"equal FLOPs ({BASES[d.basis]})")  # fmt: skip
+        lines.append(f"- {d.a} vs {d.b}, {SETS[d.set]}: {first} {d.first}, {second} {d.second}.")
+    return lines + [""]
+
+
+def _compute_sentence(a: StudyAnalysis) -> str:
+    if math.isfinite(a.equal_flops):
+        return (f"**Compute:** every finished run trained to the same FLOP budget ({fmt(a.equal_flops)} FLOPs), so "
+                "the comparisons at the end of training are equal-compute comparisons.")
+    ratios = [f"{g} {fmt(r)}×" for g, r in a.flops_ratio.items() if math.isfinite(r)]
+    measured = f" Measured training FLOPs relative to the cheapest group: {', '.join(ratios)}." if len(ratios) > 1 else ""
+    return ("**Compute:** runs trained for a number of steps, not to a FLOP budget, so the comparisons at the end "
+            f"of training are at equal steps, not equal compute.{measured}")
+
+
+def _convergence_sentence(a: StudyAnalysis) -> str:
+    rule = ("(rule: the mean over seeds of the drop of the EMA in-distribution validation MSE over the last fifth "
+            "of training exceeds the standard deviation across seeds of the final validation MSE)")
+    late = [g.group for g in a.groups if g.convergence.status == "not converged"]
+    unknown = [g.group for g in a.groups if g.convergence.status == "n/a"]
+    if len(unknown) == len(a.groups):
+        return f"**Convergence not assessable:** no group has two seeds with a validation curve {rule}."
+    if late:
+        text = f"**Not converged** {rule}: {', '.join(late)}."
+    else:
+        text = f"**Every assessable group converged** {rule}."
+    return text + (f" Not assessable (fewer than two seeds with a curve): {', '.join(unknown)}." if unknown else "")
+
+
+def _yardstick_sentence(a: StudyAnalysis) -> str:
+    parts = {s: f"{label}: n/a" for s, label in SETS.items()}
+    for st in a.standing:
+        stick = f"the {YARDSTICKS[st.name][0]}"
+        if len(st.beaten_by) == len(st.rated):
+            who = f"every group beats {stick}"
+        elif not st.beaten_by:
+            who = f"no group beats {stick}"
+        else:
+            who = f"{len(st.beaten_by)} of {len(st.rated)} groups ({', '.join(st.beaten_by)}) beat {stick}"
+        if len(st.rated) < len(a.groups):
+            who += f" (only groups with a final MSE are rated: {len(st.rated)} of {len(a.groups)})"
+        parts[st.set] = f"{SETS[st.set]}: {who}"
+    return "**Yardsticks** (final EMA MSE against each group's own yardsticks): " + "; ".join(parts.values()) + "."
+
+
+def _verdict_section(a: StudyAnalysis) -> list[str]:
+    return [
+        "## Verdict", "",
+        *_primary_paragraph(a), *_disagreement_paragraph(a),
+        _compute_sentence(a) + " Read-offs at matched FLOPs and wall-clock: see the equal-compute view.", "",
+        _convergence_sentence(a), "", _yardstick_sentence(a), "",
+        f"Verdicts: better / worse / no detectable difference at α = {ALPHA}, for A against B on an error (lower "
+        "is better); 'no detectable difference' with few seeds is not evidence that the groups are equal. Tests "
+        f"other than the primary form one Holm–Bonferroni family of {a.family_size} tests, and their verdicts use "
+        "the adjusted p.", "",
+    ]  # fmt: skip
+
+
+def _yardsticks_section(a: StudyAnalysis) -> list[str]:
+    lines = ["## Yardsticks", "",
+             "What an MSE means: the held-out MSE of simple predictors on the same problems, mean over the finished "
+             "runs (n). n/a: not recorded (folders written before yardsticks only have the zeros predictor).", ""]  # fmt: skip
+    for set_name, label in SETS.items():
+        rows = [[*YARDSTICKS[y.name], fmt(y.mean), y.n,
+                 f"varies across runs: {fmt(y.low)} to {fmt(y.high)}" if y.varies else ""]
+                for y in a.yardsticks[set_name]]  # fmt: skip
+        lines += [f"**{label}**", "", *_table(["yardstick", "what it is", "MSE", "n runs", "note"], rows)]
+    return lines
+
+
+def _ratio(value: float) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    return f"{fmt(value)}× ({'beats it' if value < 1 else 'does not beat it'})"
+
+
+def _groups_section(a: StudyAnalysis) -> list[str]:
+    rows = []
+    for g in a.groups:
+        rows.append([
+            g.group, f"{g.finished}/{g.runs}", _seeds(g.seeds), pm(g.steps), pm(g.train_flops),
+            *(pm(g.mse[m.key]) for m in an.METRICS),
+            _ratio(g.vs_yardstick["id"]["linear"]), _ratio(g.vs_yardstick["ood"]["linear"]), g.convergence.status,
+        ])  # fmt: skip
+    header = ["group", "n finished/runs", "seeds", "steps", "training FLOPs",
+              *(f"MSE {_metric_label(m)}" for m in an.METRICS),
+              "EMA in-dist / linear map", "EMA ood / linear map", "convergence"]  # fmt: skip
+    return [
+        "## Final results per group", "",
+        "Final held-out MSE at each run's last step, of the EMA model and of the raw (non-EMA) model, on the "
+        f"in-distribution and ood sets: mean ± 95 % Student-t half width over the finished seeds (seeds column; "
+        "'± n/a': one seed). Compute per group: steps and training FLOPs (mean ± half width; n/a: not measured). "
+        "'/ linear map': the group's mean EMA MSE divided by the linear-map yardstick of its runs. Convergence: "
+        "see the rule in the verdict.", "",
+        *_table(header, rows),
+    ]  # fmt: skip
+
+
+def _comparison_rows(comparisons: Sequence[Comparison], a: StudyAnalysis) -> list[list[str]]:
+    return [[
+        f"{c.a} vs {c.b}" + (" (primary)" if c.primary else ""), c.factor, _metric_label(c.metric), _test_text(c),
+        fmt(c.mean_a), fmt(c.mean_b), fmt(c.diff, signed=True), percent(c.effect_pct),
+        f"[{fmt(c.ci_low)}, {fmt(c.ci_high)}]", fmt(c.p), "uncorrected" if c.primary else fmt(c.p_adjusted),
+        c.verdict if c.refused is None else f"no verdict: {_reason(c.refused, a, c)}",
+    ] for c in comparisons]  # fmt: skip
+
+
+COMPARISON_HEADER = ["A vs B", "differ in", "set, model", "test", "mean A", "mean B", "A − B", "% of B", "95 % CI",
+                     "p", "Holm p", "verdict"]  # fmt: skip
+
+
+def _unpaired_notes(comparisons: Sequence[Comparison]) -> list[str]:
+    notes = dict.fromkeys(f"- {c.a} vs {c.b}, {_metric_label(c.metric)}: left out of the paired test (no partner "
+                          f"with a value): {', '.join(c.unpaired)}" for c in comparisons if c.unpaired)  # fmt: skip
+    return [*notes, ""] if notes else []
+
+
+def _comparisons_section(a: StudyAnalysis) -> list[str]:
+    lines = [
+        "## Comparisons at the end of training", "",
+        "Groups that differ in exactly one factor, as 'A vs B', on the final MSE of the EMA and of the raw model, "
+        f"in-distribution and ood, at each run's last step (compute: see the group table; seeds {_seeds(a.seeds)}). "
+        "Runs of the two groups with the same seed share initial weights, batches and noise, so the test is "
+        "paired on the per-seed differences A − B when at least two seeds are shared by finished runs of both; "
+        "otherwise Welch's unequal-variance test on every value. A − B and its 95 % CI are for that test (paired: "
+        "the mean per-seed difference); '% of B' is A − B relative to B's mean. The primary comparison comes "
+        "first and is not corrected; every other p is Holm-adjusted over the whole report's family.", "",
+    ]  # fmt: skip
+    if not a.comparisons:
+        return lines + ["No two groups differ in exactly one factor.", ""]
+    return lines + _table(COMPARISON_HEADER, _comparison_rows(a.comparisons, a)) + _unpaired_notes(a.comparisons)
+
+
+def _budget_subsection(letter: str, table: an.BudgetTable, a: StudyAnalysis) -> list[str]:
+    title, unit = AXIS_TITLES[table.axis]
+    lines = [f"### ({letter}) {title}: budget {fmt(table.budget)} {unit}", ""]
+    if not math.isfinite(table.budget):
+        return lines + [f"n/a: no finished run logged {unit} on its validation lines (folders written before "
+                        "this was measured).", ""]  # fmt: skip
+    lines += [
+        f"Validation MSE (EMA and raw, in-distribution and ood) read off each finished run's validation curve at "
+        f"{fmt(table.budget)} {unit}: the smallest last validation point of any finished run, read log-linearly "
+        f"between the bracketing validation points, never extrapolated. Seeds {_seeds(a.seeds)}; 'reached': "
+        "finished runs whose curve covers the budget; means ± 95 % CI over those. " + EMA_LAG, "",
+    ]  # fmt: skip
+    if table.refused:
+        lines += [f"**No verdicts on this axis:** {_reason(table.refused, a)} (see machine load below).", ""]
+    rows = [[r.group, pm(r.own_final), f"{r.reached}/{r.finished}", *(pm(r.mse[m.key]) for m in an.METRICS)]
+            for r in table.rows]  # fmt: skip
+    header = ["group", f"group's own final {unit}", "reached", *(f"MSE {_metric_label(m)}" for m in an.METRICS)]
+    lines += _table(header, rows)
+    short = [r for r in table.rows if r.reached < r.finished]
+    if short:
+        lines += ["Not every run reached the budget (" + ", ".join(f"{r.group}: {r.reached}/{r.finished}" for r in short)
+                  + "): comparisons involving these groups give no verdict.", ""]  # fmt: skip
+    else:
+        lines += ["Every finished run reached the budget.", ""]
+    if table.comparisons:
+        lines += _table(COMPARISON_HEADER, _comparison_rows(table.comparisons, a)) + _unpaired_notes(table.comparisons)
+    return lines
+
+
+def _load_subsection(a: StudyAnalysis) -> list[str]:
+    load = a.load
+    lines = [
+        "### Machine load and packing", "",
+        "The 1-minute load average when each training line was written, over the finished runs' training lines. "
+        f"Rule: wall-clock comparisons are flagged, and give no verdict, when the load over all these lines spans "
+        f"more than {an.LOAD_SPREAD_LIMIT} (max − min), or when groups were trained with different pack sizes (runs "
+        "packed in one process share its time: a packed run's training seconds are its share). n/a: not logged.", "",
+    ]  # fmt: skip
+    rows = [[r.group, fmt(r.mean), f"{fmt(r.low)} to {fmt(r.high)}" if r.lines else "n/a", r.lines,
+             ", ".join(map(str, r.pack_sizes)) or "n/a"] for r in load.rows]  # fmt: skip
+    lines += _table(["group", "mean load", "load range", "training lines", "pack size"], rows)
+    if not any(r.lines for r in load.rows):
+        lines += ["The load was not logged (folders written before it was): the wall-clock view cannot be checked "
+                  "for uneven load.", ""]  # fmt: skip
+    if load.load_warning:
+        lines += [f"**Warning:** the load varied by {fmt(load.spread)} (> {an.LOAD_SPREAD_LIMIT}) during training: "
+                  "training seconds are not comparable across groups.", ""]  # fmt: skip
+    if load.pack_warning:
+        lines += ["**Warning:** groups were trained with different pack sizes: training seconds are not comparable "
+                  "across groups.", ""]  # fmt: skip
+    return lines
+
+
+def _equal_compute_section(a: StudyAnalysis) -> list[str]:
+    rows = [[g.group, pm(g.train_flops), fmt(a.flops_ratio[g.group]), pm(g.train_seconds), pm(g.steps_per_second)]
+            for g in a.groups]  # fmt: skip
+    lines = [
+        "## Equal-compute view", "",
+        _compute_sentence(a), "",
+        "Compute per group at the end of training (mean ± 95 % CI over finished seeds): measured training FLOPs "
+        "(all processes together), FLOPs relative to the cheapest group, training seconds, steps per second.", "",
+        *_table(["group", "training FLOPs", "FLOPs vs cheapest", "training seconds", "steps/s"], rows),
+    ]  # fmt: skip
+    for letter, table in zip("ab", a.budgets):
+        lines += _budget_subsection(letter, table, a)
+    return lines + _load_subsection(a)
+
+
+def _diagnostics_section(a: StudyAnalysis) -> list[str]:
+    rows = [[d.group, d.n, fmt(d.values["accept_rate"]),
+             ", ".join(fmt(v) for v in d.accept_rate_steps) or "n/a",
+             fmt(d.values["energy_decrease"]), fmt(d.values["move_rms"])] for d in a.diagnostics]  # fmt: skip
+    return [
+        "## Mining diagnostics", "",
+        "Training lines of the last fifth of each finished run's training, averaged per run, then over the n "
+        "seeds with data: the accept rate of the mining descent (mean, and per inner step 1, 2, ...), the energy "
+        "decrease E(start) − E(negative) mining achieved, and the RMS distance the negatives moved. n/a: not "
+        "logged (a strategy that does not mine by descent, or a folder written before these fields).", "",
+        *_table(["group", "n", "accept rate", "accept rate per inner step", "energy decrease", "RMS moved"], rows),
+    ]  # fmt: skip
+
+
+def _test_time_section(a: StudyAnalysis) -> list[str]:
+    lines = ["## Test-time compute", ""]
+    if not a.inference_steps:
+        return lines + ["No run has an inference-steps sweep (eval.inference_steps_sweep was empty).", ""]
+    lines += [
+        "Held-out MSE of the final EMA model (at each run's last step; steps and FLOPs in the group table) when "
+        "sampling with a given number of inner optimisation steps per diffusion timestep: mean ± 95 % CI over "
+        f"the finished seeds (seeds {_seeds(a.seeds)}; per group, see the group table).", "",
+    ]  # fmt: skip
+    header = ["group", *(f"{s} inner step{'' if s == '1' else 's'}" for s in a.inference_steps)]
+    for set_name, label in SETS.items():
+        rows = [[group, *(pm(sets[set_name][s]) for s in a.inference_steps)] for group, sets in a.inference.items()]
+        lines += [f"**{label}, EMA**", "", *_table(header, rows)]
+    return lines
+
+
+def _problems_section(a: StudyAnalysis) -> list[str]:
+    lines = ["## Failed, missing and damaged runs", ""]
+    if not a.problems:
+        return lines + ["None: every run finished.", ""]
+    for p in a.problems:
+        where = f"`{p.run_id}` ({p.group}, seed {p.seed})"
+        if p.status == "failed":
+            lines.append(f"- failed: {where} at step {p.step if p.step is not None else 'n/a'}: "
+                         f"{_cell(p.reason or 'no error message')}")  # fmt: skip
+        else:
+            progress = f"last logged step {p.step}" if p.step is not None else "no metrics logged"
+            reason = _cell(p.reason) if p.status == "damaged" else "no final.json"
+            lines.append(f"- {p.status}: {where}: {reason} ({progress})")
+    return lines + [""]
+
+
+def _plots_section(plots: Sequence[tuple[str, str]]) -> list[str]:
+    return ["## Plots", "", *(f"- [{caption}](plots/{name})" for name, caption in plots), ""]
+
+
+# -- files -----------------------------------------------------------------------------------------------
 def _json_safe(value: Any) -> Any:
     """NaN/inf become null so summary.json is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+def _comparison_json(c: Comparison) -> dict[str, Any]:
+    return {**dataclasses.asdict(c), "effect_pct": c.effect_pct, "verdict": c.verdict}
 
 
 def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -236,359 +423,34 @@ def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return buffer.getvalue()
 
 
-# -- report.md sections ---------------------------------------------------------------------------------
-def _counts(runs: Sequence[RunRecord]) -> dict[str, int]:
-    return {status: sum(r.status == status for r in runs) for status in ("finished", "failed", "missing")}
-
-
-def _header_section(title: str, description: str, runs: Sequence[RunRecord]) -> list[str]:
-    counts = _counts(runs)
-    lines = [f"# {title}", ""]
-    if description:
-        lines += [description.strip(), ""]
-    tally = ", ".join(f"{n} {status}" for status, n in counts.items())
-    lines += [f"**Runs:** {len(runs)} ({tally}).", ""]
-    for key, label in (("zeros_mse_id", "in-dist"), ("zeros_mse_ood", "ood")):
-        values = final_values(runs, key)
-        if not values:
-            continue
-        spread = ""
-        if max(values) > 1.01 * min(values):  # e.g. a sweep over the task: then one number would mislead
-            spread = f" (varies across runs: {fmt(min(values))} to {fmt(max(values))})"
-        lines.append(f"- Yardstick: predicting all zeros gives {label} MSE {fmt(float(np.mean(values)))}{spread}.")
-    return lines + [""]
-
-
-def _groups_section(groups: dict[str, list[RunRecord]]) -> list[str]:
-    rows = []
-    for name, runs in groups.items():
-        s = group_summary(name, runs)
-        rows.append([
-            name, f"{s['finished']}/{s['runs']}",
-            _pm(s["mse_id_mean"], s["mse_id_ci95"]), _pm(s["mse_ood_mean"], s["mse_ood_ci95"]),
-            fmt(s["mse_id_raw_mean"]), fmt(s["mse_ood_raw_mean"]),
-            fmt(s["train_seconds_mean"]), fmt(s["steps_per_second_mean"]),
-        ])  # fmt: skip
-    header = ["group", "n finished/runs", "MSE in-dist (EMA)", "MSE ood (EMA)",
-              "raw MSE in-dist", "raw MSE ood", "train s", "steps/s"]  # fmt: skip
-    return [
-        "## Final results per group",
-        "",
-        "Mean ± 95 % Student-t half width over finished seeds of the final held-out MSE of the EMA model; "
-        "the raw (non-EMA) model, training seconds and steps/s are means. 'n/a': fewer than two seeds.",
-        "",
-        *_table(header, rows),
-    ]
-
-
-def _comparisons_section(comparisons: list[Comparison]) -> list[str]:
-    lines = [
-        "## Pairwise comparisons",
-        "",
-        "Groups that differ in exactly one factor, as 'A vs B'. A − B is the difference of mean final MSE "
-        "(negative: A has lower error); the interval is the 95 % Welch–Satterthwaite CI and p the two-sided "
-        "Welch t-test p-value. Verdict for A at α = 0.05: better / worse / no detectable difference "
-        "(with few seeds, 'no detectable difference' is not evidence that the groups are equal). "
-        f"The {len(comparisons)} tests below are not corrected for multiple comparisons: with many of them, "
-        "one 'better' or 'worse' at p near 0.05 can be chance.",
-        "",
-    ]
-    if not comparisons:
-        return lines + ["No two groups differ in exactly one factor.", ""]
-    for a, b, factor in dict.fromkeys((c.a, c.b, c.factor) for c in comparisons):
-        parts = [
-            f"{METRIC_LABELS[c.metric]} {_verdict_text(c)}" + (f" (p = {fmt(c.result.p_value)})" if c.testable else "")
-            for c in comparisons
-            if (c.a, c.b) == (a, b)
-        ]
-        lines.append(f"- **{a} vs {b}** (differ in {factor}): " + "; ".join(parts) + ".")
-    lines.append("")
-    rows = []
-    for c in comparisons:
-        r = c.result
-        rows.append([
-            f"{c.a} vs {c.b}", METRIC_LABELS[c.metric], f"{c.n_a} / {c.n_b}", fmt(c.mean_a), fmt(c.mean_b),
-            fmt(r.diff), f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]", fmt(r.p_value), _verdict_text(c),
-        ])  # fmt: skip
-    header = ["A vs B", "set", "n A / n B", "mean A", "mean B", "A − B", "95 % CI", "Welch p", "verdict"]
-    return lines + _table(header, rows)
-
-
-def _verdict_text(c: Comparison) -> str:
-    return c.verdict if c.testable else "n/a (needs ≥ 2 finished runs per group)"
-
-
-def _equal_compute_section(groups: dict[str, list[RunRecord]]) -> list[str]:
-    lines = [
-        "## Equal-compute view",
-        "",
-        "Adversarial mining spends extra energy-gradient evaluations per step, so groups are also compared at "
-        "matched budgets. The budget is the smallest final budget of any finished run, so every run reached it; "
-        "each finished run's EMA validation MSE is read at that budget from its validation curve, interpolating "
-        "linearly in log(MSE) between the bracketing validation points. A run whose curve ends before the budget "
-        "(or starts after it) is not extrapolated: it counts as not reached, and the mean ± 95 % CI is over the "
-        "runs that reached the budget.",
-        "",
-    ]
-    for letter, (axis, title, unit) in zip("ab", BUDGET_AXES):
-        budget = matched_budget(groups, axis)
-        lines += [f"### ({letter}) {title.capitalize()}: budget {fmt(budget)} {unit}", ""]
-        rows = []
-        for name, runs in groups.items():
-            finished = [r for r in runs if r.finished]
-            if not finished:
-                rows.append([name, "n/a", fmt(budget), "0/0", "no finished runs", "no finished runs"])
-                continue
-            row = [name, _mean_pm(final_values(runs, axis)), fmt(budget)]
-            reads = {m: [value_at_budget(r, axis, m, budget) for r in finished] for m in METRIC_LABELS}
-            reached = [v for v in reads["mse_id"] if math.isfinite(v)]
-            row.append(f"{len(reached)}/{len(finished)}")
-            for metric in METRIC_LABELS:
-                values = [v for v in reads[metric] if math.isfinite(v)]
-                row.append(_mean_pm(values) if values else "not reached")
-            rows.append(row)
-        header = ["group", f"group's own final {unit}", "budget", "reached",
-                  "MSE in-dist at budget", "MSE ood at budget"]  # fmt: skip
-        lines += _table(header, rows)
-    return lines
-
-
-def _test_time_section(groups: dict[str, list[RunRecord]]) -> list[str]:
-    lines = ["## Test-time compute", ""]
-    sweeps = [r.final.get("inference_steps_sweep") or {} for runs in groups.values() for r in runs if r.finished]
-    steps = sorted({key for sweep in sweeps for key in sweep}, key=float)
-    if not steps:
-        return lines + ["No run has an inference-steps sweep (eval.inference_steps_sweep was empty).", ""]
-    lines += [
-        "Final EMA model's held-out MSE (mean ± 95 % CI over finished seeds) when sampling with a given number "
-        "of inner optimisation steps per diffusion timestep.",
-        "",
-    ]
-    for name, label in SETS:
-        header = ["group", *(f"{s} inner step{'' if s == '1' else 's'}" for s in steps)]
-        rows = [[group, *(_mean_pm(_sweep_values(runs, s, f"mse_{name}")) for s in steps)] for group, runs in groups.items()]
-        lines += [f"**{label}**", "", *_table(header, rows)]
-    return lines
-
-
-def _sweep_values(runs: Sequence[RunRecord], steps: str, metric: str) -> list[float]:
-    values = []
-    for run in runs:
-        entry = (run.final.get("inference_steps_sweep") or {}).get(steps, {}) if run.finished else {}
-        if _is_number(entry.get(metric)):
-            values.append(float(entry[metric]))
-    return values
-
-
-def _problems_section(runs: Sequence[RunRecord]) -> list[str]:
-    failed = [r for r in runs if r.status == "failed"]
-    missing = [r for r in runs if r.status == "missing"]
-    lines = ["## Failed and missing runs", ""]
-    if not failed and not missing:
-        return lines + ["None: every run finished.", ""]
-    for run in failed:
-        error = _cell(run.final.get("error") or "no error message")
-        where = f"({run.group}, seed {run.seed}) at step {run.final.get('step', 'n/a')}"
-        lines.append(f"- failed: `{run.run_id}` {where}: {error}")
-    for run in missing:
-        steps = [r["step"] for r in run.metrics if _is_number(r.get("step"))]
-        progress = f"last logged step {max(steps)}" if steps else "no metrics logged"
-        lines.append(f"- missing: `{run.run_id}` ({run.group}, seed {run.seed}): no final.json ({progress})")
-    return lines + [""]
-
-
-def _plots_section(plots: list[tuple[str, str]]) -> list[str]:
-    lines = ["## Plots", ""]
-    lines += [f"- [{caption}](plots/{name})" for name, caption in plots]
-    return lines + [""]
-
-
-# -- plots ---------------------------------------------------------------------------------------------
-def _save_figure(fig: plt.Figure, path: Path) -> None:
-    """Save a PNG atomically: readers never see a torn image."""
-    try:
-        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight"), "wb")
-    finally:
-        plt.close(fig)
-
-
-def _two_panels(title: str) -> tuple[plt.Figure, np.ndarray]:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    fig.suptitle(title)
-    return fig, axes
-
-
-def _style_axes(ax: plt.Axes, title: str, xlabel: str, ylabel: str, plotted: list[float]) -> None:
-    """Labels, title, legend; log y when the plotted positive values span more than a decade."""
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    values = [v for v in plotted if math.isfinite(v)]
-    if values and min(values) > 0 and max(values) / min(values) > 10:
-        ax.set_yscale("log")
-    if not values:
-        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
-    elif ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-
-
-def _mean_on_common_x(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
-    """(x, mean, min, max) over curves at the x values all of them share (seeds log the same steps)."""
-    common = sorted(set.intersection(*(set(xs.tolist()) for xs, _ in curves)))
-    if not common:
-        return (np.array([]),) * 4
-    stack = np.array([[dict(zip(xs.tolist(), ys.tolist()))[x] for x in common] for xs, ys in curves])
-    return np.array(common), stack.mean(axis=0), stack.min(axis=0), stack.max(axis=0)
-
-
-def _group_curves(runs: Sequence[RunRecord], kind: str, x_key: str, y_key: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    curves = [r.curve(kind, x_key, y_key) for r in runs if r.finished]
-    return [c for c in curves if c[0].size]
-
-
-def _plot_mean_band(
-    ax: plt.Axes, runs: Sequence[RunRecord], kind: str, x_key: str, y_key: str, label: str, color: Any
-) -> list[float]:
-    """Mean over seeds (line) and min..max (band) at the shared x values; returns the plotted values."""
-    curves = _group_curves(runs, kind, x_key, y_key)
-    if not curves:
-        return []
-    x, mean, low, high = _mean_on_common_x(curves)
-    if not x.size:
-        return []
-    ax.plot(x, mean, color=color, label=f"{label} (n={len(curves)})")
-    if len(curves) > 1:
-        ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
-    return [*low.tolist(), *high.tolist()]
-
-
-def _plot_val_vs_step(path: Path, groups: dict[str, list[RunRecord]], colors: dict[str, Any]) -> None:
-    fig, axes = _two_panels("Validation MSE of the EMA model vs step (line = mean over seeds, band = min..max)")
-    for ax, (name, label) in zip(axes, SETS):
-        plotted = []
-        for group, runs in groups.items():
-            plotted += _plot_mean_band(ax, runs, "val", "step", f"val_mse_{name}", group, colors[group])
-        _style_axes(ax, label, "training step", "MSE", plotted)
-    _save_figure(fig, path)
-
-
-def _plot_val_vs_seconds(path: Path, groups: dict[str, list[RunRecord]], colors: dict[str, Any]) -> None:
-    """Seeds run at different speeds: each seed is a thin line, the mean is read on the shared time range."""
-    fig, axes = _two_panels("Validation MSE of the EMA model vs training seconds (thin = seeds, thick = mean)")
-    for ax, (name, label) in zip(axes, SETS):
-        plotted: list[float] = []
-        for group, runs in groups.items():
-            curves = _group_curves(runs, "val", "train_seconds", f"val_mse_{name}")
-            for xs, ys in curves:
-                ax.plot(xs, ys, color=colors[group], alpha=0.35, linewidth=0.8)
-                plotted += ys.tolist()
-            if not curves:
-                continue
-            start, end = max(xs[0] for xs, _ in curves), min(xs[-1] for xs, _ in curves)
-            if start <= end:
-                grid = np.linspace(start, end, 60)
-                mean = [np.mean([interpolate_at(xs, ys, x) for xs, ys in curves]) for x in grid]
-                ax.plot(grid, mean, color=colors[group], linewidth=2, label=f"{group} (n={len(curves)})")
-        _style_axes(ax, label, "training seconds", "MSE", plotted)
-    _save_figure(fig, path)
-
-
-def _plot_final_mse(path: Path, groups: dict[str, list[RunRecord]], colors: dict[str, Any]) -> None:
-    fig, axes = _two_panels("Final MSE of the EMA model (bar = mean, whisker = 95 % CI, dots = seeds)")
-    names = list(groups)
-    for ax, (name, label) in zip(axes, SETS):
-        plotted: list[float] = []
-        for i, group in enumerate(names):
-            values = final_values(groups[group], f"mse_{name}")
-            if not values:
-                ax.text(i, 0.02, "no finished\nruns", transform=ax.get_xaxis_transform(), ha="center", color="grey")
-                continue
-            mean, half = mean_ci(values)
-            half = half if math.isfinite(half) else 0.0  # one seed: no interval to draw
-            ax.bar(i, mean, color=colors[group], alpha=0.6, yerr=half, capsize=6)
-            ax.scatter(np.full(len(values), i), values, color="black", s=12, zorder=3)
-            plotted += [*values, mean - half, mean + half]
-        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-        ax.set_xlim(-0.6, len(names) - 0.4)
-        _style_axes(ax, label, "group", "MSE", [v for v in plotted if v > 0])
-    _save_figure(fig, path)
-
-
-def _plot_training_curves(path: Path, groups: dict[str, list[RunRecord]], colors: dict[str, Any]) -> None:
-    fig, axes = _two_panels("Training curves (line = mean over seeds, band = min..max)")
-    panels = (("loss", "training loss", "loss"), ("energy_gap", "energy gap E(negative) − E(positive)", "energy gap"))
-    for ax, (key, title, ylabel) in zip(axes, panels):
-        plotted = []
-        for group, runs in groups.items():
-            plotted += _plot_mean_band(ax, runs, "train", "step", key, group, colors[group])
-        _style_axes(ax, title, "training step", ylabel, plotted)
-    _save_figure(fig, path)
-
-
-def _plot_inference_steps(
-    path: Path, groups: dict[str, list[RunRecord]], colors: dict[str, Any], steps: list[str]
+def write_report(
+    out_dir: Path, runs: list[RunRecord], *, title: str, description: str = "",
+    primary: Mapping[str, Any] | None = None,
 ) -> None:
-    fig, axes = _two_panels("Final EMA model's MSE vs inference inner steps (mean ± 95 % CI over seeds)")
-    for ax, (name, label) in zip(axes, SETS):
-        plotted: list[float] = []
-        for group, runs in groups.items():
-            points = [(float(s), *mean_ci(v)) for s in steps if (v := _sweep_values(runs, s, f"mse_{name}"))]
-            if not points:
-                continue
-            x, mean, half = (np.array(p) for p in zip(*points))
-            ax.errorbar(x, mean, yerr=np.nan_to_num(half), color=colors[group], marker="o", capsize=4, label=group)
-            plotted += mean.tolist()
-        _style_axes(ax, label, "inner steps per timestep", "MSE", plotted)
-    _save_figure(fig, path)
+    """Write summary.csv, summary.json, report.md and plots/*.png for `runs` into `out_dir`.
 
-
-def _write_plots(plot_dir: Path, groups: dict[str, list[RunRecord]]) -> list[tuple[str, str]]:
-    """Draw every plot the data allow; returns (file name, caption) of those written."""
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    colors = {group: plt.get_cmap("tab10")(i % 10) for i, group in enumerate(groups)}
-    plots = [
-        ("val_mse_vs_step.png", "Validation MSE vs training step", _plot_val_vs_step),
-        ("val_mse_vs_seconds.png", "Validation MSE vs training seconds", _plot_val_vs_seconds),
-        ("final_mse.png", "Final MSE per group with 95 % CI", _plot_final_mse),
-        ("training_curves.png", "Training loss and energy gap vs step", _plot_training_curves),
-    ]
-    written = []
-    for name, caption, draw in plots:
-        draw(plot_dir / name, groups, colors)
-        written.append((name, caption))
-    steps = sorted({s for runs in groups.values() for r in runs if r.finished
-                    for s in (r.final.get("inference_steps_sweep") or {})}, key=float)  # fmt: skip
-    inference = plot_dir / "mse_vs_inference_steps.png"
-    if steps:
-        _plot_inference_steps(inference, groups, colors, steps)
-        written.append((inference.name, "MSE vs inference inner steps"))
-    else:
-        inference.unlink(missing_ok=True)  # a stale plot from an earlier report would contradict this one
-    return written
-
-
-# -- the report ----------------------------------------------------------------------------------------
-def write_report(out_dir: Path, runs: list[RunRecord], *, title: str, description: str = "") -> None:
-    """Write summary.csv, summary.json, report.md and plots/*.png for `runs` into `out_dir`."""
+    `primary`: study.yaml's `{"compare": [A, B], "metric": "mse_id" | "mse_ood"}` (strategy labels), or None.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(runs)
-    rows = summary_rows(runs)
-    plots = _write_plots(out_dir / "plots", groups)
-
-    atomic_write_text(out_dir / "summary.csv", _csv_text(rows, summary_columns(runs)))
+    a = an.analyse(runs, primary)
+    plots = write_plots(out_dir / "plots", an.group_runs(runs), a)
+    rows = an.summary_rows(runs)
+    atomic_write_text(out_dir / "summary.csv", _csv_text(rows, an.summary_columns(runs)))
     atomic_write_json(out_dir / "summary.json", _json_safe({
         "title": title,
-        "counts": _counts(runs),
-        "groups": [group_summary(name, group) for name, group in groups.items()],
+        "counts": a.tally,
+        "primary": dataclasses.asdict(a.primary) if a.primary else None,
+        "holm_family_size": a.family_size,
+        "groups": [dataclasses.asdict(g) | {"convergence_status": g.convergence.status} for g in a.groups],
+        "comparisons": [_comparison_json(c) for c in a.comparisons],
+        "budgets": [{"axis": t.axis, "budget": t.budget, "rows": [dataclasses.asdict(r) for r in t.rows],
+                     "comparisons": [_comparison_json(c) for c in t.comparisons]} for t in a.budgets],
         "rows": rows,
     }))  # fmt: skip
     sections = [
-        _header_section(title, description, runs),
-        _groups_section(groups),
-        _comparisons_section(pairwise_comparisons(runs)),
-        _equal_compute_section(groups),
-        _test_time_section(groups),
-        _problems_section(runs),
-        _plots_section(plots),
-    ]
+        _header(title, description, a), _verdict_section(a), _yardsticks_section(a), _groups_section(a),
+        _comparisons_section(a), _equal_compute_section(a), _diagnostics_section(a), _test_time_section(a),
+        _problems_section(a), _plots_section(plots),
+    ]  # fmt: skip
     atomic_write_text(out_dir / "report.md", "\n".join(line for section in sections for line in section))

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, config_differences, config_from_file
+import numpy as np
+import yaml
+
+from .config import ConfigError, RunConfig, config_differences, config_from_file, flatten
 from .utils import atomic_write_json, atomic_write_text
 
 # keys a resumed run may change: where it runs, where it writes, and how long it trains
@@ -90,9 +96,121 @@ class RunDir:
         atomic_write_json(self.final, result)
 
     def read_final(self) -> dict[str, Any] | None:
+        """final.json's object, or None when the file is absent or damaged (see `final_problem`): callers
+        treat None as "not finished", so a damaged final.json is recomputed on --resume."""
         if not self.final.exists():
             return None
         try:
-            return json.loads(self.final.read_text())
-        except (json.JSONDecodeError, OSError):
+            data = json.loads(self.final.read_text())
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
             return None
+        return data if final_problem(data) is None else None
+
+
+# final.json fields that must be numbers when present: errors (mse_*, zeros_mse_*), timings and compute
+_NUMBER_FIELD = re.compile(r"(zeros_)?mse_\w+|train_seconds|steps_per_second|train_flops|flops_per_step|budget_flops")
+RUN_STATUSES = ("finished", "failed", "missing", "damaged")
+
+
+def is_number(value: Any) -> bool:
+    """A JSON number (NaN included), not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def final_problem(final: Any) -> str | None:
+    """Why a final.json's content is damaged (not an object, or a field of the wrong type), else None."""
+    if not isinstance(final, dict):
+        return f"final.json holds a JSON {type(final).__name__}, not an object"
+    if not isinstance(final.get("status"), str):
+        return f"final.json 'status' is {final.get('status')!r}, not a string"
+    if "step" in final and (not isinstance(final["step"], int) or isinstance(final["step"], bool)):
+        return f"final.json 'step' is {final['step']!r}, not an int"
+    for key, value in final.items():
+        if _NUMBER_FIELD.fullmatch(key) and not is_number(value):
+            return f"final.json '{key}' is {value!r}, not a number"
+    return None
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """config.yaml as dotted keys, read as plain YAML (not validated: a folder written by another version
+    of the code may hold keys this one does not know); None when absent or unreadable."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return flatten(data) if isinstance(data, dict) else None
+
+
+@dataclass
+class RunRecord:
+    """One run of a study as the report sees it: labels, seed, final.json, metrics and config.
+
+    `final` is None for a missing or damaged final.json; `damage` says why it is damaged. A `final`
+    given with fields of the wrong type is moved to `damage` on construction, so every RunRecord obeys
+    the same rule however it was made.
+    """
+
+    run_id: str
+    strategy: str
+    sweep: dict[str, Any]
+    seed: int
+    final: dict[str, Any] | None
+    metrics: list[dict[str, Any]]
+    config: dict[str, Any] | None = None  # config.yaml flattened to dotted keys, e.g. "task.rank"
+    damage: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.final is not None and (problem := final_problem(self.final)) is not None:
+            self.final, self.damage = None, problem
+
+    @classmethod
+    def from_run_dir(cls, run_dir: RunDir, run_id: str, strategy: str, sweep: dict[str, Any], seed: int) -> RunRecord:
+        """Read a run's folder; never raises for damaged files (they are reported, not fatal)."""
+        final, damage = None, None
+        if run_dir.final.exists():
+            try:
+                final = json.loads(run_dir.final.read_text())
+            except (json.JSONDecodeError, OSError, UnicodeDecodeError) as error:
+                damage = f"final.json is not valid JSON ({error})"
+        metrics = [r for r in run_dir.read_metrics() if isinstance(r, dict)]
+        return cls(run_id, strategy, sweep, seed, final, metrics, _read_config(run_dir.config), damage)
+
+    @property
+    def group(self) -> str:
+        """Strategy plus sweep values, e.g. 'adversarial · mining.opt_steps=5'."""
+        return " · ".join([self.strategy, *(f"{key}={value}" for key, value in self.sweep.items())])
+
+    @property
+    def status(self) -> str:
+        """finished | failed | missing | damaged (one of RUN_STATUSES)."""
+        if self.damage is not None:
+            return "damaged"
+        if self.final is None:
+            return "missing"
+        return "finished" if self.final["status"] == "finished" else "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    def final_number(self, key: str) -> float:
+        """A number from final.json (NaN when absent); `energy_grad_evals` falls back to its old name."""
+        final = self.final or {}
+        if key == "energy_grad_evals" and key not in final:
+            key = "grad_evals"
+        value = final.get(key)
+        return float(value) if is_number(value) else math.nan
+
+    def curve(self, kind: str, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of the `kind` records that carry finite numbers for both keys, sorted by x."""
+        points = [
+            (float(r[x_key]), float(r[y_key]))
+            for r in self.metrics
+            if r.get("kind") == kind and _finite(r.get(x_key)) and _finite(r.get(y_key))
+        ]
+        points.sort(key=lambda p: p[0])
+        return np.array([p[0] for p in points]), np.array([p[1] for p in points])
+
+
+def _finite(value: Any) -> bool:
+    return is_number(value) and math.isfinite(value)

@@ -17,8 +17,7 @@ from typing import Any, Callable
 import yaml
 
 from .config import ConfigError, RunConfig, flatten, build_config, check_keys, load_yaml
-from .report import RunRecord
-from .results import RunDir
+from .results import RunDir, RunRecord
 from .utils import atomic_write_text
 
 STUDY_KEYS = ("name", "description", "seeds", "strategies", "sweep")
@@ -33,8 +32,7 @@ class StudyRun:
     config: RunConfig
 
     def record(self) -> RunRecord:
-        run_dir = RunDir(self.config.results_dir)
-        return RunRecord(self.run_id, self.strategy, self.sweep, self.seed, run_dir.read_final(), run_dir.read_metrics())
+        return RunRecord.from_run_dir(RunDir(self.config.results_dir), self.run_id, self.strategy, self.sweep, self.seed)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -23,11 +24,13 @@ import time
 from pathlib import Path
 
 import psutil
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffusion_lib.config import ConfigError, parse_overrides  # noqa: E402
+from diffusion_lib.mining import STRATEGIES  # noqa: E402
 from diffusion_lib.report import write_report  # noqa: E402
 from diffusion_lib.study import (  # noqa: E402
     Study, StudyDir, StudyRun, expand, load_study, pack_runs, parse_shard, select, shard,
@@ -68,14 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def describe(study: Study) -> str:
+    """The report's description: the study file's text (unless it names strategies this study does not
+    run, e.g. after --strategies), then what was actually run, from the first run's resolved config."""
     config = study.runs[0].config
+    run_strategies = set(study.strategies) | {m.get("strategy") for m in study.strategies.values()}
+    absent = [name for name in STRATEGIES if name not in run_strategies
+              and re.search(rf"\b{re.escape(name)}\b", study.description)]  # fmt: skip
+    text = study.description.strip()
+    if absent:  # the file's description was written for its full set of strategies
+        text = (f"(The study file's description is left out: it names {', '.join(absent)}, which this study does "
+                "not run.)")
+    budget = getattr(config.train, "budget_flops", 0)  # train.budget_flops: 0 (or absent) = train.steps
+    length = f"a budget of {budget:.3g} training FLOPs" if budget else f"{config.train.steps} steps"
+    flow = {label: yaml.safe_dump(mining, default_flow_style=True, sort_keys=False).strip()
+            for label, mining in study.strategies.items()}  # fmt: skip
     lines = [
-        study.description.strip(),
+        text,
+        f"Strategies ({len(flow)}): " + "; ".join(f"`{label}: {mining}`" for label, mining in flow.items()) + ".",
         f"Task: {config.task.dataset}, rank {config.task.rank}{' (trained on ood)' if config.task.ood else ''}; "
-        f"{config.train.steps} steps of batch {config.train.batch_size}, lr {config.train.lr}, "
+        f"{length} of batch {config.train.batch_size}, lr {config.train.lr}, "
         f"{config.diffusion.timesteps} diffusion steps, hidden {config.model.hidden_dim}; "
-        f"held-out sets of {config.eval.num_samples} problems; seeds {study.seeds}.",
-        "Strategies: " + "; ".join(f"**{label}** = {mining}" for label, mining in study.strategies.items()) + ".",
+        f"held-out sets of {config.eval.num_samples} problems; seeds {', '.join(map(str, study.seeds))}.",
     ]
     if study.sweep:
         lines.append("Sweep: " + "; ".join(f"{key} in {values}" for key, values in study.sweep.items()) + ".")
@@ -293,7 +309,7 @@ def probe_steps(pack: list[StudyRun], steps: int = 3) -> tuple[float, float]:
 def report(study: Study, study_dir: Path) -> None:
     records = [run.record() for run in study.runs]
     write_report(study_dir, records, title=f"Negative mining on matrix inversion: study '{study.name}'",
-                 description=describe(study))
+                 description=describe(study), primary=getattr(study, "primary", None))  # Study.primary: study.yaml
     print(f"report: {study_dir / 'report.md'}")
 
 

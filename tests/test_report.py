@@ -1,192 +1,196 @@
-"""diffusion_lib.report on synthetic runs: files written, sections present, verdicts, degenerate studies."""
+"""diffusion_lib.report on synthetic studies: files written, section order (verdict first), the primary comparison
+first, one number format, plots, summary columns, damaged runs, old-format folders and degenerate studies."""
 import csv
 import json
 import math
+import re
+import sys
 
 import pytest
 
-from diffusion_lib.report import (
-    RunRecord,
-    group_runs,
-    matched_budget,
-    pairwise_comparisons,
-    summary_columns,
-    summary_rows,
-    value_at_budget,
-    write_report,
-)
+from diffusion_lib.analysis import Estimate
+from diffusion_lib.report import fmt, pm, write_report
+from diffusion_lib.results import RunRecord
+from conftest import ROOT
+from diffusion_lib.study import expand, load_study, select
+from test_analysis import make_metrics, make_run
 
-PLOTS = ("val_mse_vs_step.png", "val_mse_vs_seconds.png", "final_mse.png", "training_curves.png")
-STEPS = (100, 200, 300, 400)
+sys.path.insert(0, str(ROOT / "experiments"))
+import matrix_inversion_mining_comparison as comparison  # noqa: E402
 
-
-def make_metrics(scale, seed, *, steps=STEPS, seconds_per_step=0.01, grads_per_step=1.0, energy=True):
-    """Train and val records whose val MSE decays geometrically from `scale` (seeds jitter it by a few %)."""
-    records = []
-    for step in steps:
-        clock = {"grad_evals": step * grads_per_step, "train_seconds": step * seconds_per_step * (1 + 0.01 * seed)}
-        train = {"kind": "train", "step": step, "loss": 1.0 / step, "loss_denoise": 0.5 / step}
-        train["sec_per_step"] = seconds_per_step
-        if energy:
-            gap = 2.0 + 0.001 * step
-            train.update(loss_energy=0.5 / step, energy_pos=-1.0, energy_neg=gap - 1.0, energy_gap=gap)
-        mse = scale * math.exp(-step / 100) * (1 + 0.03 * seed)
-        val = {"kind": "val", "step": step, "val_mse_id": mse, "val_mse_ood": 3 * mse}
-        records += [{**train, **clock}, {**val, **clock}]
-    return records
+PLOTS = ("val_mse_vs_step.png", "val_mse_vs_flops.png", "val_mse_vs_seconds.png", "final_mse.png",
+         "training_curves.png", "mse_vs_inference_steps.png")  # fmt: skip
+SECTIONS = ("## Verdict", "## Yardsticks", "## Final results per group", "## Comparisons at the end of training",
+            "## Equal-compute view", "## Mining diagnostics", "## Test-time compute",
+            "## Failed, missing and damaged runs", "## Plots")  # fmt: skip
+PRIMARY = {"compare": ["adversarial", "random"], "metric": "mse_id"}
 
 
-def make_run(run_id, strategy, seed, scale, *, sweep=None, seconds_per_step=0.01, grads_per_step=1.0, energy=True):
-    metrics = make_metrics(scale, seed, seconds_per_step=seconds_per_step, grads_per_step=grads_per_step, energy=energy)
-    last = metrics[-1]
-    final = {
-        "status": "finished",
-        "step": last["step"],
-        "mse_id": last["val_mse_id"],
-        "mse_ood": last["val_mse_ood"],
-        "mse_id_raw": 1.2 * last["val_mse_id"],
-        "mse_ood_raw": 1.2 * last["val_mse_ood"],
-        "zeros_mse_id": 1.0,
-        "zeros_mse_ood": 4.0,
-        "loss": 0.01,
-        "loss_denoise": 0.005,
-        "inference_steps_sweep": {
-            str(k): {"mse_id": last["val_mse_id"] / k, "mse_ood": last["val_mse_ood"] / k} for k in (1, 2, 5)
-        },
-        "grad_evals": last["grad_evals"],
-        "num_processes": 1,
-        "train_seconds": last["train_seconds"],
-        "steps_per_second": last["step"] / last["train_seconds"],
-    }
-    return RunRecord(run_id, strategy, sweep or {}, seed, final, metrics)
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """none / random / adversarial x 3 seeds (adversarial: lower EMA error, higher raw error, 2.7x the FLOPs,
+    its seeds' clocks far apart, trained under a higher load), one failed run, one missing and one damaged;
+    the report is written once."""
+    runs = []
+    for s in range(3):
+        runs.append(make_run(f"none__seed{s}", "none", s, 1.0, energy=False))
+        runs.append(make_run(f"random__seed{s}", "random", s, 0.9, flops_per_step=1.9e9))
+        runs.append(make_run(f"adversarial__seed{s}", "adversarial", s, 0.8, flops_per_step=2.7e9, mining=True,
+                             seconds_per_step=0.03, t0=20.0 * s, raw=1.6, load=1.8))  # fmt: skip
+    failed = {"status": "failed", "error": "non-finite loss or gradient at step 151 (loss=nan)", "step": 150}
+    runs.append(RunRecord("random__seed3", "random", {}, 3, failed, make_metrics(1.0, 3, steps=(100,))))
+    runs.append(RunRecord("none__seed3", "none", {}, 3, None, make_metrics(1.0, 3, steps=(100, 200))))
+    runs.append(RunRecord("adversarial__seed3", "adversarial", {}, 3, [1, 2], []))  # type: ignore[arg-type]
+    out = tmp_path_factory.mktemp("report")
+    (out / "plots").mkdir()
+    (out / "plots" / "mse_vs_inference_steps.png").write_bytes(b"stale")
+    write_report(out, runs, title="Mining study", description="Task: inverse, rank 20.", primary=PRIMARY)
+    return out, runs, (out / "report.md").read_text()
 
 
-def failed_run(run_id, strategy, seed, error):
-    metrics = make_metrics(1.0, seed, steps=(100,))
-    final = {"status": "failed", "error": error, "step": 150, "grad_evals": 450.0}
-    final.update(train_seconds=1.5, steps_per_second=100.0)
-    return RunRecord(run_id, strategy, {}, seed, final, metrics)
+def section(report, heading):
+    start = report.index(heading + "\n")
+    following = [report.index(h + "\n") for h in SECTIONS if report.index(h + "\n") > start]
+    return report[start:min(following, default=len(report))]
 
 
-@pytest.fixture
-def study():
-    """random × 2 seeds, adversarial × 2 seeds (3x the gradient cost, 10x lower error), one failed, one missing."""
-    return [
-        make_run("random-s0", "random", 0, 1.0),
-        make_run("random-s1", "random", 1, 1.0),
-        make_run("adversarial-s0", "adversarial", 0, 0.1, seconds_per_step=0.02, grads_per_step=3.0),
-        make_run("adversarial-s1", "adversarial", 1, 0.1, seconds_per_step=0.02, grads_per_step=3.0),
-        failed_run("adversarial-s2", "adversarial", 2, "non-finite loss or gradient at step 151 (loss=nan)"),
-        RunRecord("random-s2", "random", {}, 2, None, make_metrics(1.0, 2, steps=(100, 200))),
-    ]
+def test_number_format():
+    assert fmt(0.020912) == "0.0209" and fmt(0.0015312) == "0.00153" and fmt(0.5) == "0.5"
+    assert fmt(0.00015312) == "1.53e-4" and fmt(2e-5) == "2e-5" and fmt(-6.94e-4) == "-6.94e-4"
+    assert fmt(1234.5) == "1230" and fmt(12.345) == "12.3" and fmt(9.9996) == "10"
+    assert fmt(2.5e15) == "2.5e15" and fmt(0) == "0" and fmt(7.5, signed=True) == "+7.5"
+    assert fmt(999_960) == "1e6" and fmt(0.00099996) == "0.001"  # the notation follows the rounded value
+    assert fmt(math.nan) == "n/a" and fmt(None) == "n/a" and fmt(math.inf) == "n/a"
+    assert pm(Estimate(0.0209, 0.00153, 3)) == "0.0209 ± 0.00153"
+    assert pm(Estimate(0.3, math.nan, 1)) == "0.3 ± n/a" and pm(Estimate(math.nan, math.nan, 0)) == "n/a"
 
 
-def test_write_report_writes_every_file(tmp_path, study):
-    write_report(tmp_path, study, title="Mining study", description="Task: inverse, rank 20.")
+def test_files_and_sections_in_order(study):
+    out, runs, report = study
+    assert report.startswith("# Mining study\n\nTask: inverse, rank 20.\n\n**Runs:** 12 (9 finished, 1 failed, 1 missing, "
+                             "1 damaged).\n\n## Verdict\n")  # fmt: skip
+    positions = [report.index(h + "\n") for h in SECTIONS]
+    assert positions == sorted(positions)
 
-    with open(tmp_path / "summary.csv", newline="") as handle:
+    with open(out / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["run_id"] for r in rows] == [r.run_id for r in study]
-    assert [r["status"] for r in rows] == ["finished"] * 4 + ["failed", "missing"]
+    assert [r["run_id"] for r in rows] == [r.run_id for r in runs]
+    assert [r["status"] for r in rows][-3:] == ["failed", "missing", "damaged"]
+    for column in ("task.rank", "train.steps", "train.batch_size", "train.lr", "model.hidden_dim",
+                   "train.budget_flops", "train_flops", "flops_per_step", "pack_size", "mse_id_raw"):  # fmt: skip
+        assert column in rows[0], column
+    assert rows[0]["task.rank"] == "20" and rows[1]["train_flops"] == "950000000000.0"
+    assert rows[-1]["error"] == "final.json holds a JSON list, not an object"
 
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["counts"] == {"finished": 4, "failed": 1, "missing": 1}
-    assert [r["run_id"] for r in summary["rows"]] == [r.run_id for r in study]
-    assert [g["group"] for g in summary["groups"]] == ["random", "adversarial"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"finished": 9, "failed": 1, "missing": 1, "damaged": 1}
+    assert [g["group"] for g in summary["groups"]] == ["none", "random", "adversarial"]
+    assert summary["comparisons"][0]["primary"] and summary["comparisons"][0]["a"] == "adversarial"
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no temp files left behind
 
-    report = (tmp_path / "report.md").read_text()
-    assert report.startswith("# Mining study")
-    assert "Task: inverse, rank 20." in report
-    assert "6 (4 finished, 1 failed, 1 missing)" in report
-    assert "predicting all zeros gives in-dist MSE 1" in report
-    for heading in ("## Final results per group", "## Pairwise comparisons", "## Equal-compute view",
-                    "## Test-time compute", "## Failed and missing runs", "## Plots"):  # fmt: skip
-        assert heading in report
-    assert "| random |" in report and "| adversarial |" in report
-    assert "**adversarial vs random** (differ in strategy): in-dist better" in report
-    assert "adversarial-s2" in report and "non-finite loss or gradient at step 151" in report
-    assert "`random-s2`" in report and "last logged step 200" in report
-    assert "Matched wall-clock" in report and "Matched energy-gradient evaluations" in report
-    assert "5 inner steps" in report
 
-    for name in (*PLOTS, "mse_vs_inference_steps.png"):
-        assert (tmp_path / "plots" / name).read_bytes().startswith(b"\x89PNG"), name
+def test_verdict_states_the_primary_first_then_disagreements(study):
+    _, _, report = study
+    verdict = section(report, "## Verdict")
+    lines = [line for line in verdict.splitlines() if line]
+    assert lines[1].startswith("**Primary comparison**") and "adversarial vs random, in-distribution" in lines[1]
+    # adversarial: EMA error 0.8x random's but raw error 0.8 * 1.6 / (0.9 * 1.2) = 1.185x: the readings disagree
+    assert lines[2].startswith("- **EMA and raw disagree**: EMA says better, raw says worse")
+    assert lines[3].startswith("- EMA: **better**: A − B = -") and "of random), 95 % CI [" in lines[3]
+    assert "paired t, 3 pairs" in lines[3] and "Holm" not in lines[3]  # the primary is not corrected
+    assert lines[4].startswith("- raw: **worse**: A − B = +")
+    assert lines[5] == "**Readings disagree** (the same question gets different verdicts):"
+    assert "- adversarial vs random, ood: EMA better, raw worse." in verdict
+    assert "**Compute:** runs trained for a number of steps" in verdict
+    assert "random 1.9×, adversarial 2.7×" in verdict
+    assert "**Not converged**" in verdict and "last fifth of training" in verdict
+    assert "in-distribution: every group beats the linear map; ood: no group beats the linear map" in verdict
+    # the comparison table lists the primary comparison first
+    table = section(report, "## Comparisons at the end of training")
+    first_row = next(line for line in table.splitlines() if line.startswith("| adversarial"))
+    assert first_row.startswith("| adversarial vs random (primary) | strategy | in-distribution, EMA | paired t, 3 pairs |")
+
+
+def test_one_number_format_everywhere(study):
+    _, _, report = study
+    assert not re.search(r"\de[-+]0\d", report)  # never Python's 1.53e-03
+    decimals = re.findall(r"\d+\.\d+", report)
+    assert decimals and all(len(d.replace(".", "").lstrip("0")) <= 3 for d in decimals), decimals  # 3 significant digits
+    assert re.search(r"\| 0\.0\d{3} ± \d", section(report, "## Final results per group"))
+
+
+def test_budget_tables_count_runs_and_warn(study):
+    _, _, report = study
+    compute = section(report, "## Equal-compute view")
+    # adversarial's seeds started 0, 20 and 40 s apart: at the wall-clock budget only seed 0 had a curve
+    assert "Not every run reached the budget (adversarial: 1/3)" in compute
+    assert "no verdict: only 1/3 runs of adversarial reached the budget" in compute
+    assert "### (a) Matched FLOPs: budget 5e11 training FLOPs" in compute
+    assert "an EMA model read mid-training lags its raw model" in compute
+    assert "Every finished run reached the budget." in compute  # the FLOP budget
+    # the load was 1.0 for none and random, 1.8 for adversarial: 0.8 > 0.5, so no wall-clock verdicts at all
+    assert "**No verdicts on this axis:** the machine load varied by 0.8 (> 0.5)" in compute
+    assert "| random vs none | strategy | in-distribution, EMA | paired t, 3 pairs |" in compute
+    assert "no verdict: the machine load varied by 0.8 (> 0.5) |" in compute
+    assert "**Warning:** the load varied by 0.8 (> 0.5) during training" in compute
+    assert "| adversarial | 1.8 | 1.8 to 1.8 | 15 | 1 |" in compute
+
+
+def test_problems_and_plots(study):
+    out, _, report = study
+    problems = section(report, "## Failed, missing and damaged runs")
+    assert "- failed: `random__seed3` (random, seed 3) at step 150: non-finite loss" in problems
+    assert "- missing: `none__seed3` (none, seed 3): no final.json (last logged step 200)" in problems
+    assert "- damaged: `adversarial__seed3` (adversarial, seed 3): final.json holds a JSON list" in problems
+    for name in PLOTS:
+        assert (out / "plots" / name).read_bytes().startswith(b"\x89PNG"), name  # the stale file was redrawn
         assert f"(plots/{name})" in report
-    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]  # no temp files left behind
 
 
-def test_summary_rows_have_sweep_columns_and_statuses(study):
-    runs = [make_run("a", "adversarial", 0, 0.1, sweep={"mining.opt_steps": 5}), *study[:1], study[-1]]
-    rows = summary_rows(runs)
-    assert rows[0]["group"] == "adversarial · mining.opt_steps=5"
-    assert rows[0]["mining.opt_steps"] == 5 and rows[1]["mining.opt_steps"] is None
-    assert rows[2]["status"] == "missing" and rows[2]["mse_id"] is None and rows[2]["steps"] is None
-    assert rows[1]["steps"] == 400 and rows[1]["error"] is None
-    assert list(rows[0]) == list(rows[2]) == summary_columns(runs)  # the same columns on every row
-
-
-def test_clearly_better_group_gets_better_verdict(study):
-    comparisons = pairwise_comparisons(study)
-    assert [(c.a, c.b, c.factor, c.metric) for c in comparisons] == [
-        ("adversarial", "random", "strategy", "mse_id"),
-        ("adversarial", "random", "strategy", "mse_ood"),
-    ]
-    assert all(c.verdict == "better" and c.result.diff < 0 for c in comparisons)
-    reversed_study = [*study[2:4], *study[:2]]  # now random comes later: random vs adversarial is worse
-    assert {c.verdict for c in pairwise_comparisons(reversed_study)} == {"worse"}
-
-
-def test_only_one_factor_pairs_are_compared():
-    runs = [
-        make_run("none", "none", 0, 1.0, sweep={"mining.opt_steps": 2}),
-        make_run("random", "random", 0, 1.0, sweep={"mining.opt_steps": 2}),
-        make_run("adv2", "adversarial", 0, 1.0, sweep={"mining.opt_steps": 2}),
-        make_run("adv5", "adversarial", 0, 1.0, sweep={"mining.opt_steps": 5}),
-    ]
-    pairs = list(dict.fromkeys((c.a, c.b, c.factor) for c in pairwise_comparisons(runs)))
-    o2, o5 = " · mining.opt_steps=2", " · mining.opt_steps=5"
-    # later group vs earlier group, in group order; none/random vs opt_steps=5 differ in two factors
-    assert pairs == [
-        ("random" + o2, "none" + o2, "strategy"),
-        ("adversarial" + o2, "none" + o2, "strategy"),
-        ("adversarial" + o2, "random" + o2, "strategy"),
-        ("adversarial" + o5, "adversarial" + o2, "mining.opt_steps"),
-    ]
-
-
-def test_matched_budgets(study):
-    groups = group_runs(study)
-    # random seeds end at 400 steps * 0.01 s * (1, 1.01) = 4.00 s and 4.04 s; adversarial twice that:
-    # the budget is the earliest finish, so every finished run reaches it
-    assert matched_budget(groups, "train_seconds") == pytest.approx(4.00)
-    assert matched_budget(groups, "grad_evals") == pytest.approx(400.0)
-    # adversarial at 400 gradient evaluations = step 400/3, between the val points at steps 100 and 200:
-    # log-linear read of 0.1 * exp(-step / 100) is exact for this exponential curve
-    adversarial = study[2]
-    assert value_at_budget(adversarial, "grad_evals", "mse_id", 400.0) == pytest.approx(0.1 * math.exp(-4 / 3))
-    assert all(value_at_budget(run, "train_seconds", "mse_id", 4.00) > 0 for run in study if run.finished)
-    # no extrapolation: a budget beyond the end of a curve is not reached
-    assert math.isnan(value_at_budget(study[0], "train_seconds", "mse_id", 4.02))
+def test_old_format_folders_report_with_gaps(tmp_path):
+    runs = [make_run(f"{g}{s}", g, s, scale, old=True) for g, scale in (("none", 1.0), ("adversarial", 0.5))
+            for s in range(2)]  # fmt: skip
+    write_report(tmp_path, runs, title="Old study")
+    report = (tmp_path / "report.md").read_text()
+    assert "### (a) Matched FLOPs: budget n/a training FLOPs" in report and "no finished run logged training FLOPs" in report
+    assert "| zeros predictor | predicts all zeros | 1 | 4 |  |" in report
+    assert "| linear map | least-squares linear map from vec(A) to the answer, fit on training problems | n/a | 0 |  |" in report
+    assert "| none | 0 | n/a | n/a | n/a | n/a |" in report  # no mining diagnostics
+    assert "in-distribution: every group beats the zeros predictor" in report
+    for name in PLOTS:
+        assert (tmp_path / "plots" / name).read_bytes().startswith(b"\x89PNG"), name
 
 
 def test_degenerate_studies_do_not_crash(tmp_path):
     runs = [
         make_run("solo", "adversarial", 0, 0.1, energy=False),  # one seed: CI n/a
-        failed_run("f0", "random", 0, "boom | with a pipe"),  # a group with every run failed
-        failed_run("f1", "random", 1, "boom again"),
+        RunRecord("f0", "random", {}, 0, {"status": "failed", "error": "boom | with a pipe", "step": 3}, []),
+        make_run("r1", "random", 1, 0.2),  # no seed shared with 'solo'; one value each
         RunRecord("ghost", "none", {}, 0, None, []),  # missing, no metrics
     ]
-    runs[0].final["inference_steps_sweep"] = {}
-    write_report(tmp_path, runs, title="Edge cases")
+    for run in runs[::2]:
+        run.final["inference_steps_sweep"] = {}
+    write_report(tmp_path, runs, title="Edge cases", primary={"compare": ["adversarial", "random"], "metric": "mse_id"})
     report = (tmp_path / "report.md").read_text()
-    assert "± n/a" in report
-    assert "needs ≥ 2 finished runs per group" in report
-    assert "No run has an inference-steps sweep" in report
+    assert "± n/a" in report and "No run has an inference-steps sweep" in report
+    assert "no verdict (needs ≥ 2 seeds shared by both groups or ≥ 2 values per group)" in report
     assert "boom \\| with a pipe" in report and "`ghost`" in report and "no metrics logged" in report
-    for name in PLOTS:
-        assert (tmp_path / "plots" / name).read_bytes().startswith(b"\x89PNG")
     assert not (tmp_path / "plots" / "mse_vs_inference_steps.png").exists()
     json.loads((tmp_path / "summary.json").read_text())
 
     write_report(tmp_path / "empty", [], title="Nothing yet")
-    assert "0 (0 finished, 0 failed, 0 missing)" in (tmp_path / "empty" / "report.md").read_text()
+    assert "0 (0 finished, 0 failed, 0 missing, 0 damaged)" in (tmp_path / "empty" / "report.md").read_text()
+
+
+def test_description_lists_the_strategies_actually_run(tmp_path):
+    study = select(load_study(ROOT / "configs" / "matrix_inversion_mining.yaml"), ["random", "adversarial"], [0, 1])
+    expand(study, tmp_path)
+    text = comparison.describe(study)
+    # the file's own description names 'none', which this study no longer runs
+    assert "no energy supervision (none)" not in text and "it names none, which this study does not run" in text
+    assert "Strategies (2): `random: {strategy: random}`; `adversarial: {strategy: adversarial, opt_steps: 2, " \
+           "scale_factor: 1.0}`." in text
+    assert "rank 20; 100000 steps of batch 2048, lr 0.0001" in text and "hidden 512" in text and "seeds 0, 1." in text
+    whole = load_study(ROOT / "configs" / "matrix_inversion_mining.yaml")
+    expand(whole, tmp_path)
+    assert comparison.describe(whole).startswith("Matrix inversion (rank 20) with energy diffusion, comparing no energy")

@@ -4,13 +4,14 @@ import math
 import pytest
 from scipy import stats as sps
 
-from diffusion_lib.stats import WelchResult, interpolate_at, mean_ci, verdict, welch_test
+from diffusion_lib.stats import holm, interpolate_at, mean_ci, paired_test, verdict, welch_test
 
 # The worked example used throughout:
 #   a = [1, 2, 3, 4]:      mean 2.5, sample variance ((1.5² + 0.5² + 0.5² + 1.5²) / 3) = 5/3
 #   b = [2, 4, 6, 8, 10]:  mean 6,   sample variance ((16 + 4 + 0 + 4 + 16) / 4)     = 10
 A = [1, 2, 3, 4]
 B = [2, 4, 6, 8, 10]
+NAN = math.nan
 
 
 def test_mean_ci_by_hand():
@@ -27,6 +28,7 @@ def test_mean_ci_other_confidence_and_small_samples():
     mean, half = mean_ci([0.3])
     assert mean == 0.3 and math.isnan(half)
     assert all(math.isnan(v) for v in mean_ci([]))
+    assert mean_ci([0.5, 0.5, 0.5]) == (0.5, 0.0)  # no spread: the mean is exact
 
 
 def test_welch_by_hand():
@@ -34,18 +36,16 @@ def test_welch_by_hand():
     # diff = 2.5 - 6 = -3.5;  t = -3.5 / sqrt(29/12) = -2.25144
     # Welch-Satterthwaite dof = (29/12)² / ((5/12)²/3 + 2²/4) = (841/144) / (457/432) = 2523/457 = 5.52079
     r = welch_test(A, B)
+    assert r.test == "Welch"
     assert r.diff == pytest.approx(-3.5)
     assert r.t == pytest.approx(-2.25144, abs=1e-5)
     assert r.dof == pytest.approx(2523 / 457)
-    # p and the interval need the t distribution at a fractional dof: cross-check with scipy
-    reference = sps.ttest_ind(A, B, equal_var=False)
-    assert r.p_value == pytest.approx(reference.pvalue)
+    # p at a fractional dof: 2 * P(T > 2.25144) for T ~ t(5.52079), from scipy's t distribution
+    assert r.p_value == pytest.approx(2 * sps.t.sf(2.25144, 2523 / 457), abs=1e-5)
     assert r.p_value == pytest.approx(0.0691, abs=1e-4)
-    low, high = reference.confidence_interval()
-    assert (r.ci_low, r.ci_high) == (pytest.approx(low), pytest.approx(high))
     # the interval is symmetric about diff with half width t(0.975, dof) * sqrt(29/12)
     half = sps.t.ppf(0.975, 2523 / 457) * math.sqrt(29 / 12)
-    assert r.ci_high - r.diff == pytest.approx(half)
+    assert (r.ci_low, r.ci_high) == (pytest.approx(-3.5 - half), pytest.approx(-3.5 + half))
     assert r.ci_low < 0 < r.ci_high  # consistent with p > 0.05
 
 
@@ -71,19 +71,73 @@ def test_welch_degenerate_inputs():
     assert one.dof == pytest.approx(2.0)
 
 
-def _result(diff: float, p: float) -> WelchResult:
-    return WelchResult(diff, math.nan, math.nan, math.nan, math.nan, p)
+def test_paired_by_hand():
+    # differences a - b = [2, 3, 2, 3]: mean 2.5, sample variance (4 * 0.25) / 3 = 1/3,
+    # standard error sqrt(1/3) / sqrt(4) = 0.288675, t = 2.5 / 0.288675 = 5 * sqrt(3) = 8.66025, dof 3.
+    # For 3 dof the t CDF has a closed form: two-sided p = 1 - (2/pi) * (x / (1 + x²) + atan(x)), x = t / sqrt(3) = 5
+    #   = 1 - 0.63662 * (5/26 + 1.373401) = 1 - 0.63662 * 1.565709 = 1 - 0.996761 = 0.003239
+    # 95 % CI: 2.5 ± t(0.975, 3) * 0.288675 = 2.5 ± 3.18245 * 0.288675 = 2.5 ± 0.918695
+    r = paired_test([3, 5, 4, 6], [1, 2, 2, 3])
+    assert r.test == "paired"
+    assert r.diff == pytest.approx(2.5)
+    assert r.t == pytest.approx(5 * math.sqrt(3))
+    assert r.dof == 3
+    assert r.p_value == pytest.approx(1 - 2 / math.pi * (5 / 26 + math.atan(5)))
+    assert r.p_value == pytest.approx(0.003239, abs=1e-6)
+    assert (r.ci_low, r.ci_high) == (pytest.approx(1.581305, abs=1e-5), pytest.approx(3.418695, abs=1e-5))
+
+
+def test_pairing_removes_the_seed_spread():
+    # per-seed values that differ a lot between seeds but by a steady amount within a seed:
+    # differences [0.1, 0.2, 0.1]: mean 0.13333, sd 0.057735, se 0.033333, t = 4, dof 2;
+    # for 2 dof the two-sided p is 1 - t / sqrt(t² + 2) = 1 - 4 / sqrt(18) = 0.057191
+    a, b = [1.1, 2.2, 3.1], [1.0, 2.0, 3.0]
+    paired = paired_test(a, b)
+    assert paired.t == pytest.approx(4.0)
+    assert paired.p_value == pytest.approx(1 - 4 / math.sqrt(18))
+    assert welch_test(a, b).p_value > 0.8  # unpaired, the seed spread (sd ~1) hides the difference
+
+
+def test_paired_degenerate_inputs():
+    one = paired_test([2.0], [1.0])
+    assert one.diff == 1.0 and all(math.isnan(v) for v in (one.ci_low, one.ci_high, one.t, one.dof, one.p_value))
+    assert math.isnan(paired_test([], []).diff)
+    # differences without spread: exact, p = 0 (they differ) or 1 (they do not), dof = pairs - 1
+    steady = paired_test([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])
+    assert (steady.diff, steady.ci_low, steady.ci_high, steady.p_value, steady.dof) == (2.0, 2.0, 2.0, 0.0, 2.0)
+    assert steady.t == math.inf
+    equal = paired_test([1.0, 2.0], [1.0, 2.0])
+    assert (equal.diff, equal.t, equal.p_value) == (0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="as many"):
+        paired_test([1.0, 2.0], [1.0])
+
+
+def test_holm_by_hand():
+    # p = [0.01, 0.04, 0.03, 0.005], m = 4; sorted: 0.005 * 4 = 0.02, 0.01 * 3 = 0.03, 0.03 * 2 = 0.06,
+    # 0.04 * 1 = 0.04 -> raised to 0.06 (never below the adjusted value of a smaller p)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # NaN (a test not run) is passed through and not counted: the same four give the same values
+    adjusted = holm([0.01, NAN, 0.04, 0.03, 0.005])
+    assert math.isnan(adjusted[1])
+    assert [adjusted[i] for i in (0, 2, 3, 4)] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # capped at 1: 0.6 * 2 = 1.2 -> 1, then 0.9 * 1 = 0.9 -> raised to 1
+    assert holm([0.6, 0.9]) == [1.0, 1.0]
+    # m = 2: 0.3 * 2 = 0.6, 0.5 * 1 = 0.5 -> 0.6
+    assert holm([0.5, 0.3]) == pytest.approx([0.6, 0.6])
+    assert holm([0.02]) == [0.02]  # one test: nothing to correct
+    assert holm([]) == []
+    assert all(math.isnan(v) for v in holm([NAN, NAN]))
 
 
 def test_verdict_words():
-    assert verdict(_result(-1.0, 0.01)) == "better"
-    assert verdict(_result(1.0, 0.01)) == "worse"
-    assert verdict(_result(-1.0, 0.2)) == "no detectable difference"
-    assert verdict(_result(-1.0, 0.05)) == "no detectable difference"  # p must be strictly below alpha
-    assert verdict(_result(-1.0, 0.08), alpha=0.1) == "better"
-    assert verdict(_result(-1.0, math.nan)) == "no detectable difference"
-    assert verdict(welch_test(A, B)) == "no detectable difference"  # p = 0.069
-    assert verdict(welch_test([1.0, 1.1, 0.9], [5.0, 5.1, 4.9])) == "better"
+    assert verdict(-1.0, 0.01) == "better"
+    assert verdict(1.0, 0.01) == "worse"
+    assert verdict(-1.0, 0.2) == "no detectable difference"
+    assert verdict(-1.0, 0.05) == "no detectable difference"  # p must be strictly below alpha
+    assert verdict(-1.0, 0.08, alpha=0.1) == "better"
+    assert verdict(-1.0, NAN) == "no detectable difference"
+    r = welch_test(A, B)  # p = 0.069
+    assert verdict(r.diff, r.p_value) == "no detectable difference"
 
 
 def test_interpolate_at_is_log_linear():
