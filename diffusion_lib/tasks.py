@@ -85,9 +85,10 @@ class InverseTask(MatrixTask):
         eye = torch.eye(n, device=u.device)
         a = 2 * u @ u.transpose(-1, -2) + (0.1 if ood else 0.5) * eye
         # A is symmetric positive definite: invert through Cholesky, in float64 where the device has it
-        # (the ood matrices are poorly conditioned)
+        # (the ood matrices are poorly conditioned). cholesky_ex: no host sync to check a failure that
+        # cannot happen (A >= lambda I), so a GPU step need not wait for it.
         wide = torch.float32 if a.device.type == "mps" else torch.float64
-        a_inv = torch.cholesky_inverse(torch.linalg.cholesky(a.to(wide))).float()
+        a_inv = torch.cholesky_inverse(torch.linalg.cholesky_ex(a.to(wide)).L).float()
         return rearrange(a, "b i j -> b (i j)"), rearrange(a_inv, "b i j -> b (i j)")
 
 

@@ -104,3 +104,31 @@ def test_ema_follows_the_reference_warm_up():
         model.weight.fill_(3.0)
     ema.update(model, 110)  # 1 + (3 - 1) * (1 - decay)
     torch.testing.assert_close(ema.model.weight, torch.full((2, 2), 1 + 2 * 11 ** (-2 / 3)))
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path):
+    """No .item() / .tolist() / bool() on a tensor during a step (on a GPU each one waits for the device);
+    Adam's step counts, kept on the host by torch, are the only host reads allowed."""
+    config = tiny_config(tmp_path, **{"mining.strategy": "adversarial"})
+    task = train.create_dataset(config)
+    trainer = train.create_trainer(config, train.create_diffusion_model(config, task), task)
+    trainer.train_step()  # Adam creates its state on the first step
+    host_counters = {id(state["step"]) for state in trainer.optimizer.state.values()}
+    reads = []
+
+    def recording(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args):
+            if id(self) not in host_counters:
+                reads.append(name)
+            return original(self, *args)
+
+        return read
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            patch.setattr(torch.Tensor, name, recording(name))
+        for _ in range(3):
+            trainer.train_step()
+    assert reads == []
