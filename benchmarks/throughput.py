@@ -2,26 +2,35 @@
 
 Run as `python benchmarks/throughput.py [--quick]` or `python -m benchmarks.throughput [--quick]`.
 
-Implementations, all on the *same model weights*:
-- `plain`:    benchmarks/straightforward.py (autograd with create_graph=True, time MLP per sample,
-              separate rejection forwards, per-sample numpy data in a DataLoader);
-- `fast`:     the library as it runs by default (eager);
-- `compiled`: the library after the opt-in `diffusion_lib.models.compile_energy_kernels()`.
+Implementations, both on the *same model weights* (the library's EBM as a pack of one run, P = 1):
+- `plain`: benchmarks/straightforward.py (autograd with create_graph=True, time MLP per sample, fc1 on
+           cat([x, y]) at every evaluation, separate rejection forwards, per-sample numpy data in a
+           DataLoader), reading run 0 of the packed layers;
+- `fast`:  the library as it runs: packed tensors [P, B, ...], the condition (fc1 on x, FiLM) once per
+           batch, the time MLP on the T distinct timesteps, an explicit gradient sweep that autograd
+           differentiates in training, the accepted proposal's energy reused, batched torch data.
 
 What is measured, for each strategy (none, random, adversarial with opt_steps 2) at (rank 20, batch
-2048) and (rank 5, batch 256):
+2048) and (rank 5, batch 256), hidden 512:
 - seconds per full training step, data generation included (data + loss + backward + grad-norm clip
-  1.0 + Adam step). The implementations run *interleaved step by step in one process*, so a burst of
-  load from other work on this shared machine hits them alike; a speed-up is the median of the
-  per-step ratios. The step is split into data / model (loss + backward) / optimiser (clip + Adam);
+  1.0 + Adam step; the same clip and Adam code for both). The implementations run *interleaved step by
+  step in one process*, so a burst of load from other work on a shared machine hits them alike; a
+  speed-up is the median of the per-step ratios. The step is split into data / model (loss + backward)
+  / optimiser (clip + Adam);
 - peak RSS: each (configuration, implementation) runs again in its *own fresh subprocess* (a warm-up
   step and one more) and reports `ru_maxrss`, so the peaks are separable. The RSS just before its first
   step (imports, model, optimiser, data source) is shown too: the step's working set is the difference;
 - model FLOPs per step, counted from the shapes of the matmuls the step actually runs (recorded with
   a dispatch mode during loss + backward), and the time those same matmuls take *alone* at the same
-  shapes and layouts, timed in the same process: matmul-bound / measured = model FLOP/s / matmul FLOP/s;
+  shapes and layouts, timed in the same process: matmul-bound / measured = model FLOP/s / matmul FLOP/s.
+  The same recording counts the step's other (non-matmul, non-view) passes over large tensors;
 - sampling 256 rank-20 problems (10 timesteps x 5 inner steps), interleaved the same way, with the
-  same FLOP accounting.
+  same accounting;
+- levers: the fast path with and without each of its optimisations (a variant patched in with
+  mock.patch), interleaved step by step; gain = median of the per-step ratios.
+
+`--quick` runs every part at toy sizes (a smoke check of the script, under 2 minutes; its numbers
+mean nothing) and writes no report unless --out is given.
 """
 from __future__ import annotations
 
@@ -42,7 +51,7 @@ from typing import Any, Callable, Iterator
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,18 +60,34 @@ if str(ROOT) not in sys.path:  # `python benchmarks/throughput.py` puts benchmar
 
 from benchmarks import straightforward as plain  # noqa: E402
 from diffusion_lib import EBM, EnergyCondition, EnergyDenoiser, GaussianDiffusion1D  # noqa: E402
-from diffusion_lib.models import compile_energy_kernels  # noqa: E402
+from diffusion_lib import models  # noqa: E402
+from diffusion_lib.diffusion import OptResult  # noqa: E402
+from diffusion_lib.models import packed_linear  # noqa: E402
 from diffusion_lib.tasks import make_task  # noqa: E402
 
-THREADS = 2
 STRATEGIES = ("none", "random", "adversarial")
-SHAPES = ((20, 2048), (5, 256))  # (rank, batch)
-SAMPLE_RANK, SAMPLE_PROBLEMS, SAMPLE_INNER = 20, 256, 5
-IMPLS = ("fast", "compiled", "plain")
-Batch = tuple[torch.Tensor, torch.Tensor]
+TRAIN_OPT_STEPS = 2  # adversarial mining's inner steps in every training configuration here
+IMPLS = ("fast", "plain")
+STUDY_SECTION = "# Study throughput"  # sections appended by benchmarks/study_throughput.py; kept on rewrite
+Batch = tuple[Tensor, Tensor]
 
 
-# -- the three implementations on one model ------------------------------------------------------------
+@dataclass(frozen=True)
+class Sizes:
+    """Every size the benchmark uses: the real ones, or toy ones for --quick."""
+
+    shapes: tuple[tuple[int, int], ...]  # (rank, batch) of the training configurations; the first is the main one
+    hidden: int
+    sample_rank: int
+    sample_problems: int
+    sample_inner: int
+
+
+FULL = Sizes(shapes=((20, 2048), (5, 256)), hidden=512, sample_rank=20, sample_problems=256, sample_inner=5)
+QUICK = Sizes(shapes=((4, 128),), hidden=64, sample_rank=4, sample_problems=32, sample_inner=2)
+
+
+# -- the two implementations on one model ------------------------------------------------------------
 @dataclass
 class Setup:
     diffusion: GaussianDiffusion1D
@@ -72,10 +97,11 @@ class Setup:
     generator: torch.Generator
 
 
-def make_setup(strategy: str, rank: int, batch: int, seed: int = 0) -> Setup:
-    torch.manual_seed(seed)
-    ebm = EBM(rank * rank, rank * rank)
-    diffusion = GaussianDiffusion1D(EnergyDenoiser(ebm), mining_config={"strategy": strategy, "opt_steps": 2})
+def make_setup(strategy: str, rank: int, batch: int, hidden: int, seed: int = 0) -> Setup:
+    ebm = EBM(rank * rank, rank * rank, hidden_dim=hidden)
+    ebm.init_run(0, seed)
+    mining = {"strategy": strategy, "opt_steps": TRAIN_OPT_STEPS}
+    diffusion = GaussianDiffusion1D(EnergyDenoiser(ebm), mining_config=mining)
     optimizer = torch.optim.Adam(diffusion.parameters(), lr=1e-4, betas=(0.9, 0.99))
     task = make_task("inverse", rank)
     generator = torch.Generator().manual_seed(seed)
@@ -83,16 +109,11 @@ def make_setup(strategy: str, rank: int, batch: int, seed: int = 0) -> Setup:
     return Setup(diffusion, optimizer, lambda: task.sample(batch, generator), lambda: next(loader), generator)
 
 
-def use(impl: str) -> None:
-    """Switches the library's kernels to the implementation's mode (plain does not use them)."""
-    compile_energy_kernels(impl == "compiled")
-
-
 def data(setup: Setup, impl: str) -> Batch:
     return setup.numpy_data() if impl == "plain" else setup.torch_data()
 
 
-def loss_and_backward(setup: Setup, impl: str, x: torch.Tensor, y: torch.Tensor) -> None:
+def loss_and_backward(setup: Setup, impl: str, x: Tensor, y: Tensor) -> None:
     if impl == "plain":
         loss = plain.plain_loss(setup.diffusion, x, y, generator=setup.generator)
     else:
@@ -102,7 +123,6 @@ def loss_and_backward(setup: Setup, impl: str, x: torch.Tensor, y: torch.Tensor)
 
 def train_step(setup: Setup, impl: str) -> tuple[float, float, float]:
     """One full training step; returns (total, data, model) seconds."""
-    use(impl)
     start = time.perf_counter()
     x, y = data(setup, impl)
     data_done = time.perf_counter()
@@ -114,164 +134,208 @@ def train_step(setup: Setup, impl: str) -> tuple[float, float, float]:
     return time.perf_counter() - start, data_done - start, model_done - data_done
 
 
-def sample(setup: Setup, impl: str, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    use(impl)
+def sample(setup: Setup, impl: str, x: Tensor, noise: Tensor, inner_steps: int) -> Tensor:
+    """Answers [B, D] (the fast path's pack of one, unpacked)."""
     if impl == "plain":
-        return plain.plain_sample(setup.diffusion, x, noise, SAMPLE_INNER)
-    return setup.diffusion.sample(x, noise=noise, inner_steps=SAMPLE_INNER)
+        return plain.plain_sample(setup.diffusion, x, noise, inner_steps)
+    return setup.diffusion.sample(x, noise=noise, inner_steps=inner_steps)[0]
 
 
-# -- matmul accounting ------------------------------------------------------------------------------
-MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+# -- op accounting: matmuls by shape, and the other passes over large tensors ---------------------------
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+           torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default}
+Operand = tuple[tuple[int, ...], tuple[int, ...]]  # shape, strides
 
 
-class MatmulRecorder(TorchDispatchMode):
-    """Counts every matmul (op, operand shapes and strides) that runs under it."""
+class OpRecorder(TorchDispatchMode):
+    """Counts every matmul (op, operand shapes and strides, dtype, scalar arguments) that runs under it, and
+    every other op that reads or writes at least `large` elements without being a view (an elementwise
+    pass, a reduction, a gather, a copy: memory-bound work that a GEMM-only count misses)."""
 
-    def __init__(self):
+    def __init__(self, large: int):
         super().__init__()
-        self.calls: Counter = Counter()
+        self.large = large
+        self.matmuls: Counter = Counter()
+        self.passes: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tensors = [a for a in args if isinstance(a, Tensor)]
         if func in MATMULS:
-            operands = tuple((tuple(a.shape), tuple(a.stride())) for a in args if isinstance(a, torch.Tensor))
-            self.calls[(func, operands)] += 1
-        return func(*args, **(kwargs or {}))
+            operands = tuple((tuple(a.shape), tuple(a.stride())) for a in tensors)
+            self.matmuls[(func, operands, tensors[0].dtype, tuple(sorted(kwargs.items())))] += 1
+            return out
+        returns = func._schema.returns
+        is_view = bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+        outputs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, Tensor)]
+        if not is_view and max((t.numel() for t in tensors + outputs), default=0) >= self.large:
+            self.passes[func.__name__] += 1
+        return out
 
 
-def matmul_flops(func, operands) -> int:
+def matmul_flops(func, operands: tuple[Operand, ...]) -> int:
+    """2 m k n per product (times the batch for bmm / baddbmm); the last two operands are the factors."""
     (m, k), n = operands[-2][0][-2:], operands[-1][0][-1]
-    return 2 * (operands[-2][0][0] if func is torch.ops.aten.bmm.default else 1) * m * k * n
+    batch = operands[-2][0][0] if len(operands[-2][0]) == 3 else 1
+    return 2 * batch * m * k * n
 
 
-def time_matmul(func, operands, repeats: int) -> float:
+def strided_operand(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Random values laid out with the recorded strides (transposed or broadcast operands included)."""
+    size = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
+    return torch.randn(size, dtype=dtype).as_strided(shape, stride)
+
+
+def time_matmul(func, operands: tuple[Operand, ...], dtype: torch.dtype, kwargs: tuple, repeats: int) -> float:
     """Median seconds of one matmul alone, on fresh operands of the recorded shapes and strides."""
-    args = [torch.empty_strided(shape, stride).normal_() for shape, stride in operands]
+    args = [strided_operand(shape, stride, dtype) for shape, stride in operands]
     for _ in range(2):
-        func(*args)
+        func(*args, **dict(kwargs))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        func(*args)
+        func(*args, **dict(kwargs))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def matmul_bound(run: Callable[[], Any], repeats: int) -> dict[str, float]:
-    """GFLOP of the matmuls `run` performs and the seconds they take alone at the same shapes."""
-    with MatmulRecorder() as recorder:
+def op_accounting(run: Callable[[], Any], large: int, repeats: int) -> dict[str, float]:
+    """GFLOP of the matmuls `run` performs, the seconds they take alone at the same shapes, the count of
+    those matmuls and of its other passes over >= `large` elements."""
+    with OpRecorder(large) as recorder:
         run()
     flops = seconds = 0.0
-    for (func, operands), count in recorder.calls.items():
+    for (func, operands, dtype, kwargs), count in recorder.matmuls.items():
         flops += count * matmul_flops(func, operands)
-        seconds += count * time_matmul(func, operands, repeats)
-    return {"gflop": flops / 1e9, "matmul_s": seconds}
+        seconds += count * time_matmul(func, operands, dtype, kwargs, repeats)
+    return {"gflop": flops / 1e9, "matmul_s": seconds, "matmuls": sum(recorder.matmuls.values()),
+            "passes": sum(recorder.passes.values()), "top_passes": dict(recorder.passes.most_common(6))}
 
 
 # -- lever ablations: the fast path with one lever reverted ------------------------------------------
 # Each variant is patched in only for its own steps; timed interleaved with the unpatched fast path,
-# the median ratio (variant / fast) is what that lever buys.
-def _swish_slope_autograd(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    s = torch.sigmoid(z)
-    h = z * s
-    return h, s + h * (1 - s)
+# the median ratio (variant / fast) is what that lever buys. All take and return packed tensors [P, B, ...].
+_library_energy_and_grad = EBM.energy_and_grad  # captured before any patch: the variants call the original
 
 
-def energy_and_grad_autograd_adjoint(self: EBM, cond: EnergyCondition, y: torch.Tensor, need_grad: bool = True):
-    """Explicit input gradient as differentiable torch ops; autograd derives its second order (no Function)."""
-    w1_y = self.fc1.weight[:, self.inp_dim :]
-    h1, slope1 = _swish_slope_autograd(cond.fc1_x + F.linear(y, w1_y))
-    h2, slope2 = _swish_slope_autograd(self.fc2(h1) * cond.scale2 + cond.shift2)
-    h3, slope3 = _swish_slope_autograd(self.fc3(h2) * cond.scale3 + cond.shift3)
-    out = self.fc4(h3)
-    energy = out.pow(2).sum(dim=-1, keepdim=True)
+def energy_and_grad_autograd(self: EBM, cond: EnergyCondition, y: Tensor, need_grad: bool = True):
+    """No explicit sweep: torch.autograd.grad on the same split energy (the library's forward part), with
+    create_graph=True when a graph is being recorded (training), as the straightforward path does."""
     if not need_grad:
-        return energy, None
-    d_z3 = (2 * out) @ self.fc4.weight * slope3
-    d_z2 = (d_z3 * cond.scale3) @ self.fc3.weight * slope2
-    d_z1 = (d_z2 * cond.scale2) @ self.fc2.weight * slope1
-    return energy, d_z1 @ w1_y
-
-
-def energy_and_grad_autograd(self: EBM, cond: EnergyCondition, y: torch.Tensor, need_grad: bool = True):
-    """No explicit gradient: torch.autograd.grad (create_graph=True when training) on the split-fc1 energy."""
-    training = torch.is_grad_enabled()
+        return _library_energy_and_grad(self, cond, y, need_grad=False)
+    recording = torch.is_grad_enabled()
     with torch.enable_grad():
-        y = y if y.requires_grad else y.detach().requires_grad_(True)
-        h = F.silu(cond.fc1_x + F.linear(y, self.fc1.weight[:, self.inp_dim :]))
-        h = F.silu(self.fc2(h) * cond.scale2 + cond.shift2)
-        h = F.silu(self.fc3(h) * cond.scale3 + cond.shift3)
-        energy = self.fc4(h).pow(2).sum(dim=-1, keepdim=True)
-        grad = torch.autograd.grad(energy.sum(), y, create_graph=training)[0] if need_grad else None
-    if not training:
-        energy, grad = energy.detach(), None if grad is None else grad.detach()
+        y_in = y if y.requires_grad else y.detach().requires_grad_(True)
+        energy, _ = _library_energy_and_grad(self, cond, y_in, need_grad=False)
+        (grad,) = torch.autograd.grad(energy.sum(), y_in, create_graph=recording)
+    if not recording:
+        energy, grad = energy.detach(), grad.detach()
     return energy, grad
 
 
-def condition_time_mlp_per_sample(self: EBM, x: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> EnergyCondition:
-    """The time MLP and FiLM maps run on B rows (one per sample) instead of T rows."""
-    emb = self.time_mlp(t)
-    gain2, shift2 = self.t_map_fc2(emb).chunk(2, dim=-1)
-    gain3, shift3 = self.t_map_fc3(emb).chunk(2, dim=-1)
-    fc1_x = F.linear(x, self.fc1.weight[:, : self.inp_dim], self.fc1.bias)
-    return EnergyCondition(fc1_x, 1 + gain2, shift2, 1 + gain3, shift3)
+def _time_path(ebm: EBM, steps: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """gain2, shift2, gain3, shift3 for timesteps `steps` ([T] shared by the runs, or [P, B])."""
+    emb = ebm.time_mlp[0](steps.reshape(-1)).to(ebm.fc1.weight.dtype)
+    emb = emb.view(*steps.shape, -1) if steps.dim() == 2 else emb.expand(ebm.runs, -1, -1)
+    emb = ebm.time_mlp[1:](emb)
+    return (*ebm.t_map_fc2(emb).chunk(2, dim=-1), *ebm.t_map_fc3(emb).chunk(2, dim=-1))
 
 
-def condition_indexing(self: EBM, x: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> EnergyCondition:
-    """FiLM gathered by t-indexing (backward: index_put with accumulate) instead of index_select."""
-    emb = self.time_mlp(torch.arange(num_timesteps, device=x.device))
-    gain2, shift2 = self.t_map_fc2(emb).chunk(2, dim=-1)
-    gain3, shift3 = self.t_map_fc3(emb).chunk(2, dim=-1)
-    fc1_x = F.linear(x, self.fc1.weight[:, : self.inp_dim], self.fc1.bias)
-    return EnergyCondition(fc1_x, (1 + gain2)[t], shift2[t], (1 + gain3)[t], shift3[t])
+def _fc1_x(ebm: EBM, x: Tensor) -> Tensor:
+    return packed_linear(x, ebm.fc1.weight[:, :, : ebm.inp_dim], ebm.fc1.bias)
+
+
+def condition_time_mlp_per_sample(self: EBM, x: Tensor, t: Tensor, num_timesteps: int) -> EnergyCondition:
+    """The time MLP and FiLM maps run on the P x B samples' timesteps instead of the T distinct ones."""
+    gain2, shift2, gain3, shift3 = _time_path(self, t)
+    return EnergyCondition(_fc1_x(self, x), 1 + gain2, shift2, 1 + gain3, shift3)
+
+
+def condition_indexing(self: EBM, x: Tensor, t: Tensor, num_timesteps: int) -> EnergyCondition:
+    """As the library, but FiLM gathered by (run, t) indexing (backward: index_put with accumulate)
+    instead of index_select on the flattened [P * T] rows."""
+    gain2, shift2, gain3, shift3 = _time_path(self, torch.arange(num_timesteps, device=x.device))
+    film = torch.cat([1 + gain2, shift2, 1 + gain3, shift3], dim=-1)  # [P, T, 4H]
+    run = torch.arange(self.runs, device=t.device).unsqueeze(-1)
+    return EnergyCondition(_fc1_x(self, x), *film[run, t].chunk(4, dim=-1))
 
 
 @torch.no_grad()
-def opt_step_separate_rejection(self: GaussianDiffusion1D, cond, y, t, steps: int, scale: float = 1.0):
-    """The spec read literally: energy and gradient at y, then a separate energy forward at the proposal."""
-    bound = self.data_bound * self.sqrt_alphas_cumprod[t].unsqueeze(-1)
-    step_size = self.opt_step_size[t].unsqueeze(-1) * scale
-    accepted = y.new_zeros(())
-    for _ in range(steps):
+def opt_step_separate_rejection(
+    self: GaussianDiffusion1D, cond: EnergyCondition, y: Tensor, t: Tensor, steps: int, scale: float = 1.0,
+    schedule: str = "constant", clamp_bound: str = "per_sample",
+) -> OptResult:
+    """The spec read literally: energy and gradient at y at every step, then a separate energy-only forward
+    at the proposal for the rejection test (steps >= 1, as mining and sampling always ask)."""
+    bound_t = t if clamp_bound == "per_sample" else t[..., :1]
+    bound = self.data_bound * self._at("sqrt_alphas_cumprod", bound_t)
+    eta = self._at("opt_step_size", t)
+    accepted, energy_start = [], None
+    for i in range(steps):
         energy, grad = self.model.energy_and_grad(cond, y)
-        proposal = torch.clamp(y - step_size * grad, -bound, bound)
+        energy_start = energy if energy_start is None else energy_start
+        step_scale = scale if i == 0 or schedule == "constant" else 2.0
+        proposal = torch.clamp(y - eta * step_scale * grad, -bound, bound)
         new_energy, _ = self.model.energy_and_grad(cond, proposal, need_grad=False)
         keep = new_energy <= energy
         y = torch.where(keep, proposal, y)
-        accepted = accepted + keep.float().mean()
-    return y, accepted / max(steps, 1)
+        energy = torch.where(keep, new_energy, energy)
+        accepted.append(keep.flatten(1).float().mean(dim=1))
+    return OptResult(y, torch.stack(accepted, dim=-1), energy_start, energy)
 
 
-LEVERS: dict[str, tuple[str, Any, str, Any]] = {  # name: (what the lever is, patched owner, attribute, variant)
-    "hand_adjoint": ("hand-derived adjoint (custom autograd Function) vs autograd through the explicit "
-                     "gradient", EBM, "energy_and_grad", energy_and_grad_autograd_adjoint),
-    "explicit_grad": ("explicit input gradient + hand adjoint vs torch.autograd.grad(create_graph) on the "
-                      "same split energy", EBM, "energy_and_grad", energy_and_grad_autograd),
-    "time_mlp_once": ("time MLP + FiLM maps on the T distinct timesteps vs on every sample", EBM, "condition",
-                      condition_time_mlp_per_sample),
-    "index_select": ("FiLM gather by index_select vs t-indexing (index_put backward)", EBM, "condition",
-                     condition_indexing),
-    "energy_reuse": ("accepted proposal's energy and gradient reused as the next start vs a separate "
-                     "rejection forward", GaussianDiffusion1D, "opt_step", opt_step_separate_rejection),
+def swish_slope_times_formula(v: Tensor, z: Tensor) -> Tensor:
+    """v * swish'(z) spelled out (sigmoid, then four elementwise products and sums) even without a graph."""
+    s = torch.sigmoid(z)
+    return v * s * (1 + z * (1 - s))
+
+
+@dataclass(frozen=True)
+class Lever:
+    what: str  # "the fast path's way vs the variant"
+    owner: Any  # the class or module patched
+    attribute: str
+    variant: Callable
+    runs_on: tuple[str, ...]  # the configurations it can change ("sample": sampling)
+
+
+LEVERS: dict[str, Lever] = {
+    "explicit_grad": Lever(
+        "explicit gradient sweep (differentiated by autograd in training) vs torch.autograd.grad"
+        "(create_graph=True) on the same split energy", EBM, "energy_and_grad", energy_and_grad_autograd,
+        ("none", "adversarial", "sample")),
+    "time_mlp_once": Lever(
+        "time MLP + FiLM maps on the T distinct timesteps vs on every sample", EBM, "condition",
+        condition_time_mlp_per_sample, ("none", "sample")),
+    "index_select": Lever(
+        "FiLM gather by index_select vs (run, t) indexing (index_put backward)", EBM, "condition",
+        condition_indexing, ("none",)),
+    "energy_reuse": Lever(
+        "accepted proposal's energy and gradient reused as the next start vs a separate rejection forward",
+        GaussianDiffusion1D, "opt_step", opt_step_separate_rejection, ("adversarial", "sample")),
+    "silu_backward": Lever(
+        "v * swish'(z) by silu_backward's fused kernel when no graph is recorded vs the spelled-out formula",
+        models, "swish_slope_times", swish_slope_times_formula, ("adversarial", "sample")),
 }
 
 
-def worker_lever(lever: str, strategy: str, rank: int, batch: int, steps: int) -> dict:
-    """The fast path with and without one lever, interleaved; for strategy 'sample', sampling."""
-    _, owner, attribute, variant = LEVERS[lever]
-    setup = make_setup("adversarial" if strategy == "sample" else strategy, rank, batch)
+def worker_lever(lever: str, config: str, rank: int, batch: int, hidden: int, inner_steps: int, steps: int) -> dict:
+    """The fast path with and without one lever, interleaved; for config 'sample', sampling."""
+    spec = LEVERS[lever]
+    setup = make_setup("adversarial" if config == "sample" else config, rank, batch, hidden)
     x, _ = setup.torch_data()
     noise = torch.randn(x.shape[0], setup.diffusion.model.out_dim, generator=setup.generator)
 
     def run() -> float:
-        if strategy == "sample":
+        if config == "sample":
             start = time.perf_counter()
-            sample(setup, "fast", x, noise)
+            sample(setup, "fast", x, noise, inner_steps)
             return time.perf_counter() - start
         return train_step(setup, "fast")[0]
 
     def run_without_lever() -> float:
-        with mock.patch.object(owner, attribute, variant):
+        with mock.patch.object(spec.owner, spec.attribute, spec.variant):
             return run()
 
     times: dict[str, list[float]] = {"with": [], "without": []}
@@ -288,17 +352,17 @@ def worker_lever(lever: str, strategy: str, rank: int, batch: int, steps: int) -
     }
 
 
-def worker_condition_cost(rank: int, batch: int, repeats: int) -> dict:
-    """Seconds of one condition() without autograd: what each inner-step energy call would add if the
+def worker_condition_cost(rank: int, batch: int, hidden: int, repeats: int) -> dict:
+    """Seconds of one condition() without autograd: what each further energy call would add if the
     condition were recomputed per call instead of once per batch / timestep."""
-    setup = make_setup("adversarial", rank, batch)
+    setup = make_setup("adversarial", rank, batch, hidden)
     x, _ = setup.torch_data()
-    t = torch.randint(0, setup.diffusion.num_timesteps, (batch,), generator=setup.generator)
+    t = torch.randint(0, setup.diffusion.num_timesteps, (1, batch), generator=setup.generator)
     times = []
     with torch.no_grad():
         for _ in range(repeats + 1):
             start = time.perf_counter()
-            setup.diffusion.condition(x, t)
+            setup.diffusion.condition(x[None], t)
             times.append(time.perf_counter() - start)
     return {"condition_s": statistics.median(times[1:])}
 
@@ -316,38 +380,34 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def paired_ratios(times: dict[str, list[float]], base: str = "plain") -> dict[str, float]:
-    return {impl: statistics.median(b / t for b, t in zip(times[base], times[impl])) for impl in times if impl != base}
+def speedup_vs_plain(times: dict[str, list[float]]) -> float:
+    """Median over interleaved steps of plain seconds / fast seconds."""
+    return statistics.median(p / f for p, f in zip(times["plain"], times["fast"]))
 
 
-def worker_time_train(strategy: str, rank: int, batch: int, steps: int, warmup: int, repeats: int) -> dict:
-    """All implementations interleaved step by step on one model, then the matmul accounting."""
-    setup = make_setup(strategy, rank, batch)
-    compile_started = time.perf_counter()
-    for impl in IMPLS:  # warm-up; the first compiled steps compile the kernels
+def worker_time_train(strategy: str, rank: int, batch: int, hidden: int, steps: int, warmup: int, repeats: int) -> dict:
+    """Both implementations interleaved step by step on one model, then the op accounting."""
+    setup = make_setup(strategy, rank, batch, hidden)
+    for impl in IMPLS:
         for _ in range(warmup):
             train_step(setup, impl)
-        if impl == "compiled":
-            compile_s = time.perf_counter() - compile_started
     steps_taken: dict[str, list[tuple[float, float, float]]] = {impl: [] for impl in IMPLS}
     for i in range(steps):
-        for impl in IMPLS[i % len(IMPLS) :] + IMPLS[: i % len(IMPLS)]:  # rotate who goes first
+        for impl in IMPLS[i % len(IMPLS) :] + IMPLS[: i % len(IMPLS)]:  # alternate who goes first
             steps_taken[impl].append(train_step(setup, impl))
-    result: dict[str, Any] = {"compile_s": compile_s}
+    result: dict[str, Any] = {}
     for impl in IMPLS:
         total, data_s, model_s = (statistics.median(col) for col in zip(*steps_taken[impl]))
         result[impl] = {"step_s": total, "data_s": data_s, "model_s": model_s}
-        if impl != "compiled":  # compiling changes no matmul: its FLOPs are the fast path's
-            x, y = data(setup, impl)
-            use(impl)
-            result[impl].update(matmul_bound(lambda: loss_and_backward(setup, impl, x, y), repeats))
-            setup.optimizer.zero_grad(set_to_none=True)
-    result["speedup"] = paired_ratios({impl: [s[0] for s in steps_taken[impl]] for impl in IMPLS})
+        x, y = data(setup, impl)
+        result[impl].update(op_accounting(lambda: loss_and_backward(setup, impl, x, y), batch * hidden // 2, repeats))
+        setup.optimizer.zero_grad(set_to_none=True)
+    result["speedup"] = speedup_vs_plain({impl: [s[0] for s in steps_taken[impl]] for impl in IMPLS})
     return result
 
 
-def worker_memory_train(impl: str, strategy: str, rank: int, batch: int, steps: int) -> dict:
-    setup = make_setup(strategy, rank, batch)
+def worker_memory_train(impl: str, strategy: str, rank: int, batch: int, hidden: int, steps: int) -> dict:
+    setup = make_setup(strategy, rank, batch, hidden)
     data(setup, impl)  # the data source's buffers exist before the baseline
     before = rss_now_mib()
     for _ in range(steps):
@@ -355,27 +415,25 @@ def worker_memory_train(impl: str, strategy: str, rank: int, batch: int, steps: 
     return {"rss_before_mib": before, "peak_rss_mib": peak_rss_mib()}
 
 
-def worker_sample(repeats: int, matmul_repeats: int) -> dict:
-    setup = make_setup("adversarial", SAMPLE_RANK, SAMPLE_PROBLEMS)
+def worker_sample(rank: int, problems: int, hidden: int, inner_steps: int, repeats: int, matmul_repeats: int) -> dict:
+    setup = make_setup("adversarial", rank, problems, hidden)
     x, _ = setup.torch_data()
     noise = torch.randn(x.shape[0], setup.diffusion.model.out_dim, generator=setup.generator)
-    started = time.perf_counter()
-    answers = {impl: sample(setup, impl, x, noise) for impl in IMPLS}
-    compile_s = time.perf_counter() - started
-    for impl in IMPLS:  # the three answer the same problems alike (float32 rounding apart)
-        torch.testing.assert_close(answers[impl], answers["plain"], rtol=1e-3, atol=1e-4)
+    answers = {impl: sample(setup, impl, x, noise, inner_steps) for impl in IMPLS}  # doubles as warm-up
+    # both answer the same problems alike (float32 rounding apart): the timings compare equal work
+    torch.testing.assert_close(answers["fast"], answers["plain"], rtol=1e-3, atol=1e-4)
     times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
     for i in range(repeats):
         for impl in IMPLS[i % len(IMPLS) :] + IMPLS[: i % len(IMPLS)]:
             start = time.perf_counter()
-            sample(setup, impl, x, noise)
+            sample(setup, impl, x, noise, inner_steps)
             times[impl].append(time.perf_counter() - start)
-    result: dict[str, Any] = {"compile_s": compile_s}
+    result: dict[str, Any] = {}
     for impl in IMPLS:
         result[impl] = {"sample_s": statistics.median(times[impl])}
-        if impl != "compiled":
-            result[impl].update(matmul_bound(lambda: sample(setup, impl, x, noise), matmul_repeats))
-    result["speedup"] = paired_ratios(times)
+        result[impl].update(op_accounting(lambda: sample(setup, impl, x, noise, inner_steps), problems * hidden // 2,
+                                          matmul_repeats))
+    result["speedup"] = speedup_vs_plain(times)
     return result
 
 
@@ -388,9 +446,10 @@ WORKERS: dict[str, Callable[..., dict]] = {
 }
 
 
-def run_worker(kind: str, **kwargs) -> dict:
+def run_worker(kind: str, threads: int, **kwargs) -> dict:
     """Runs one worker in a fresh Python process and returns its JSON result."""
-    command = [sys.executable, "-m", "benchmarks.throughput", "--worker", json.dumps({"kind": kind, **kwargs})]
+    spec = json.dumps({"kind": kind, **kwargs})
+    command = [sys.executable, "-m", "benchmarks.throughput", "--threads", str(threads), "--worker", spec]
     env = dict(os.environ)
     if kind == "memory_train":
         # a fixed mmap threshold: every large block is mapped on malloc and unmapped on free, so RSS
@@ -403,18 +462,20 @@ def run_worker(kind: str, **kwargs) -> dict:
 
 
 # -- the machine and its load ------------------------------------------------------------------------
-def machine() -> dict[str, str]:
-    cpu = "unknown"
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or "unknown CPU"
+
+
+def machine(threads: int) -> dict[str, str]:
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": str(os.cpu_count()),
         "torch": torch.__version__,
-        "threads": str(THREADS),
+        "threads": str(threads),
         "python": platform.python_version(),
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     }
@@ -435,185 +496,187 @@ def own_cpu_seconds() -> float:
 
 
 # -- report ------------------------------------------------------------------------------------------
-def fmt_speedup(value: float | None) -> str:
-    return f"{value:.2f}x" if value is not None else ""
+def _by_shape(results: list[dict], strategy: str, shape: tuple[int, int]) -> dict:
+    return next(r for r in results if (r["strategy"], r["rank"], r["batch"]) == (strategy, *shape))
 
 
 def train_rows(results: list[dict]) -> list[str]:
     header = (
         "| strategy | rank | batch | impl | s/step | steps/s | data s | model s | speed-up vs plain "
-        "| peak RSS MiB (before) | GFLOP/step | matmul-bound s | model/matmul FLOP/s: step (model part) |"
+        "| peak RSS MiB (before) | GFLOP/step | matmul-bound s | model/matmul FLOP/s: step (model part) "
+        "| matmuls, large passes |"
     )
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
         for impl in IMPLS:
             t, m = r["time"][impl], r["memory"][impl]
-            flops = t if "gflop" in t else r["time"]["fast"]
+            speedup = f"{r['time']['speedup']:.2f}x" if impl == "fast" else ""
             rows.append(
                 f"| {r['strategy']} | {r['rank']} | {r['batch']} | {impl} | {t['step_s']:.3f} | {1 / t['step_s']:.2f} "
-                f"| {t['data_s']:.3f} | {t['model_s']:.3f} | {fmt_speedup(r['time']['speedup'].get(impl))} "
-                f"| {m['peak_rss_mib']:.0f} ({m['rss_before_mib']:.0f}) | {flops['gflop']:.1f} "
-                f"| {flops['matmul_s']:.3f} | {flops['matmul_s'] / t['step_s']:.2f} "
-                f"({flops['matmul_s'] / t['model_s']:.2f}) |"
+                f"| {t['data_s']:.3f} | {t['model_s']:.3f} | {speedup} "
+                f"| {m['peak_rss_mib']:.0f} ({m['rss_before_mib']:.0f}) | {t['gflop']:.3g} "
+                f"| {t['matmul_s']:.3f} | {t['matmul_s'] / t['step_s']:.2f} ({t['matmul_s'] / t['model_s']:.2f}) "
+                f"| {t['matmuls']}, {t['passes']} |"
             )
     return rows
 
 
 def sample_rows(result: dict) -> list[str]:
     rows = [
-        "| impl | s per 256 problems | speed-up vs plain | GFLOP | matmul-bound s | model/matmul FLOP/s |",
-        "|---|---|---|---|---|---|",
+        "| impl | s per batch | speed-up vs plain | GFLOP | matmul-bound s | model/matmul FLOP/s | matmuls, large passes |",
+        "|---|---|---|---|---|---|---|",
     ]
     for impl in IMPLS:
         r = result[impl]
-        flops = r if "gflop" in r else result["fast"]
+        speedup = f"{result['speedup']:.2f}x" if impl == "fast" else ""
         rows.append(
-            f"| {impl} | {r['sample_s']:.3f} | {fmt_speedup(result['speedup'].get(impl))} | {flops['gflop']:.1f} "
-            f"| {flops['matmul_s']:.3f} | {flops['matmul_s'] / r['sample_s']:.2f} |"
+            f"| {impl} | {r['sample_s']:.3f} | {speedup} | {r['gflop']:.3g} | {r['matmul_s']:.3f} "
+            f"| {r['matmul_s'] / r['sample_s']:.2f} | {r['matmuls']}, {r['passes']} |"
         )
     return rows
 
 
-def target_rows(results: list[dict], sampling: dict) -> list[str]:
-    by_key = {(r["strategy"], r["rank"], r["batch"]): r for r in results}
-    none, adv = by_key[("none", 20, 2048)]["time"], by_key[("adversarial", 20, 2048)]["time"]
-    rows = ["| target | goal | fast | compiled |", "|---|---|---|---|"]
+def target_rows(results: list[dict], sampling: dict, sizes: Sizes) -> list[str]:
+    main = sizes.shapes[0]
+    none, adv = _by_shape(results, "none", main)["time"], _by_shape(results, "adversarial", main)["time"]
+    where = f"rank {main[0]}, batch {main[1]}"
+    rows = ["| target | goal | fast |", "|---|---|---|"]
 
-    def row(name: str, goal: float, fast: float, compiled: float, unit: str = "x") -> None:
-        marks = [f"{v:.2f}{unit} {'(met)' if v >= goal else '(short)'}" for v in (fast, compiled)]
-        rows.append(f"| {name} | >= {goal}{unit} | {marks[0]} | {marks[1]} |")
+    def row(name: str, goal: float, value: float, unit: str = "x", at_most: bool = False) -> None:
+        met = value <= goal if at_most else value >= goal
+        rows.append(f"| {name} | {'<=' if at_most else '>='} {goal}{unit} | {value:.2f}{unit} "
+                    f"{'(met)' if met else '(short)'} |")
 
-    row("adversarial step speed-up, rank 20, batch 2048, incl. data", 1.6, adv["speedup"]["fast"],
-        adv["speedup"]["compiled"])
-    row("none step speed-up, rank 20, batch 2048, incl. data", 1.3, none["speedup"]["fast"],
-        none["speedup"]["compiled"])
-    row("sampling speed-up, 256 rank-20 problems, 10 x 5", 2.5, sampling["speedup"]["fast"],
-        sampling["speedup"]["compiled"])
-    bound = none["fast"]["matmul_s"]
-    row("model FLOP/s / matmul FLOP/s, none, batch 2048, full step", 0.8, bound / none["fast"]["step_s"],
-        bound / none["compiled"]["step_s"], "")
+    row(f"adversarial step speed-up, {where}, incl. data", 1.6, adv["speedup"])
+    row(f"none step speed-up, {where}, incl. data", 1.3, none["speedup"])
+    row(f"sampling speed-up, {sizes.sample_problems} rank-{sizes.sample_rank} problems, "
+        f"10 x {sizes.sample_inner}", 2.5, sampling["speedup"])
+    row(f"model FLOP/s / matmul FLOP/s, none, batch {main[1]}, full step", 0.8,
+        none["fast"]["matmul_s"] / none["fast"]["step_s"], "")
+
     def working_set(memory: dict) -> float:
         return memory["peak_rss_mib"] - memory["rss_before_mib"]
 
     for label, measure in (("peak RSS", lambda m: m["peak_rss_mib"]), ("step working set (peak - before)", working_set)):
-        worst = {impl: max(measure(r["memory"][impl]) - measure(r["memory"]["plain"]) for r in results)
-                 for impl in ("fast", "compiled")}
-        marks = [f"{worst[i]:+.0f} MiB {'(met)' if worst[i] <= 0 else '(short)'}" for i in ("fast", "compiled")]
-        rows.append(f"| {label}, impl - plain, worst configuration | <= 0 MiB | {marks[0]} | {marks[1]} |")
+        worst = max(measure(r["memory"]["fast"]) - measure(r["memory"]["plain"]) for r in results)
+        row(f"{label}, fast - plain, worst configuration", 0, worst, " MiB", at_most=True)
     return rows
 
 
-def limits(results: list[dict], sampling: dict) -> list[str]:
+def limits(results: list[dict], sampling: dict, sizes: Sizes) -> list[str]:
     """Bounds computed from this run's numbers: what the fast path could reach at matmul speed."""
-    none = next(r for r in results if (r["strategy"], r["rank"]) == ("none", 20))["time"]["fast"]
+    (rank, batch), hidden = sizes.shapes[0], sizes.hidden
+    none = _by_shape(results, "none", (rank, batch))["time"]["fast"]
     other = none["step_s"] - none["model_s"]  # data + clip + Adam
+    rest_ms = (none["model_s"] - none["matmul_s"]) * 1e3
+    top = ", ".join(f"{name} {count}" for name, count in none["top_passes"].items())
     fast, slow = sampling["fast"], sampling["plain"]
+    evaluations = 10 * (sizes.sample_inner + 2)  # per timestep: denoise + opt_step start + inner proposals
     return [
         f"- model/matmul FLOP/s of the none step: its data ({none['data_s'] * 1e3:.0f} ms) and clip + Adam "
         f"({(other - none['data_s']) * 1e3:.0f} ms) alone hold it to at most "
         f"{none['matmul_s'] / (none['matmul_s'] + other):.2f} even if loss + backward ran at the matmuls' "
-        f"isolated speed; loss + backward itself reaches {none['matmul_s'] / none['model_s']:.2f}. The rest is "
-        "elementwise passes over [2048, 512] tensors (memory-bound: ~0.3-0.8 ms each on this machine, about 60 "
-        "per step after the hand-derived adjoint; torch.compile fuses some) and GEMMs running slower inside the "
-        "step than alone (their operands come from memory, not cache).",
+        f"isolated speed; loss + backward itself reaches {none['matmul_s'] / none['model_s']:.2f}. Its "
+        f"{none['matmuls']} GEMMs take {none['matmul_s'] * 1e3:.0f} ms alone; the other {rest_ms:.0f} ms are "
+        f"its {none['passes']} non-matmul passes over tensors of >= {batch} x {hidden} / 2 elements (counted; "
+        f"most frequent: {top}), memory-bound on a CPU, plus whatever the GEMMs lose inside the step (operands "
+        "from memory, not cache). Autograd differentiates the explicit gradient sweep op by op (there is no "
+        "hand-derived adjoint), so each elementwise op of the sweep adds one or more passes to the backward.",
         f"- sampling: the spec's sampler needs {fast['gflop']:.1f} GFLOP on the fast path vs {slow['gflop']:.1f} "
-        f"on the plain one ({slow['gflop'] / fast['gflop']:.2f}x fewer): per timestep 6 energy+gradient "
-        "evaluations and 1 energy-only evaluation are irreducible (the proposal's energy is reused as the next "
-        "start). Even at the isolated matmul speed the fast path would take "
-        f"{fast['matmul_s']:.3f} s, a {slow['sample_s'] / fast['matmul_s']:.2f}x ceiling against plain; it runs "
-        f"at {fast['matmul_s'] / fast['sample_s']:.2f} of that speed because each of those evaluations also "
-        "makes ~10 elementwise passes over [256, 512] tensors.",
+        f"on the plain one ({slow['gflop'] / fast['gflop']:.2f}x fewer): per timestep "
+        f"{sizes.sample_inner + 1} energy+gradient evaluations and 1 energy-only evaluation are irreducible "
+        "(the proposal's energy and gradient are reused as the next start). Even at the isolated matmul speed "
+        f"the fast path would take {fast['matmul_s']:.3f} s, a {slow['sample_s'] / fast['matmul_s']:.2f}x ceiling "
+        f"against plain; it runs at {fast['matmul_s'] / fast['sample_s']:.2f} of that speed because its "
+        f"{evaluations} evaluations also make {fast['passes']} non-matmul passes over [{sizes.sample_problems}, "
+        f"{hidden}]-sized tensors (~{fast['passes'] / evaluations:.0f} each).",
     ]
 
 
-LEVER_RUNS = {  # lever -> the configurations it can change ("sample": sampling 256 rank-20 problems)
-    "hand_adjoint": ("none", "adversarial"),
-    "explicit_grad": ("none", "adversarial", "sample"),
-    "time_mlp_once": ("none", "sample"),
-    "index_select": ("none",),
-    "energy_reuse": ("adversarial", "sample"),
-}
-
-
-def measure_levers(steps: int) -> dict:
+def measure_levers(sizes: Sizes, steps: int, threads: int) -> dict:
+    main = sizes.shapes[0]
     runs = []
-    for lever, configs in LEVER_RUNS.items():
-        for config in configs:
-            shape = (SAMPLE_RANK, SAMPLE_PROBLEMS) if config == "sample" else (20, 2048)
+    for lever, spec in LEVERS.items():
+        for config in spec.runs_on:
+            shape = (sizes.sample_rank, sizes.sample_problems) if config == "sample" else main
             print(f"lever {lever}: {config} ...", flush=True)
             runs.append({"lever": lever, "config": config, **run_worker(
-                "lever", lever=lever, strategy=config, rank=shape[0], batch=shape[1], steps=steps)})
-    costs = {batch: run_worker("condition_cost", rank=20, batch=batch, repeats=9)["condition_s"]
-             for batch in (2048, SAMPLE_PROBLEMS)}
+                "lever", threads, lever=lever, config=config, rank=shape[0], batch=shape[1], hidden=sizes.hidden,
+                inner_steps=sizes.sample_inner, steps=steps)})
+    costs = {batch: run_worker("condition_cost", threads, rank=rank, batch=batch, hidden=sizes.hidden,
+                               repeats=9)["condition_s"]
+             for rank, batch in (main, (sizes.sample_rank, sizes.sample_problems))}
     return {"runs": runs, "condition_s": costs}
 
 
-def lever_rows(levers: dict, results: list[dict], sampling: dict) -> list[str]:
+def lever_rows(levers: dict, results: list[dict], sampling: dict, sizes: Sizes) -> list[str]:
+    (rank, batch), problems = sizes.shapes[0], sizes.sample_problems
+    sampling_label = f"sampling {problems} x rank {sizes.sample_rank}"
     rows = ["| lever (fast path with vs without it) | measured on | with s | without s | gain |", "|---|---|---|---|---|"]
     for run in levers["runs"]:
-        where = "sampling 256 x rank 20" if run["config"] == "sample" else f"{run['config']} step, rank 20, batch 2048"
-        rows.append(f"| {LEVERS[run['lever']][0]} | {where} | {run['with_s']:.3f} | {run['without_s']:.3f} "
+        where = sampling_label if run["config"] == "sample" else f"{run['config']} step, rank {rank}, batch {batch}"
+        rows.append(f"| {LEVERS[run['lever']].what} | {where} | {run['with_s']:.3f} | {run['without_s']:.3f} "
                     f"| {run['gain']:.2f}x |")
-    adv = next(r for r in results if (r["strategy"], r["rank"]) == ("adversarial", 20))["time"]["fast"]["step_s"]
-    big, small = levers["condition_s"][2048], levers["condition_s"][SAMPLE_PROBLEMS]
+    adv = _by_shape(results, "adversarial", (rank, batch))["time"]["fast"]["step_s"]
+    big, small = levers["condition_s"][batch], levers["condition_s"][problems]
+    # energy calls per adversarial step: score, mining start, opt_steps proposals, stacked E+/E- = 3 + opt_steps;
+    # per sampling timestep: denoise, opt_step start, inner proposals; all but one would recompute the condition
+    train_calls, sample_calls = 2 + TRAIN_OPT_STEPS, 10 * (sizes.sample_inner + 1)
     rows.append(f"| condition (fc1 on x, FiLM) once per batch / timestep vs once per energy call: estimated from "
-                f"condition() = {big * 1e3:.1f} ms at batch 2048, {small * 1e3:.1f} ms at 256 | adversarial step "
-                f"(3 more calls) | {adv:.3f} | {adv + 3 * big:.3f} | {(adv + 3 * big) / adv:.2f}x |")
+                f"condition() = {big * 1e3:.1f} ms at batch {batch}, {small * 1e3:.1f} ms at {problems} "
+                f"| adversarial step ({train_calls} more calls) | {adv:.3f} | {adv + train_calls * big:.3f} "
+                f"| {(adv + train_calls * big) / adv:.2f}x |")
     fast_sample = sampling["fast"]["sample_s"]
-    rows.append(f"| (same) | sampling (60 more calls) | {fast_sample:.3f} | {fast_sample + 60 * small:.3f} "
-                f"| {(fast_sample + 60 * small) / fast_sample:.2f}x |")
-    none = next(r for r in results if (r["strategy"], r["rank"]) == ("none", 20))["time"]
-    rows.append(f"| batched torch data vs per-sample numpy in a DataLoader | data per batch of 2048 "
+    rows.append(f"| (same) | sampling ({sample_calls} more calls) | {fast_sample:.3f} "
+                f"| {fast_sample + sample_calls * small:.3f} | {(fast_sample + sample_calls * small) / fast_sample:.2f}x |")
+    none = _by_shape(results, "none", (rank, batch))["time"]
+    rows.append(f"| batched torch data vs per-sample numpy in a DataLoader | data per batch of {batch} "
                 f"| {none['fast']['data_s']:.3f} | {none['plain']['data_s']:.3f} "
                 f"| {none['plain']['data_s'] / none['fast']['data_s']:.2f}x |")
-    for name, key in (("none", ("none", 20)), ("adversarial", ("adversarial", 20))):
-        t = next(r for r in results if (r["strategy"], r["rank"]) == key)["time"]
-        rows.append(f"| torch.compile of the energy kernels (opt-in) | {name} step, rank 20, batch 2048 "
-                    f"| {t['compiled']['step_s']:.3f} | {t['fast']['step_s']:.3f} "
-                    f"| {t['fast']['step_s'] / t['compiled']['step_s']:.2f}x |")
-    rows.append(f"| (same) | sampling 256 x rank 20 | {sampling['compiled']['sample_s']:.3f} "
-                f"| {sampling['fast']['sample_s']:.3f} | {sampling['fast']['sample_s'] / sampling['compiled']['sample_s']:.2f}x |")
     return rows
 
 
-def report(results: list[dict], sampling: dict, info: dict[str, str], quick: bool, seconds: float,
+def report(results: list[dict], sampling: dict, info: dict[str, str], sizes: Sizes, command: str, seconds: float,
            other_load: float, levers: dict | None) -> str:
-    compile_s = max([r["time"]["compile_s"] for r in results] + [sampling["compile_s"]])
     lines = [
         "# Throughput: fast library path vs straightforward implementation",
         "",
-        f"Generated by `python benchmarks/throughput.py{' --quick' if quick else ''}` in {seconds:.0f} s.",
+        f"Generated by `{command}` in {seconds:.0f} s.",
         "",
         f"- machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, {info['threads']} threads; "
         f"Python {info['python']}; {info['date']}",
-        f"- other processes used {other_load:.0%} of one core on average during the run (this machine is shared; "
-        "above a few percent, timings are noisy and the OpenMP threads wait on each other).",
-        "- impls: `plain` = benchmarks/straightforward.py; `fast` = the library (default, eager); `compiled` = the "
-        f"library after `compile_energy_kernels()` (opt-in; compile warm-up, not timed: up to {compile_s:.0f} s "
-        "per process).",
-        "- s/step: median seconds per full training step (data + loss + backward + clip 1.0 + Adam), all impls "
-        "interleaved step by step on the same weights; speed-up = median of the per-step ratios; data s and "
-        "model s (loss + backward) are the step's parts.",
+        f"- other processes used {other_load:.0%} of one core on average during the run (on a shared machine, "
+        "above a few percent timings are noisy and the OpenMP threads wait on each other).",
+        "- impls: `plain` = benchmarks/straightforward.py; `fast` = the library (a pack of one run, P = 1). Both "
+        f"use the same weights; hidden {sizes.hidden}, adversarial mining with opt_steps {TRAIN_OPT_STEPS}.",
+        "- s/step: median seconds per full training step (data + loss + backward + clip 1.0 + Adam), the two "
+        "impls interleaved step by step on the same weights; speed-up = median of the per-step ratios; data s "
+        "and model s (loss + backward) are the step's parts.",
         "- peak RSS: `ru_maxrss` of a fresh subprocess per row (imports, model, Adam, data, two steps); in "
         "brackets the RSS just before its first step.",
-        "- GFLOP/step: the matmuls of loss + backward, recorded from the ops' shapes (compiled: the same as fast); "
-        "matmul-bound s: the same matmuls timed alone at those shapes and layouts, in the same process; "
-        "model/matmul FLOP/s = matmul-bound s / s per step (in brackets: / model s).",
+        "- GFLOP/step: the matmuls of loss + backward, recorded from the ops' shapes; matmul-bound s: the same "
+        "matmuls timed alone at those shapes and layouts, in the same process; model/matmul FLOP/s = "
+        "matmul-bound s / s per step (in brackets: / model s); matmuls, large passes: how many matmuls, and how "
+        "many other non-view ops touching >= batch x hidden / 2 elements, loss + backward runs.",
         "",
         "## Training step",
         "",
         *train_rows(results),
         "",
-        f"## Sampling ({SAMPLE_PROBLEMS} rank-{SAMPLE_RANK} problems, 10 timesteps x {SAMPLE_INNER} inner steps)",
+        f"## Sampling ({sizes.sample_problems} rank-{sizes.sample_rank} problems, 10 timesteps x "
+        f"{sizes.sample_inner} inner steps)",
         "",
         *sample_rows(sampling),
         "",
         "## Targets",
         "",
-        *target_rows(results, sampling),
+        *target_rows(results, sampling, sizes),
+        "",
+        "## What limits the targets that fall short",
+        "",
+        *limits(results, sampling, sizes),
         "",
     ]
-    lines += ["## What limits the targets that fall short", "", *limits(results, sampling), ""]
     if levers:
         lines += [
             "## Levers",
@@ -621,48 +684,67 @@ def report(results: list[dict], sampling: dict, info: dict[str, str], quick: boo
             "Each lever timed as the fast path with it and, interleaved, with it reverted (a variant patched in from "
             "benchmarks/throughput.py); gain = median of the per-step ratios without / with.",
             "",
-            *lever_rows(levers, results, sampling),
+            *lever_rows(levers, results, sampling, sizes),
             "",
         ]
     return "\n".join(lines)
 
 
+def write_report(path: Path, text: str) -> None:
+    """Replace the throughput report in `path`, keeping the study-throughput sections appended after it."""
+    kept = ""
+    if path.exists():
+        old = path.read_text()
+        start = old.find(f"\n{STUDY_SECTION}")
+        kept = old[start:] if start >= 0 else ""
+    path.write_text(text.rstrip("\n") + "\n" + kept)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats: a smoke check (~3 minutes)")
-    parser.add_argument("--out", help="markdown report (default: benchmarks/results.md; none for --quick)")
+    parser.add_argument("--quick", action="store_true", help="toy sizes, few repeats: a smoke check of the script")
+    parser.add_argument("--out", help="markdown report (default: benchmarks/results.md; none for --quick); "
+                                      "study-throughput sections already in it are kept")
     parser.add_argument("--levers", action="store_true", help="with --quick: time the lever ablations too")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads of every worker (default 2; 1 with --quick, whose toy ops gain nothing "
+                             "from a second thread and wait for it on a busy machine)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
+    args.threads = args.threads or (1 if args.quick else 2)
+    torch.set_num_threads(args.threads)
     if args.worker:
         spec = json.loads(args.worker)
         print(json.dumps(WORKERS[spec.pop("kind")](**spec)))
         return
 
     quick, started = args.quick, time.perf_counter()
+    sizes = QUICK if quick else FULL
     busy_before, own_before = busy_cpu_seconds(), own_cpu_seconds()
     results = []
-    for rank, batch in SHAPES:
+    for rank, batch in sizes.shapes:
         for strategy in STRATEGIES:
             big = batch >= 1024
-            steps = (3 if quick else 15) if big else (5 if quick else 40)
-            shape = dict(strategy=strategy, rank=rank, batch=batch)
+            steps = 2 if quick else (15 if big else 40)
+            shape = dict(strategy=strategy, rank=rank, batch=batch, hidden=sizes.hidden)
             print(f"timing {strategy}, rank {rank}, batch {batch} ...", flush=True)
-            timing = run_worker("time_train", **shape, steps=steps, warmup=1 if quick else 2,
-                                repeats=5 if quick else 15)
-            memory = {impl: run_worker("memory_train", impl=impl, **shape, steps=2) for impl in IMPLS}
+            timing = run_worker("time_train", args.threads, **shape, steps=steps, warmup=1 if quick else 2,
+                                repeats=2 if quick else 15)
+            memory = {impl: run_worker("memory_train", args.threads, impl=impl, **shape, steps=2) for impl in IMPLS}
             results.append({**shape, "time": timing, "memory": memory})
     print("timing sampling ...", flush=True)
-    sampling = run_worker("sample", repeats=3 if quick else 9, matmul_repeats=3 if quick else 5)
-    levers = measure_levers(steps=8) if args.levers or not quick else None
+    sampling = run_worker("sample", args.threads, rank=sizes.sample_rank, problems=sizes.sample_problems,
+                          hidden=sizes.hidden, inner_steps=sizes.sample_inner, repeats=2 if quick else 9,
+                          matmul_repeats=2 if quick else 5)
+    levers = measure_levers(sizes, 2 if quick else 8, args.threads) if args.levers or not quick else None
     seconds = time.perf_counter() - started
     other_load = max(0.0, (busy_cpu_seconds() - busy_before) - (own_cpu_seconds() - own_before)) / seconds
-    text = report(results, sampling, machine(), quick, seconds, other_load, levers)
+    command = "python benchmarks/throughput.py" + " ".join(["", *(argv if argv is not None else sys.argv[1:])])
+    text = report(results, sampling, machine(args.threads), sizes, command.strip(), seconds, other_load, levers)
     print(text)
     out = args.out or (None if quick else str(ROOT / "benchmarks" / "results.md"))
     if out:
-        Path(out).write_text(text)
+        write_report(Path(out), text)
         print(f"wrote {out}")
 
 
