@@ -84,11 +84,14 @@ class InverseTask(MatrixTask):
         u = self._uniform((batch_size, n, n), -1.0, 1.0, generator)
         eye = torch.eye(n, device=u.device)
         a = 2 * u @ u.transpose(-1, -2) + (0.1 if ood else 0.5) * eye
-        # A is symmetric positive definite: invert through Cholesky, in float64 where the device has it
-        # (the ood matrices are poorly conditioned). cholesky_ex: no host sync to check a failure that
-        # cannot happen (A >= lambda I), so a GPU step need not wait for it.
+        # A is symmetric positive definite: A^-1 = L^-T L^-1 with A = L L^T, in float64 where the device has
+        # it (the ood matrices are poorly conditioned). Batched triangular solves rather than
+        # cholesky_inverse, which may loop over the batch on a GPU; cholesky_ex: no host sync to check
+        # for a failure that A >= lambda I rules out.
         wide = torch.float32 if a.device.type == "mps" else torch.float64
-        a_inv = torch.cholesky_inverse(torch.linalg.cholesky_ex(a.to(wide)).L).float()
+        factor = torch.linalg.cholesky_ex(a.to(wide)).L
+        factor_inv = torch.linalg.solve_triangular(factor, torch.eye(n, dtype=wide, device=a.device).expand_as(factor), upper=False)
+        a_inv = (factor_inv.transpose(-1, -2) @ factor_inv).float()
         return rearrange(a, "b i j -> b (i j)"), rearrange(a_inv, "b i j -> b (i j)")
 
 

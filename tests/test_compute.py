@@ -25,7 +25,7 @@ def expected_flops(strategy: str, opt_steps: int = 2) -> int:
     Forward: the time path on the T timesteps (two 128x128 layers, two 128 -> 2H FiLM maps), fc1 on x, the
     energy E (fc1 on y, fc2, fc3, fc4) and its explicit input gradient (the same four products, transposed).
     Backward: every product gives one more for each operand that needs a gradient (weights always; inputs
-    unless they are data: the sinusoidal features, x, the noised y). The data: U U^T per problem.
+    unless they are data: the sinusoidal features, x, the noised y). The data: U U^T and L^-T L^-1 per problem.
     """
     d = din = RANK * RANK
     b, h = BATCH, HIDDEN
@@ -38,7 +38,7 @@ def expected_flops(strategy: str, opt_steps: int = 2) -> int:
         + 2 * b * d * h + 2 * 2 * (2 * b * h * h) + 2 * (2 * b * h * d)  # E: fc1 on y (weight only), fc2, fc3, fc4
         + 2 * energy  # the gradient sweep: both operands of all four products
     )
-    flops = 2 * b * RANK**3 + forward + backward
+    flops = 2 * 2 * b * RANK**3 + forward + backward
     if strategy == "none":
         return flops
     pair = 2 * energy  # E+ and E- stacked: forward over 2b answers
