@@ -36,7 +36,6 @@ class Negatives:
 
 
 MineFn = Callable[["GaussianDiffusion1D", "EnergyCondition", "Tensor", "Tensor", "Tensor", dict, int], Negatives]
-CostFn = Callable[[dict], float]
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,6 @@ class Strategy:
     mine: MineFn | None  # None: no energy supervision at all
     options: dict[str, Option] = field(default_factory=dict)
     description: str = ""
-    cost: CostFn = lambda cfg: 0.0  # expected energy-gradient evaluations per sample per step spent mining
     # steps after which the strategy's work repeats (a step's FLOPs are measured as the mean over one period)
     period: Callable[[dict], int] = lambda cfg: 1
 
@@ -73,13 +71,13 @@ def register(
     name: str,
     options: dict[str, Option] | None = None,
     description: str = "",
-    cost: CostFn | None = None,
     period: Callable[[dict], int] | None = None,
 ) -> Callable[[MineFn | None], MineFn | None]:
-    """Add a strategy: `@register("name", options={...}, description=..., cost=lambda cfg: ...)`."""
+    """Add a strategy: `@register("name", options={...}, description=...)`; `period`: for a strategy whose
+    work changes from step to step, after how many steps it repeats (its FLOPs are measured over one)."""
 
     def decorator(fn: MineFn | None) -> MineFn | None:
-        STRATEGIES[name] = Strategy(fn, options or {}, description, cost or Strategy.cost, period or Strategy.period)
+        STRATEGIES[name] = Strategy(fn, options or {}, description, period or Strategy.period)
         return fn
 
     return decorator
@@ -106,8 +104,7 @@ def mine_random(
     return Negatives(diffusion.q_sample(y0, t, cfg["noise_scale"] * noise))
 
 
-@register("adversarial", description="random start, then opt_steps of energy descent",
-          cost=lambda cfg: cfg["opt_steps"])
+@register("adversarial", description="random start, then opt_steps of energy descent")
 def mine_adversarial(
     diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
 ) -> Negatives:
@@ -121,7 +118,6 @@ def mine_adversarial(
     "periodic",
     options={"every": Option(int, 4, lambda v: v >= 1, "an int >= 1")},
     description="adversarial on steps divisible by `every`, random otherwise",
-    cost=lambda cfg: cfg["opt_steps"] / cfg["every"],
     period=lambda cfg: cfg["every"],
 )
 def mine_periodic(
@@ -135,7 +131,6 @@ def mine_periodic(
     "mixed",
     options={"fraction": Option(float, 0.5, lambda v: 0 <= v <= 1, "a float in [0, 1]")},
     description="a `fraction` of each batch adversarial, the rest random",
-    cost=lambda cfg: cfg["opt_steps"] * cfg["fraction"],
 )
 def mine_mixed(
     diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
