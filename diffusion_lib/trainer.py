@@ -575,9 +575,9 @@ def _load_average() -> dict[str, float]:
 
 
 def _bar_rate() -> dict[str, float]:
-    """Redraw a terminal's bar often, but a bar going to a file (a log) only every 30 s (tqdm's monitor
-    thread would otherwise redraw it every `maxinterval`)."""
-    return {"mininterval": 0.1} if sys.stderr.isatty() else {"mininterval": 30.0, "maxinterval": 30.0}
+    """Redraw a terminal's bar often, but a bar going to a file (a log) only every 30 s (and not from tqdm's
+    monitor thread, whose forced redraws come on top)."""
+    return {"mininterval": 0.1} if sys.stderr.isatty() else {"mininterval": 30.0, "maxinterval": math.inf}
 
 
 def _postfix(runs: list[Run]) -> dict[str, str]:
