@@ -136,7 +136,7 @@ def _reference_flags(args: argparse.Namespace, layers: Sequence[dict[str, Any]])
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     """defaults < YAML < flags < key=value overrides, validated as one RunConfig."""
     file_layer: dict[str, Any] = {}
-    if args.config:
+    if args.config is not None:  # --config '' is refused by load_yaml, not ignored
         file_layer = flatten(load_yaml(args.config))
         check_keys(file_layer, args.config)
     flag_layer = {key: getattr(args, key) for key, _ in FLAGS.values() if getattr(args, key) is not None}

@@ -1,5 +1,7 @@
 """Bad input is refused before anything is written: one line on stderr, exit code 2, no traceback."""
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -7,6 +9,7 @@ import pytest
 
 import train
 from conftest import ROOT
+from diffusion_lib.config import ConfigError, build_config
 
 
 def refused(args, capsys, tmp_path):
@@ -23,7 +26,7 @@ def refused(args, capsys, tmp_path):
     [
         (["train.stpes=5"], "unknown config key 'train.stpes' in override 'train.stpes=5' (did you mean 'train.steps'?)"),
         (["train.steps=five"], "config key 'train.steps' = 'five' has the wrong type: expected int"),
-        (["train.steps=0"], "'train.steps' = 0 is out of range: must be an int >= 1"),
+        (["train.steps=0"], "'train.steps' = 0 is out of range: must be an int in [1, 1000000000]"),
         (["--batch_size", "0"], "'train.batch_size' = 0 is out of range"),
         (["--rank", "0"], "'task.rank' = 0 is out of range"),
         (["--mining-opt-steps", "0"], "mining_config['opt_steps'] = 0 is invalid: must be an int >= 1"),
@@ -98,7 +101,7 @@ def test_process_exit_code_and_single_line_without_traceback(tmp_path):
         capture_output=True, text=True, cwd=ROOT,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: config key 'train.steps' = -1 is out of range: must be an int >= 1"
+    assert result.stderr.strip() == "error: config key 'train.steps' = -1 is out of range: must be an int in [1, 1000000000]"
     assert not (tmp_path / "run").exists()
 
 
@@ -126,3 +129,82 @@ def test_evaluate_may_change_sampling_and_does_not_touch_metrics(tmp_path, tiny_
     assert set(result["inference_steps_sweep"]) == {"0", "3"}
     assert result["mse_id"] == result["inference_steps_sweep"]["0"]["mse_id"]  # sampled with 0 inner steps
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+
+# -- config values (class 4 of the robustness issue) ------------------------------------------------------
+# class 4: inf/nan passed the range checks; absurd sizes ended in allocator tracebacks
+@pytest.mark.parametrize(
+    "layer, fragment",
+    [  # inf and nan passed every `v > 0` style range check
+        ({"train.lr": float("inf")}, "config key 'train.lr' = inf is not a finite number"),
+        ({"train.grad_clip": float("inf")}, "config key 'train.grad_clip' = inf is not a finite number"),
+        ({"diffusion.inference_step_scale": float("nan")}, "'diffusion.inference_step_scale' = nan is not a finite"),
+        ({"train.lr": 10**400}, "config key 'train.lr' = inf is not a finite number"),  # an int beyond any float
+        ({"train.adam_betas": [0.9, float("nan")]}, "config key 'train.adam_betas' = nan is not a finite number"),
+        ({"mining.noise_scale": float("inf")}, "mining_config['noise_scale'] = inf is invalid: must be a finite"),
+        ({"mining.loss_scale": float("inf")}, "mining_config['loss_scale'] = inf is invalid: must be a finite"),
+        ({"mining.scale_factor": float("nan")}, "mining_config['scale_factor'] = nan is invalid: must be a finite"),
+        ({"mining.noise_scale": 10**400}, "mining_config['noise_scale'] = inf is invalid"),
+        # absurd sizes ended in allocator tracebacks or minutes of silence
+        ({"model.hidden_dim": 10**9}, "'model.hidden_dim' = 1000000000 is out of range: must be an int in [1, 16384]"),
+        ({"task.rank": 5000}, "'task.rank' = 5000 is out of range: must be an int in [1, 100]"),
+        ({"train.batch_size": 2**20 + 1}, "'train.batch_size' = 1048577 is out of range: must be an int in [1, 1048576]"),
+        ({"train.steps": 10**10}, "must be an int in [1, 1000000000]"),
+        ({"eval.num_samples": 10**7}, "'eval.num_samples' = 10000000 is out of range"),
+        ({"eval.batch_size": 10**7}, "'eval.batch_size' = 10000000 is out of range"),
+        ({"diffusion.timesteps": 1001}, "'diffusion.timesteps' = 1001 is out of range: must be an int in [1, 1000]"),
+        ({"diffusion.inference_steps": 1001}, "must be an int in [0, 1000]"),
+        ({"eval.inference_steps_sweep": [0, 5000]}, "must be a list of at most 100 ints in [0, 1000]"),
+        ({"eval.inference_steps_sweep": list(range(101))}, "must be a list of at most 100 ints"),
+        ({"mining.opt_steps": 1001}, "mining_config['opt_steps'] = 1001 is invalid: must be at most 1000"),
+    ],
+)
+def test_non_finite_floats_and_absurd_sizes_are_refused(layer, fragment):
+    with pytest.raises(ConfigError) as refusal:
+        build_config(layer)
+    assert fragment in str(refusal.value) and "\n" not in str(refusal.value)
+
+
+# class 4: the same, end to end: refused in one line before anything is written
+@pytest.mark.parametrize("extra", [["train.lr=inf"], ["mining.noise_scale=.inf"], ["--mining-scale-factor", "nan"],
+                                   ["--rank", "5000"], ["model.hidden_dim=1000000000"]])
+def test_non_finite_and_absurd_values_are_refused_on_the_command_line(tiny_args, capsys, tmp_path, extra):
+    refused(tiny_args(*extra), capsys, tmp_path)
+
+
+# class 4: a key given twice was accepted, the last one winning silently
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tiny_args, capsys, tmp_path):
+    config_file = tmp_path / "twice.yaml"
+    config_file.write_text("train:\n  steps: 5\n  lr: 1.0e-3\n  steps: 50\n")
+    err = refused(tiny_args("--config", str(config_file)), capsys, tmp_path)
+    assert f"duplicate key in {config_file}:4: key 'steps' first set at line 2" in err
+    config_file.write_text("train: {steps: 5}\nmodel: {hidden_dim: 8}\ntrain: {lr: 0.1}\n")
+    assert f"duplicate key in {config_file}:3: key 'train' first set at line 1" in refused(
+        tiny_args("--config", str(config_file)), capsys, tmp_path)
+
+
+# class 4: --config '' was ignored, a named pipe hung, a huge file was read whole
+def test_config_files_that_are_empty_paths_pipes_devices_or_huge_are_refused(tiny_args, capsys, tmp_path):
+    assert "config file '' is an empty path" in refused(tiny_args("--config", ""), capsys, tmp_path)
+    pipe = tmp_path / "pipe.yaml"
+    os.mkfifo(pipe)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("reading a named pipe as a config hung"))
+    signal.alarm(30)
+    try:
+        err = refused(tiny_args("--config", str(pipe)), capsys, tmp_path)
+    finally:
+        signal.alarm(0)
+    assert f"config file '{pipe}' is unreadable: it is a named pipe, not a regular file" in err
+    huge = tmp_path / "huge.yaml"
+    huge.write_text(("# " + "x" * 1000 + "\n") * 1100)  # valid YAML (comments), but 1.1 MB
+    assert f"config file '{huge}' is larger than 1 MiB" in refused(tiny_args("--config", str(huge)), capsys, tmp_path)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: {steps: " + "[" * 5000 + "]" * 5000 + "}\n")
+    assert f"malformed YAML in {deep}: nested too deeply" in refused(tiny_args("--config", str(deep)), capsys, tmp_path)
+
+
+# class 4: /dev/zero as a config was read until memory ran out
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero")
+def test_a_device_as_config_is_refused_without_reading_it(tiny_args, capsys, tmp_path):
+    err = refused(tiny_args("--config", "/dev/zero"), capsys, tmp_path)
+    assert "config file '/dev/zero' is unreadable: it is a device, not a regular file" in err
