@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Any, Callable, Sequence
 
@@ -22,9 +23,10 @@ from diffusion_lib.config import (
 from diffusion_lib.diffusion import GaussianDiffusion1D
 from diffusion_lib.mining import STRATEGIES
 from diffusion_lib.models import EBM, EnergyDenoiser, compile_energy_kernels
+from diffusion_lib.results import RunDir
 from diffusion_lib.tasks import MatrixTask, make_task
 from diffusion_lib.trainer import RunDiverged, Trainer1D, TrainingInterrupted, make_accelerator
-from diffusion_lib.utils import atomic_write_json
+from diffusion_lib.utils import atomic_write_json, describe_os_error
 
 
 # -- the helpers every script builds runs with ------------------------------------------------------
@@ -161,8 +163,8 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluate:
         result = trainer.evaluate_saved()
         if accelerator.is_main_process:
+            print(json.dumps(result, indent=2), flush=True)  # first: a folder that refuses the file keeps nothing
             atomic_write_json(trainer.run_dir.root / "evaluation.json", result)
-            print(json.dumps(result, indent=2))
         return 0
     final = trainer.train()
     if accelerator.is_main_process:
@@ -182,8 +184,15 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     return args
 
 
-def run_explaining_config_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """run(args); a ConfigError becomes its one-line message and exit code 2 (with --debug, the traceback)."""
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the allocator giving up (CUDA's OutOfMemoryError, or the CPU allocator's)."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+
+
+def run_explaining_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """run(args); what the user can act on becomes one line on stderr (with --debug, the traceback):
+    bad input (ConfigError) exit code 2; the OS saying no (a full disk, a read-only folder, a file in
+    the way) or memory running out, exit code 1."""
     try:
         return run(args)
     except ConfigError as error:
@@ -191,12 +200,36 @@ def run_explaining_config_errors(run: Callable[[argparse.Namespace], int], args:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if args.debug:
+            raise
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as error:
+        if args.debug or not out_of_memory(error):
+            raise
+        what = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        print(f"error: out of memory ({what}); lower model.hidden_dim, train.batch_size or eval.batch_size",
+              file=sys.stderr)
+        return 1
+
+
+def resume_command(args: argparse.Namespace) -> str | None:
+    """The command that resumes the run `args` name, if it has a folder to resume from."""
+    try:
+        config = resolve_config(args)
+    except ConfigError:
+        return None
+    run_dir = RunDir(config.results_dir)
+    if args.evaluate or not run_dir.config.exists():
+        return None
+    return shlex.join(["python", "train.py", "--config", str(run_dir.config), "--resume"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_command_line(build_parser(), sys.argv[1:] if argv is None else argv)
     try:
-        return run_explaining_config_errors(run, args)
+        return run_explaining_errors(run, args)
     except TrainingInterrupted as error:
         if PartialState().is_main_process:  # every process stops; one says so
             print(f"interrupted: {error}", file=sys.stderr)
@@ -204,6 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training (e.g. while scoring)
+        command = resume_command(args)
+        hint = f"; resume from its last checkpoint with: {command}" if command else ""
+        print(f"interrupted: stopped at once{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

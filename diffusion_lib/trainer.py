@@ -1,8 +1,10 @@
 """Trainer1D: accelerate-driven training with EMA, validation, metrics, atomic checkpoints and resume."""
 from __future__ import annotations
 
+import functools
 import math
 import os
+import shlex
 import signal
 import threading
 import time
@@ -32,7 +34,7 @@ class TrainingInterrupted(Exception):
         name = signal.Signals(signum).name
         super().__init__(
             f"{name} at step {step}: checkpoint saved in {run_dir.checkpoints}; "
-            f"resume with: python train.py --config {run_dir.config} --resume"
+            f"resume with: python train.py --config {shlex.quote(str(run_dir.config))} --resume"
         )
 
 
@@ -48,6 +50,20 @@ def make_accelerator(device: str = "auto") -> Accelerator:
     if device == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device = 'mps' but MPS is not available here; use --device auto or --device cpu")
     return Accelerator(cpu=device == "cpu")
+
+
+def _releasing_run_lock(method: Any) -> Any:
+    """For train()/evaluate_saved(): release the run lock taken in __init__ however the method ends."""
+
+    @functools.wraps(method)
+    def wrapper(self: Trainer1D, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    return wrapper
 
 
 class Trainer1D:
@@ -69,13 +85,20 @@ class Trainer1D:
         self.config, self.task = config, task
         self.resume, self.overwrite = resume or evaluate_only, overwrite
         self.run_dir = RunDir(config.results_dir)
-        self.run_dir.check(config, self.resume, overwrite, EVALUATION_CHANGES if evaluate_only else RESUMABLE_CHANGES)
         self.accelerator = acc = accelerator or make_accelerator(config.device)
         train = config.train
         if train.batch_size % acc.num_processes:
             raise ConfigError(
                 f"train.batch_size = {train.batch_size} must be divisible by the {acc.num_processes} processes"
             )
+        # one writer per run folder: the main process holds <run>/.lock until train()/evaluate_saved() end
+        self._lock = self.run_dir.lock(optional=evaluate_only) if acc.is_main_process else None
+        try:
+            self.run_dir.check(config, self.resume, overwrite, EVALUATION_CHANGES if evaluate_only else RESUMABLE_CHANGES)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
         self.local_batch = train.batch_size // acc.num_processes
 
         self.diffusion = diffusion.to(acc.device)
@@ -104,6 +127,7 @@ class Trainer1D:
         self._stop_signal: int | None = None  # the signal all processes agreed to stop on
 
     # -- the loop ------------------------------------------------------------------------------------
+    @_releasing_run_lock
     def train(self) -> dict[str, Any]:
         acc, cfg = self.accelerator, self.config
         if acc.is_main_process:
@@ -258,6 +282,7 @@ class Trainer1D:
             "steps_per_second": self.step / self.train_seconds if self.train_seconds else math.nan,
         }
 
+    @_releasing_run_lock
     def evaluate_saved(self) -> dict[str, Any]:
         """Sample-only: score the latest checkpoint's EMA and raw model (no training, nothing truncated)."""
         if not self._load(truncate_metrics=False):

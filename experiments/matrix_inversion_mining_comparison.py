@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -34,8 +35,7 @@ from diffusion_lib.study import Study, StudyDir, StudyRun, expand, load_study, p
 from diffusion_lib.results import RunDir  # noqa: E402
 from diffusion_lib.trainer import RunDiverged, TrainingInterrupted  # noqa: E402
 from train import (  # noqa: E402
-    OneLineParser, create_dataset, create_diffusion_model, create_trainer, parse_command_line,
-    run_explaining_config_errors,
+    OneLineParser, create_dataset, create_diffusion_model, create_trainer, parse_command_line, run_explaining_errors,
 )
 
 DEFAULT_CONFIG = ROOT / "configs" / "matrix_inversion_mining.yaml"
@@ -153,6 +153,10 @@ def run_forwarding_signals(command: list[str]) -> tuple[int, int | None]:
 
 def run_with_accelerate(run: StudyRun, resume: bool, num_processes: int) -> dict:
     """One run through `accelerate launch train.py`, from the run's resolved config."""
+    # refused here, in one line, if another process is training the run (e.g. one left by a killed study);
+    # the launched train.py takes the lock itself
+    with RunDir(run.config.results_dir).lock():
+        pass
     with tempfile.TemporaryDirectory() as folder:
         config_file = Path(folder) / "config.yaml"
         config_file.write_text(run.config.to_yaml())
@@ -257,12 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_command_line(build_parser(), argv)
     try:
-        return run_explaining_config_errors(run, args)
+        return run_explaining_errors(run, args)
     except (TrainingInterrupted, RunStopped, KeyboardInterrupt, RunCrashed) as error:
         again = [a for a in argv if a not in ("--resume", "--overwrite")]
         stopped = "error" if isinstance(error, RunCrashed) else "interrupted"
-        print(f"{stopped}: {str(error) or 'stopped'}; resume the study with: "
-              f"python {Path(__file__).relative_to(ROOT)} {' '.join(again)} --resume", file=sys.stderr)
+        command = shlex.join(["python", str(Path(__file__).relative_to(ROOT)), *again, "--resume"])
+        print(f"{stopped}: {str(error) or 'stopped'}; resume the study with: {command}", file=sys.stderr)
         if isinstance(error, RunCrashed):
             return 1
         return 128 + getattr(error, "signum", signal.SIGINT)
@@ -271,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
+    if args.output is not None and not args.output.strip():
+        raise ConfigError("--output '' is an empty path: name the study folder")
     if args.report_only is not None:  # rebuild from what the folder holds: its study.yaml and runs
         study_dir = Path(args.report_only or args.output or ROOT / "results" / load_study(args.config).name)
         report(StudyDir(study_dir).load(), study_dir)
@@ -302,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
     train_all(selected, args)
     if args.shard:
         print(f"shard {args.shard} done; when every shard is, merge with: "
-              f"python experiments/matrix_inversion_mining_comparison.py --report-only {study_dir}")
+              f"python experiments/matrix_inversion_mining_comparison.py --report-only {shlex.quote(str(study_dir))}")
         return 0
     report(study, study_dir)
     return 0

@@ -1,6 +1,9 @@
-"""Bad input is refused before anything is written: one line on stderr, exit code 2, no traceback."""
+"""Bad input is refused before anything is written: one line on stderr, exit code 2, no traceback; the OS
+refusing (a file in the way, a read-only folder, a full disk) is one line too, exit code 1."""
+import errno
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -10,6 +13,7 @@ import pytest
 import train
 from conftest import ROOT
 from diffusion_lib.config import ConfigError, build_config
+from diffusion_lib.trainer import Trainer1D
 
 
 def refused(args, capsys, tmp_path):
@@ -208,3 +212,181 @@ def test_config_files_that_are_empty_paths_pipes_devices_or_huge_are_refused(tin
 def test_a_device_as_config_is_refused_without_reading_it(tiny_args, capsys, tmp_path):
     err = refused(tiny_args("--config", "/dev/zero"), capsys, tmp_path)
     assert "config file '/dev/zero' is unreadable: it is a device, not a regular file" in err
+
+
+# -- when the OS says no (class 5) -------------------------------------------------------------------------
+@pytest.fixture
+def read_only(monkeypatch):
+    """read_only(folder): creating or writing any file or folder under `folder` fails with EROFS."""
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def make(folder):
+        def refuse(path):
+            if os.path.abspath(os.fspath(path)).startswith(str(folder)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+
+        def fake_open(path, flags, *args, **kwargs):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                refuse(path)
+            return real_open(path, flags, *args, **kwargs)
+
+        def fake_mkdir(path, *args, **kwargs):
+            refuse(path)
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", fake_open)
+        monkeypatch.setattr(os, "mkdir", fake_mkdir)
+
+    return make
+
+
+def failed_with_os_error(code, capsys):
+    """Exit code 1 and one error line (after any progress bar) naming the path and the OS's reason."""
+    assert code == 1
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]
+    assert "Traceback" not in captured.err, captured.err
+    return captured.out, last
+
+
+# class 5: a results dir that is a file ended in a traceback
+def test_a_results_dir_that_is_a_file_is_one_line(tiny_args, capsys, tmp_path):
+    blocker = tmp_path / "run"
+    blocker.write_text("not a folder")
+    _, err = failed_with_os_error(train.main(tiny_args()), capsys)
+    assert err == f"error: cannot write '{blocker}': Not a directory"
+    assert blocker.read_text() == "not a folder"
+
+
+# class 5: a read-only results dir ended in a traceback
+def test_a_read_only_results_dir_is_one_line(tiny_args, capsys, tmp_path, read_only):
+    read_only(tmp_path / "run")
+    _, err = failed_with_os_error(train.main(tiny_args()), capsys)
+    assert err.startswith(f"error: cannot write '{tmp_path / 'run'}") and err.endswith(": Read-only file system")
+
+
+# class 5: a full disk ended in a zip-writer traceback that never named the file
+def test_a_full_disk_mid_run_is_one_line_and_loses_nothing_saved(tiny_args, capsys, tmp_path, monkeypatch):
+    real_fsync = os.fsync
+
+    def disk_full_for_step_20(fd):
+        if ".step-000000020.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full_for_step_20)
+    run = tmp_path / "run"
+    _, err = failed_with_os_error(train.main(tiny_args()), capsys)
+    assert err == f"error: cannot write '{run / 'checkpoints' / 'step-000000020.pt'}': No space left on device"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000000010.pt"]
+    assert not [p for p in run.rglob("*.tmp")] and not (run / ".lock").exists()
+    monkeypatch.undo()
+    assert train.main(tiny_args("--resume")) == 0
+    assert json.loads((run / "final.json").read_text())["step"] == 30
+
+
+# class 5: a full disk mid-append left a torn line that the next append glued onto
+def test_a_failed_metrics_append_leaves_no_torn_line(tmp_path, monkeypatch):
+    from diffusion_lib.results import RunDir
+
+    run = RunDir(tmp_path)
+    run.append_metrics({"kind": "train", "step": 1})
+    real_write = os.write
+
+    def half_then_disk_full(fd, data):
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", half_then_disk_full)
+    with pytest.raises(OSError, match="No space left on device") as failure:
+        run.append_metrics({"kind": "train", "step": 2})
+    assert failure.value.filename == str(run.metrics)
+    monkeypatch.undo()
+    run.append_metrics({"kind": "train", "step": 3})
+    assert [r["step"] for r in run.read_metrics()] == [1, 3]
+
+
+# class 5: --evaluate on a read-only run computed its result, then lost it
+def test_evaluate_on_a_read_only_run_prints_its_result_before_failing_to_save_it(tiny_args, capsys, tmp_path, read_only):
+    assert train.main(tiny_args("--train-steps", "10")) == 0
+    capsys.readouterr()
+    read_only(tmp_path / "run")
+    out, err = failed_with_os_error(train.main(tiny_args("--train-steps", "10", "--evaluate")), capsys)
+    assert err == f"error: cannot write '{tmp_path / 'run' / 'evaluation.json'}': Read-only file system"
+    result = json.loads(out[out.index("{"):])
+    assert result["step"] == 10 and result["mse_id"] > 0
+
+
+# -- smaller things (class 7) ----------------------------------------------------------------------------
+# class 7: the printed resume command broke on paths with spaces or quotes
+def test_the_printed_resume_command_is_shell_quoted(tmp_path, tiny_args, capsys, monkeypatch):
+    folder = tmp_path / "my runs" / "it's here"
+    original = Trainer1D.train_step
+
+    def stop_at_step_12(self):
+        original(self)
+        if self.step == 12:
+            self._on_signal(signal.SIGINT, None)
+
+    monkeypatch.setattr(Trainer1D, "train_step", stop_at_step_12)
+    assert train.main([*tiny_args(), "--results-dir", str(folder)]) == 130
+    monkeypatch.undo()
+    command = capsys.readouterr().err.strip().splitlines()[-1].split("resume with: ", 1)[1]
+    words = shlex.split(command)
+    assert words[:3] == ["python", "train.py", "--config"] and words[4:] == ["--resume"]
+    assert train.main(words[2:]) == 0
+    assert json.loads((folder / "final.json").read_text())["step"] == 30
+
+
+# class 7: a second Ctrl-C, or one while scoring, ended in a traceback and exit code 1
+@pytest.mark.parametrize("where", ["second Ctrl-C", "Ctrl-C while scoring"])
+def test_an_interrupt_that_stops_at_once_is_one_line_and_exit_130(tmp_path, tiny_args, capsys, monkeypatch, where):
+    if where == "second Ctrl-C":
+        original = Trainer1D.train_step
+
+        def two_signals(self):
+            original(self)
+            if self.step == 12:
+                self._on_signal(signal.SIGINT, None)
+                self._on_signal(signal.SIGINT, None)
+
+        monkeypatch.setattr(Trainer1D, "train_step", two_signals)
+    else:
+        def interrupted(self):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Trainer1D, "_scores", interrupted)
+    try:
+        code = train.main(tiny_args())
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped train.main")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: stopped at once; resume from its last checkpoint with: python train.py")
+
+
+# class 7: --resume with fewer steps said "finished" and rewrote config.yaml
+def test_resume_with_fewer_steps_than_the_run_reached_is_refused(tmp_path, tiny_args, capsys):
+    assert train.main(tiny_args("--train-steps", "20")) == 0
+    run = tmp_path / "run"
+    before = {name: (run / name).read_text() for name in ("config.yaml", "final.json", "metrics.jsonl")}
+    capsys.readouterr()
+    assert train.main(tiny_args("--train-steps", "15", "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: cannot resume '{run}' with train.steps = 15: the run already reached step 20; "
+                   "pass train.steps >= 20, or --overwrite to start over")
+    assert {name: (run / name).read_text() for name in before} == before
+
+
+# class 7: temp files of atomic writes killed midway were left for good
+def test_temp_files_of_killed_writes_are_removed_by_the_next_owner(tiny_args, tmp_path):
+    assert train.main(tiny_args("--train-steps", "10")) == 0
+    run = tmp_path / "run"
+    stale = [run / ".final.json.ab3_x9yz.tmp", run / "checkpoints" / ".step-000000010.pt.q1w2e3r4.tmp"]
+    kept = [run / "notes.tmp", run / ".hidden.tmp", run / "checkpoints" / "step-000000010.pt.bak"]
+    for path in stale + kept:
+        path.write_text("x")
+    assert train.main(tiny_args("--train-steps", "10", "--resume")) == 0
+    assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
