@@ -279,7 +279,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--output '' is an empty path: name the study folder")
     if args.report_only is not None:  # rebuild from what the folder holds: its study.yaml and runs
         study_dir = Path(args.report_only or args.output or ROOT / "results" / load_study(args.config).name)
-        report(StudyDir(study_dir).load(), study_dir)
+        study = StudyDir(study_dir).load()
+        with StudyDir(study_dir).lock():  # one writer of the study's own files at a time
+            report(study, study_dir)
         return 0
     if args.num_processes < 1:
         raise ConfigError(f"--num-processes {args.num_processes} must be >= 1")
@@ -310,7 +312,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"shard {args.shard} done; when every shard is, merge with: "
               f"python experiments/matrix_inversion_mining_comparison.py --report-only {shlex.quote(str(study_dir))}")
         return 0
-    report(study, study_dir)
+    with folder.lock():
+        report(study, study_dir)
     return 0
 
 

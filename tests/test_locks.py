@@ -57,8 +57,8 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
 
 
 # class 2: a study must not train a run another process is training (a second study, or the orphan of a
-# killed one), with either launcher
-@pytest.mark.parametrize("extra", [["--resume"], ["--resume", "--launcher", "accelerate"]])
+# killed one), with either launcher, nor delete it with --overwrite
+@pytest.mark.parametrize("extra", [["--resume"], ["--resume", "--launcher", "accelerate"], ["--overwrite"]])
 def test_a_study_refuses_a_run_that_another_process_holds(tmp_path, capsys, extra):
     study_file = tmp_path / "tiny.yaml"
     study_file.write_text(TINY_STUDY.replace("steps: 24", "steps: 4"))
