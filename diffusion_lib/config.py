@@ -251,6 +251,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"malformed YAML in {where}: {problem}") from None
     except RecursionError:
         raise ConfigError(f"malformed YAML in {path}: nested too deeply") from None
+    except ValueError as error:  # a value YAML reads but Python refuses, e.g. an int of 5000 digits
+        raise ConfigError(f"malformed YAML in {path}: {str(error).split(';')[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -262,7 +264,7 @@ def parse_value(text: str) -> Any:
     """Parse an override's value as YAML; '1e-4' (a string to YAML 1.1) becomes a float."""
     try:
         value = yaml.load(text, Loader=_StrictLoader)
-    except (yaml.YAMLError, RecursionError):
+    except (yaml.YAMLError, RecursionError, ValueError):
         return text
     if isinstance(value, str):
         try:

@@ -171,7 +171,7 @@ def test_non_finite_floats_and_absurd_sizes_are_refused(layer, fragment):
 
 # class 4: the same, end to end: refused in one line before anything is written
 @pytest.mark.parametrize("extra", [["train.lr=inf"], ["mining.noise_scale=.inf"], ["--mining-scale-factor", "nan"],
-                                   ["--rank", "5000"], ["model.hidden_dim=1000000000"]])
+                                   ["--rank", "5000"], ["model.hidden_dim=1000000000"], ["train.steps=" + "9" * 5000]])
 def test_non_finite_and_absurd_values_are_refused_on_the_command_line(tiny_args, capsys, tmp_path, extra):
     refused(tiny_args(*extra), capsys, tmp_path)
 
@@ -202,6 +202,9 @@ def test_config_files_that_are_empty_paths_pipes_devices_or_huge_are_refused(tin
     huge = tmp_path / "huge.yaml"
     huge.write_text(("# " + "x" * 1000 + "\n") * 1100)  # valid YAML (comments), but 1.1 MB
     assert f"config file '{huge}' is larger than 1 MiB" in refused(tiny_args("--config", str(huge)), capsys, tmp_path)
+    bigint = tmp_path / "bigint.yaml"
+    bigint.write_text("train: {steps: " + "9" * 5000 + "}\n")  # more digits than Python converts
+    assert f"malformed YAML in {bigint}: Exceeds the limit" in refused(tiny_args("--config", str(bigint)), capsys, tmp_path)
     deep = tmp_path / "deep.yaml"
     deep.write_text("train: {steps: " + "[" * 5000 + "]" * 5000 + "}\n")
     assert f"malformed YAML in {deep}: nested too deeply" in refused(tiny_args("--config", str(deep)), capsys, tmp_path)
