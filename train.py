@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Any, Callable, Sequence
 
+import torch
 from accelerate import PartialState
 
 from diffusion_lib.config import (
@@ -21,9 +23,10 @@ from diffusion_lib.config import (
 from diffusion_lib.diffusion import GaussianDiffusion1D
 from diffusion_lib.mining import STRATEGIES
 from diffusion_lib.models import EBM, EnergyDenoiser
+from diffusion_lib.results import RunDir
 from diffusion_lib.tasks import MatrixTask, make_task
 from diffusion_lib.trainer import Trainer1D, TrainingInterrupted, make_accelerator
-from diffusion_lib.utils import atomic_write_json
+from diffusion_lib.utils import atomic_write_json, describe_os_error
 
 
 # -- the helpers every script builds runs with ------------------------------------------------------
@@ -142,7 +145,7 @@ def _reference_flags(args: argparse.Namespace, layers: Sequence[dict[str, Any]])
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     """defaults < YAML < flags < key=value overrides, validated as one RunConfig."""
     file_layer: dict[str, Any] = {}
-    if args.config:
+    if args.config is not None:  # --config '' is refused by load_yaml, not ignored
         file_layer = flatten(load_yaml(args.config))
         check_keys(file_layer, args.config)
     flag_layer = {key: getattr(args, key) for key, _ in FLAGS.values() if getattr(args, key) is not None}
@@ -167,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluate:
         result = trainer.evaluate_saved()
         if accelerator.is_main_process:
+            print(json.dumps(result, indent=2), flush=True)  # first: a folder that refuses the file keeps nothing
             atomic_write_json(trainer.runs[0].dir.root / "evaluation.json", result)
-            print(json.dumps(result, indent=2))
         return 0
     [final] = trainer.train()
     if final.get("status") != "finished":
@@ -186,8 +189,15 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     return args
 
 
-def run_explaining_config_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """run(args); a ConfigError becomes its one-line message and exit code 2 (with --debug, the traceback)."""
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the allocator giving up (CUDA's OutOfMemoryError, or the CPU allocator's)."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+
+
+def run_explaining_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """run(args); what the user can act on becomes one line on stderr (with --debug, the traceback):
+    bad input (ConfigError) exit code 2; the OS saying no (a full disk, a read-only folder, a file in
+    the way) or memory running out, exit code 1."""
     try:
         return run(args)
     except ConfigError as error:
@@ -195,17 +205,46 @@ def run_explaining_config_errors(run: Callable[[argparse.Namespace], int], args:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if args.debug:
+            raise
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as error:
+        if args.debug or not out_of_memory(error):
+            raise
+        what = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        print(f"error: out of memory ({what}); lower model.hidden_dim, train.batch_size or eval.batch_size",
+              file=sys.stderr)
+        return 1
+
+
+def resume_command(args: argparse.Namespace) -> str | None:
+    """The command that resumes the run `args` name, if it has a folder to resume from."""
+    try:
+        config = resolve_config(args)
+    except ConfigError:
+        return None
+    run_dir = RunDir(config.results_dir)
+    if args.evaluate or not run_dir.config.exists():
+        return None
+    return shlex.join(["python", "train.py", "--config", str(run_dir.config), "--resume"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_command_line(build_parser(), sys.argv[1:] if argv is None else argv)
     try:
-        return run_explaining_config_errors(run, args)
+        return run_explaining_errors(run, args)
     except TrainingInterrupted as error:
         if PartialState().is_main_process:  # every process stops; one says so
-            resume = f"python train.py --config {error.run_dirs[0].config} --resume"
+            resume = shlex.join(["python", "train.py", "--config", str(error.run_dirs[0].config), "--resume"])
             print(f"interrupted: {error}; resume with: {resume}", file=sys.stderr)
         return 128 + error.signum
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training (e.g. while scoring)
+        command = resume_command(args)
+        hint = f"; resume from its last checkpoint with: {command}" if command else ""
+        print(f"interrupted: stopped at once{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,18 +1,34 @@
-"""Checkpoints: written atomically, the newest `keep` kept, a corrupt newest one skipped for the previous."""
+"""Checkpoints: checksummed, written atomically, the newest `keep` that verify kept, a damaged one skipped.
+
+A checkpoint is torch.save's zip archive plus one member, `<archive>/.sha256`, holding the SHA-256 of
+every other member's name and bytes; so `torch.load` still reads it, and `load_latest_checkpoint`
+verifies it first (Python's zipfile also checks each member's CRC-32 as it reads). A checkpoint written
+before this member existed is checked by its CRC-32s only, and loads with a one-line warning saying so.
+"""
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import random
 import re
 import sys
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
-from .utils import atomic_torch_save
+from .utils import atomic_write_bytes
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
+DIGEST_MEMBER = ".sha256"
+_CHUNK = 1 << 20
+
+
+class CheckpointDamaged(Exception):
+    """A checkpoint whose content does not match its SHA-256."""
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -20,8 +36,11 @@ def checkpoint_path(folder: Path, step: int) -> Path:
 
 
 def checkpoint_step(path: Path) -> int:
-    """The step a checkpoint file holds, from its name."""
-    return int(_NAME.match(path.name).group(1))
+    """The step a checkpoint's file name says (its content is only read by loading it)."""
+    match = _NAME.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not named like a checkpoint (step-NNNNNNNNN.pt)")
+    return int(match.group(1))
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -32,23 +51,98 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write `state` as step `step` and check it on disk; then keep it and the newest `keep - 1` older
+    checkpoints that verify, deleting the rest: damaged ones, and any of a higher step (left from before
+    the run went back to an earlier checkpoint, so not part of its history)."""
+    buffer = io.BytesIO()
+    torch.save({"step": step, **state}, buffer)  # in memory first: a full disk fails in our write, by name
+    with zipfile.ZipFile(buffer, "a") as archive:
+        _, digest = _digests(archive)
+        archive.writestr(f"{_prefix(archive)}/{DIGEST_MEMBER}", digest)
     path = checkpoint_path(folder, step)
-    atomic_torch_save(path, {"step": step, **state})
-    for old in list_checkpoints(folder)[keep:]:
-        old.unlink(missing_ok=True)
+    atomic_write_bytes(path, buffer.getbuffer())
+    problem = _problem(path)
+    if problem is not None:  # the disk did not keep what was written: no point deleting the older ones
+        raise OSError(errno.EIO, f"checkpoint damaged right after writing it ({problem})", str(path))
+    kept = 1
+    for candidate in list_checkpoints(folder):
+        if candidate == path:
+            continue
+        if kept < keep and checkpoint_step(candidate) < step:
+            problem = _problem(candidate)
+            if problem is None:
+                kept += 1
+                continue
+            print(f"warning: checkpoint {candidate} is unreadable ({problem}); deleted", file=sys.stderr)
+        candidate.unlink(missing_ok=True)
     return path
 
 
+def _prefix(archive: zipfile.ZipFile) -> str:
+    return archive.namelist()[0].split("/", 1)[0]  # torch.save names every member '<archive>/...'
+
+
+def _digests(archive: zipfile.ZipFile) -> tuple[str | None, str]:
+    """(the SHA-256 the archive holds or None, the SHA-256 of its other members' names and bytes)."""
+    stored, digest = None, hashlib.sha256()
+    for info in archive.infolist():
+        if info.filename == f"{_prefix(archive)}/{DIGEST_MEMBER}":
+            stored = archive.read(info).decode(errors="replace")
+            continue
+        digest.update(info.filename.encode() + b"\0" + info.file_size.to_bytes(8, "little"))
+        with archive.open(info) as member:  # zipfile raises BadZipFile on a member whose CRC-32 is wrong
+            while chunk := member.read(_CHUNK):
+                digest.update(chunk)
+    return stored, digest.hexdigest()
+
+
+def _verify(handle: IO[bytes] | Path) -> bool:
+    """True if the checkpoint matches its SHA-256, False if it has none (older version; its CRC-32s
+    matched); raises if it is damaged or unreadable."""
+    with zipfile.ZipFile(handle) as archive:
+        stored, computed = _digests(archive)
+    if stored is not None and stored != computed:
+        raise CheckpointDamaged("checksum mismatch: the file is damaged")
+    return stored is not None
+
+
+def _problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted, or None."""
+    try:
+        _verify(path)
+    except Exception as error:  # any failure to read counts as unreadable
+        return _reason(error)
+    return None
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """A checkpoint's state, verified first (read once into memory, so what is verified is what loads)."""
+    data = io.BytesIO(path.read_bytes())
+    if not _verify(data):
+        print(f"warning: checkpoint {path} has no checksum (written by an older version); loaded with only its CRC-32s checked",
+              file=sys.stderr)
+    data.seek(0)
+    return torch.load(data, map_location="cpu", weights_only=True)
+
+
 def load_latest_checkpoint(folder: Path, required: tuple[str, ...] = ()) -> dict[str, Any] | None:
-    """The newest readable checkpoint; unreadable ones are reported by name on stderr and skipped."""
+    """The newest checkpoint that verifies and holds `required`; others are named on stderr and skipped."""
     for path in list_checkpoints(folder):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _load(path)
             missing = [key for key in ("step", *required) if key not in state]
             if missing:
                 raise KeyError(f"missing {', '.join(missing)}")
         except Exception as error:  # any failure to read means: fall back to an older checkpoint
-            print(f"warning: checkpoint {path} is unreadable ({type(error).__name__}); trying the previous one", file=sys.stderr)
+            print(f"warning: checkpoint {path} is unreadable ({_reason(error)}); trying the previous one",
+                  file=sys.stderr)
             continue
         state["path"] = str(path)
         return state

@@ -1,12 +1,16 @@
 """Run configuration: plain nested dataclasses, YAML files, dotted `key=value` overrides, validation.
 
 Resolution order: defaults < YAML file < command-line flags < `key=value` overrides. Every problem
-raises ConfigError with one line naming the key, value or file and what is allowed.
+raises ConfigError with one line naming the key, value or file and what is allowed. Every float must be
+finite, and sizes have upper limits (LIMITS) so that a typo is refused instead of exhausting memory or time.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,7 +19,7 @@ import yaml
 
 from .mining import STEP_SCHEDULES, resolve_mining_config
 from .tasks import TASKS
-from .utils import suggest
+from .utils import brief_repr, suggest
 
 
 class ConfigError(ValueError):
@@ -35,24 +39,50 @@ ANSWERS = ("x0", "scaled")
 TRACKERS = ("none", "tensorboard", "wandb")
 
 
+def _int_in(low: int, high: int, default: int) -> Any:
+    return _check(lambda v: low <= v <= high, f"an int in [{low}, {high}]", default=default)
+
+
+# Upper limits on sizes: beyond them a run would exhaust memory or take days per step, so a larger value
+# is a typo; refused in one line rather than ending in an allocator traceback or minutes of silence.
+LIMITS: dict[str, tuple[int, str]] = {
+    "task.rank": (100, "n x n matrices: inputs and outputs have n^2 = 10,000 numbers at n = 100"),
+    "model.hidden_dim": (16384, "the first layer alone has (inputs + outputs) x hidden_dim weights"),
+    "diffusion.timesteps": (1000, "every training step and every sample walks these"),
+    "diffusion.inference_steps": (1000, "inner steps per timestep when sampling"),
+    "train.steps": (10**9, "more than a lifetime of steps at any speed"),
+    "train.batch_size": (2**20, "one batch is held in memory with its activations"),
+    "eval.num_samples": (2**20, "the held-out sets are built in memory when a run starts"),
+    "eval.batch_size": (2**20, "one sampling batch is held in memory"),
+    "eval.inference_steps_sweep": (1000, "each entry: inner steps per timestep in one extra evaluation"),
+    "mining.opt_steps": (1000, "inner descent steps per negative, on every training step"),
+}
+MAX_SWEEP_ENTRIES = 100  # eval.inference_steps_sweep: each entry is one more full evaluation at the end
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few lines; a bigger file is not one (or a device, read forever)
+
+
+def _limited(key: str, default: int, low: int = 1) -> Any:
+    return _int_in(low, LIMITS[key][0], default)
+
+
 @dataclass
 class TaskConfig:
     dataset: str = _check(lambda v: v in TASKS, f"one of {', '.join(TASKS)}", default="inverse")
-    rank: int = _positive_int(20)
+    rank: int = _limited("task.rank", 20)
     ood: bool = False  # train on the harder (ood) distribution; validation always scores both sets
 
 
 @dataclass
 class ModelConfig:
-    hidden_dim: int = _positive_int(512)
+    hidden_dim: int = _limited("model.hidden_dim", 512)
     # compute dtype: float64 for exactness checks; bfloat16 = mixed precision (float32 weights, bf16 autocast)
     dtype: str = _check(lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}", default="float32")
 
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = _positive_int(10)
-    inference_steps: int = _check(lambda v: v >= 0, "an int >= 0", default=5)  # inner opt_steps per timestep
+    timesteps: int = _limited("diffusion.timesteps", 10)
+    inference_steps: int = _limited("diffusion.inference_steps", 5, low=0)  # inner opt_steps per timestep
     inference_step_scale: float = _check(lambda v: v > 0, "a float > 0", default=1.0)
     # the published sampler's quirks, on request: steps after the first scaled by 2; answer sqrt(abar_0) x0
     inference_step_schedule: str = _check(lambda v: v in STEP_SCHEDULES, f"one of {', '.join(STEP_SCHEDULES)}", default="constant")
@@ -61,10 +91,10 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _positive_int(100_000)
+    steps: int = _limited("train.steps", 100_000)
     # > 0: train ceil(budget_flops / measured FLOPs per step) steps instead of `steps` (equal-compute runs)
     budget_flops: float = _check(lambda v: v >= 0, "a float >= 0 (0 = off)", default=0.0)
-    batch_size: int = _positive_int(2048)  # global: split evenly across accelerate processes
+    batch_size: int = _limited("train.batch_size", 2048)  # global: split evenly across accelerate processes
     lr: float = _check(lambda v: v > 0, "a float > 0", default=1e-4)
     adam_betas: list[float] = _check(
         lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two floats in [0, 1)", default_factory=lambda: [0.9, 0.99]
@@ -87,11 +117,13 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = _positive_int(1000)
-    num_samples: int = _positive_int(1024)
-    batch_size: int = _positive_int(1024)
+    num_samples: int = _limited("eval.num_samples", 1024)
+    batch_size: int = _limited("eval.batch_size", 1024)
     # after training: held-out MSE of the EMA model for each number of inference inner steps
     inference_steps_sweep: list[int] = _check(
-        lambda v: all(s >= 0 for s in v), "a list of ints >= 0", default_factory=list
+        lambda v: len(v) <= MAX_SWEEP_ENTRIES and all(0 <= s <= LIMITS["eval.inference_steps_sweep"][0] for s in v),
+        f"a list of at most {MAX_SWEEP_ENTRIES} ints in [0, {LIMITS['eval.inference_steps_sweep'][0]}]",
+        default_factory=list,
     )
 
 
@@ -156,22 +188,89 @@ def check_keys(flat: Mapping[str, Any], source: str) -> None:
         raise ConfigError(f"unknown config key '{key}' in {source}{suggest(key, allowed)}")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, turning every failure into a one-line ConfigError naming the file."""
-    path = Path(path)
+class _DuplicateKey(yaml.MarkedYAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<' merges may override: that is their point
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in first:
+                        raise _DuplicateKey(
+                            f"key {brief_repr(key)} first set", first[key].start_mark, "set again", key_node.start_mark
+                        )
+                    first[key] = key_node
+                except TypeError:  # an unhashable key: SafeLoader says so itself
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a plain file"
+
+
+def _read_config_file(path: Path) -> str:
+    """The text of a regular file of at most MAX_CONFIG_BYTES, never blocking on a pipe or reading a device."""
     try:
-        text = path.read_text()
+        # O_NONBLOCK: opening a named pipe does not wait for a writer (it is refused just below)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' not found") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"config file '{path}' is unreadable: {getattr(error, 'strerror', None) or error}") from None
+    except OSError as error:
+        raise ConfigError(f"config file '{path}' is unreadable: {error.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ConfigError(f"config file '{path}' is unreadable: it is {_kind_of(mode)}, not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+        except OSError as error:
+            raise ConfigError(f"config file '{path}' is unreadable: {error.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file '{path}' is larger than {MAX_CONFIG_BYTES // 2**20} MiB: not a config")
     try:
-        data = yaml.safe_load(text)
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is unreadable: it is not UTF-8 text") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning every failure into a one-line ConfigError naming the file."""
+    if not str(path).strip():  # Path('') would mean the current folder
+        raise ConfigError("config file '' is an empty path: name a YAML file")
+    path = Path(path)
+    text = _read_config_file(path)
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as error:
+        raise ConfigError(
+            f"duplicate key in {path}:{error.problem_mark.line + 1}: {error.context} at line "
+            f"{error.context_mark.line + 1}; give each key once"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(error, "problem", None) or "malformed YAML"
         raise ConfigError(f"malformed YAML in {where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"malformed YAML in {path}: nested too deeply") from None
+    except ValueError as error:  # a value YAML reads but Python refuses, e.g. an int of 5000 digits
+        raise ConfigError(f"malformed YAML in {path}: {str(error).split(';')[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -182,8 +281,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def parse_value(text: str) -> Any:
     """Parse an override's value as YAML; '1e-4' (a string to YAML 1.1) becomes a float."""
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = yaml.load(text, Loader=_StrictLoader)
+    except (yaml.YAMLError, RecursionError, ValueError):
         return text
     if isinstance(value, str):
         try:
@@ -220,7 +319,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 # -- validation ----------------------------------------------------------------------------------------
 def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     kind = _TYPE_NAMES[key]
-    bad = ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected {kind}")
+    bad = ConfigError(f"config key '{key}' = {brief_repr(value)} has the wrong type: expected {kind}")
     if kind == "bool":
         if not isinstance(value, bool):
             raise bad
@@ -228,14 +327,7 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
     elif kind == "float":
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        value = float(value)
+        value = _finite_float(key, value, bad)
     elif kind == "str":
         if not isinstance(value, str):
             raise bad
@@ -246,14 +338,33 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
         value = [_coerce_item(key, inner, v, bad) for v in value]
     check = f.metadata.get("valid")
     if check is not None and not check(value):
-        raise ConfigError(f"config key '{key}' = {value!r} is out of range: must be {f.metadata['requirement']}")
+        raise ConfigError(
+            f"config key '{key}' = {brief_repr(value)} is out of range: must be {f.metadata['requirement']}"
+        )
+    return value
+
+
+def _finite_float(key: str, value: Any, bad: ConfigError) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise bad from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float
+        value = math.inf
+    if not math.isfinite(value):  # inf and nan pass every `v > 0` style check
+        raise ConfigError(f"config key '{key}' = {value} is not a finite number")
     return value
 
 
 def _coerce_item(key: str, inner: str, value: Any, bad: ConfigError) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (inner == "int" and not isinstance(value, int)):
         raise bad
-    return float(value) if inner == "float" else value
+    return _finite_float(key, value, bad) if inner == "float" else value
 
 
 def build_config(*layers: Mapping[str, Any]) -> RunConfig:
@@ -279,6 +390,10 @@ def build_config(*layers: Mapping[str, Any]) -> RunConfig:
         top["mining"] = resolve_mining_config({"strategy": "adversarial", **mining})
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    for key, value in top["mining"].items():
+        limit = LIMITS.get(f"mining.{key}")
+        if limit is not None and value > limit[0]:
+            raise ConfigError(f"mining_config['{key}'] = {value} is invalid: must be at most {limit[0]}")
     return RunConfig(**{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}, **top)
 
 

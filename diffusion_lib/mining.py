@@ -8,10 +8,11 @@ This module imports no torch at load time, so the command-line help can list the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from .utils import suggest
+from .utils import brief_repr, suggest
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -150,9 +151,14 @@ def mine_mixed(
 def _check_option(name: str, option: Option, value: Any) -> Any:
     ok_type = isinstance(value, option.kind) and not isinstance(value, bool)
     if option.kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok_type = float(value), True
+        try:
+            value, ok_type = float(value), True
+        except OverflowError:  # an int beyond any float
+            value, ok_type = math.inf, True
+    if ok_type and option.kind is float and not math.isfinite(value):  # inf and nan pass `v > 0` checks
+        raise ValueError(f"mining_config['{name}'] = {value} is invalid: must be a finite number")
     if not ok_type or not option.valid(value):
-        raise ValueError(f"mining_config['{name}'] = {value!r} is invalid: must be {option.requirement}")
+        raise ValueError(f"mining_config['{name}'] = {brief_repr(value)} is invalid: must be {option.requirement}")
     return value
 
 

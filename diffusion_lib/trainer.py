@@ -8,8 +8,10 @@ line, validation and checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -81,6 +83,19 @@ class Run:
     tracker: RunTracker | None = None  # a live dashboard, if train.log_with asks for one
 
 
+def _releasing_run_locks(method: Any) -> Any:
+    """For train()/evaluate_saved(): release the run locks taken in __init__ however the method ends."""
+
+    @functools.wraps(method)
+    def wrapper(self: Trainer1D, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._release_locks()
+
+    return wrapper
+
+
 class Trainer1D:
     """Trains a GaussianDiffusion1D on a task as the config(s) say; each run writes under its results_dir.
 
@@ -112,8 +127,6 @@ class Trainer1D:
         self._all_runs = list(self.runs)  # the pack as built; `runs` loses those that fail
         self.label = label or ", ".join(r.dir.root.name for r in self.runs)
         self.resume, self.overwrite = resume or evaluate_only, overwrite
-        for run in self.runs:
-            run.dir.check(run.config, self.resume, overwrite, EVALUATION_CHANGES if evaluate_only else RESUMABLE_CHANGES)
         check_tracker(self.config.train.log_with)
         self.accelerator = acc = accelerator or make_accelerator(self.config.device)
         train = self.config.train
@@ -121,6 +134,16 @@ class Trainer1D:
             raise ConfigError(
                 f"train.batch_size = {train.batch_size} must be divisible by the {acc.num_processes} processes"
             )
+        # one writer per run folder: the main process holds each <run>/.lock until train()/evaluate_saved() end
+        self._locks: list[Any] = []
+        try:
+            for run in self.runs:
+                if acc.is_main_process:
+                    self._locks.append(run.dir.lock(optional=evaluate_only))
+                run.dir.check(run.config, self.resume, overwrite, EVALUATION_CHANGES if evaluate_only else RESUMABLE_CHANGES)
+        except BaseException:
+            self._release_locks()
+            raise
         self.local_batch = train.batch_size // acc.num_processes
         torch.set_float32_matmul_precision(train.matmul_precision)
         self.dtype = DTYPES[self.config.model.dtype]
@@ -155,7 +178,13 @@ class Trainer1D:
     def main(self) -> bool:
         return self.accelerator.is_main_process
 
+    def _release_locks(self) -> None:
+        for lock in self._locks:
+            lock.release()
+        self._locks = []
+
     # -- the loop ------------------------------------------------------------------------------------
+    @_releasing_run_locks
     def train(self) -> list[dict[str, Any]]:
         acc, cfg = self.accelerator, self.config
         if self.main:
@@ -456,6 +485,7 @@ class Trainer1D:
             "budget_flops": self.config.train.budget_flops,
         }
 
+    @_releasing_run_locks
     def evaluate_saved(self) -> dict[str, Any]:
         """Sample-only: score the latest checkpoint's EMA and raw model (no training, nothing truncated)."""
         if not self._load(truncate_metrics=False):

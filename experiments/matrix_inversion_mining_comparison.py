@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -39,8 +40,7 @@ from diffusion_lib.results import RunDir  # noqa: E402
 from diffusion_lib.checkpoint import checkpoint_step, list_checkpoints  # noqa: E402
 from diffusion_lib.trainer import TrainingInterrupted  # noqa: E402
 from train import (  # noqa: E402
-    OneLineParser, create_dataset, create_diffusion_model, create_trainer, parse_command_line,
-    run_explaining_config_errors,
+    OneLineParser, create_dataset, create_diffusion_model, create_trainer, parse_command_line, run_explaining_errors,
 )
 
 DEFAULT_CONFIG = ROOT / "configs" / "matrix_inversion_mining.yaml"
@@ -81,7 +81,7 @@ def describe(study: Study) -> str:
     if absent:  # the file's description was written for its full set of strategies
         text = (f"(The study file's description is left out: it names {', '.join(absent)}, which this study does "
                 "not run.)")
-    budget = getattr(config.train, "budget_flops", 0)  # train.budget_flops: 0 (or absent) = train.steps
+    budget = config.train.budget_flops  # 0: the runs trained train.steps
     length = f"a budget of {budget:.3g} training FLOPs" if budget else f"{config.train.steps} steps"
     flow = {label: yaml.safe_dump(mining, default_flow_style=True, sort_keys=False).strip()
             for label, mining in study.strategies.items()}  # fmt: skip
@@ -201,6 +201,10 @@ def run_forwarding_signals(command: list[str]) -> tuple[int, int | None]:
 
 def run_with_accelerate(run: StudyRun, resume: bool, num_processes: int) -> dict:
     """One run through `accelerate launch train.py`, from the run's resolved config."""
+    # refused here, in one line, if another process is training the run (e.g. one left by a killed study);
+    # the launched train.py takes the lock itself
+    with RunDir(run.config.results_dir).lock():
+        pass
     with tempfile.TemporaryDirectory() as folder:
         config_file = Path(folder) / "config.yaml"
         config_file.write_text(run.config.to_yaml())
@@ -268,7 +272,6 @@ def dry_run(runs: list[StudyRun], args: argparse.Namespace, pack_size: int) -> N
     """List the runs with their state, and estimate what is left to train from a probe per distinct setup:
     the measured FLOPs of a step (as the runs measure them) and the median time of a few steps."""
     print(f"{len(runs)} runs in {Path(runs[0].config.results_dir).parent.parent} (packs of up to {pack_size}):")
-    probes: dict[str, tuple[float, float]] = {}
     total_seconds = total_flops = 0.0
     for pack in pack_runs(runs, pack_size, lambda run: 0):
         flops_per_step, seconds_per_step = probe_steps(pack)
@@ -309,7 +312,7 @@ def probe_steps(pack: list[StudyRun], steps: int = 3) -> tuple[float, float]:
 def report(study: Study, study_dir: Path) -> None:
     records = [run.record() for run in study.runs]
     write_report(study_dir, records, title=f"Negative mining on matrix inversion: study '{study.name}'",
-                 description=describe(study), primary=getattr(study, "primary", None))  # Study.primary: study.yaml
+                 description=describe(study), primary=study.primary)
     print(f"report: {study_dir / 'report.md'}")
 
 
@@ -317,12 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_command_line(build_parser(), argv)
     try:
-        return run_explaining_config_errors(run, args)
+        return run_explaining_errors(run, args)
     except (TrainingInterrupted, RunStopped, KeyboardInterrupt, RunCrashed) as error:
         again = [a for a in argv if a not in ("--resume", "--overwrite")]
         stopped = "error" if isinstance(error, RunCrashed) else "interrupted"
-        print(f"{stopped}: {str(error) or 'stopped'}; resume the study with: "
-              f"python {Path(__file__).relative_to(ROOT)} {' '.join(again)} --resume", file=sys.stderr)
+        command = shlex.join(["python", str(Path(__file__).relative_to(ROOT)), *again, "--resume"])
+        print(f"{stopped}: {str(error) or 'stopped'}; resume the study with: {command}", file=sys.stderr)
         if isinstance(error, RunCrashed):
             return 1
         return 128 + getattr(error, "signum", signal.SIGINT)
@@ -331,9 +334,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
+    if args.output is not None and not args.output.strip():
+        raise ConfigError("--output '' is an empty path: name the study folder")
     if args.report_only is not None:  # rebuild from what the folder holds: its study.yaml and runs
         study_dir = Path(args.report_only or args.output or ROOT / "results" / load_study(args.config).name)
-        report(StudyDir(study_dir).load(), study_dir)
+        study = StudyDir(study_dir).load()
+        with StudyDir(study_dir).lock():  # one writer of the study's own files at a time
+            report(study, study_dir)
         return 0
     if args.num_processes < 1:
         raise ConfigError(f"--num-processes {args.num_processes} must be >= 1")
@@ -367,9 +374,10 @@ def run(args: argparse.Namespace) -> int:
     train_all(selected, args, pack_size)
     if args.shard:
         print(f"shard {args.shard} done; when every shard is, merge with: "
-              f"python experiments/matrix_inversion_mining_comparison.py --report-only {study_dir}")
+              f"python experiments/matrix_inversion_mining_comparison.py --report-only {shlex.quote(str(study_dir))}")
         return 0
-    report(study, study_dir)
+    with folder.lock():
+        report(study, study_dir)
     return 0
 
 

@@ -1,13 +1,16 @@
 """The comparison script end to end on a tiny study: outputs, resume, failures, shards, bad input."""
 import csv
 import json
+import shlex
 import sys
 
 import pytest
+import yaml
 
 from conftest import ROOT
+from diffusion_lib.config import ConfigError
 from diffusion_lib.results import RunDir
-from diffusion_lib.study import load_study
+from diffusion_lib.study import StudyDir, load_study, select
 from diffusion_lib.trainer import Trainer1D
 
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -200,3 +203,180 @@ def test_command_line_overrides_apply_to_every_strategy(tmp_path, study_file):
     study = load_study(study_file, {"mining.opt_steps": 5})
     runs = comparison.expand(study, tmp_path)
     assert {r.config.mining["opt_steps"] for r in runs} == {5}  # adversarial's own opt_steps: 2 is overridden
+
+
+def write_study(tmp_path, text, name="s.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def refused_study(capsys, *args):
+    assert main(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+# -- run identity (class 3 of the robustness issue) ----------------------------------------------------
+# class 3: runs that share a folder were merged silently; swept per-run keys mislabelled runs
+@pytest.mark.parametrize(
+    "change, fragment",
+    [  # two labels or sweep values whose runs share a folder were merged silently
+        ("strategies: {'a b': {strategy: none}, a-b: {strategy: random}}",
+         "strategy labels 'a b' and 'a-b' in {src} map to the same run folder 'a-b__seed0'"),
+        ("strategies: {Random: {strategy: random}, random: {strategy: random}}",
+         "strategy labels 'Random' and 'random' in {src} map to the same run folder 'random__seed0'"),
+        ("sweep: {mining.noise_scale: [1, 1.0]}",
+         "sweep values 1 and 1.0 of 'mining.noise_scale' in {src} give the same run of strategy 'none'"),
+        ("sweep: {mining.noise_scale: [2.0, 3.0, 2.0]}", "sweep key 'mining.noise_scale' in {src} lists the value 2.0 twice"),
+        # the study sets these per run: a sweep over them mislabelled every run
+        ("sweep: {seed: [1, 2]}", "sweep key 'seed' in {src} is set per run by the study; use its 'seeds' instead"),
+        ("sweep: {results_dir: [a, b]}", "sweep key 'results_dir' in {src} is set per run by the study"),
+        ("sweep: {mining.strategy: [random, none]}", "sweep key 'mining.strategy' in {src} is set per run by the study"),
+        ("sweep: {mining.noise_scale: [[1, [2]]]}", "value [1, [2]] must be a number, text or a flat list"),
+        ("strategies: {1: {strategy: none}}", "strategy label 1 in {src} must be non-empty text"),
+    ],
+)
+def test_runs_that_would_share_a_folder_or_a_label_are_refused_before_training(tmp_path, study_file, capsys,
+                                                                              change, fragment):
+    child = write_study(tmp_path, f"extends: tiny.yaml\n{change}\n")
+    out = tmp_path / "study"
+    err = refused_study(capsys, "--config", child, "--output", out)
+    assert fragment.format(src=child) in err
+    assert not out.exists()
+
+
+# class 4: a study of absurd size took minutes of silence to expand (and would then train it all)
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ("seeds: [" + ", ".join(map(str, range(1001))) + "]", "study key 'seeds' in {src} lists 1001 seeds: at most 1000"),
+        ("sweep: {mining.noise_scale: [" + ", ".join(str(1 + i / 1000) for i in range(2000)) + "]}\nseeds: [0, 1, 2]",
+         "{src} makes 12000 runs (seeds x sweep points x strategies): at most 10000"),
+    ],
+)
+def test_studies_of_absurd_size_are_refused(tmp_path, study_file, change, fragment):
+    child = write_study(tmp_path, f"extends: tiny.yaml\n{change}\n")
+    with pytest.raises(ConfigError) as refusal:
+        comparison.expand(load_study(child), tmp_path / "study")
+    assert fragment.format(src=child) in str(refusal.value)
+
+
+# -- damaged study.yaml (class 6) ----------------------------------------------------------------------
+# class 6: a damaged study.yaml crashed --report-only and --resume
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda saved: saved.pop("seeds"), "{file} is damaged: it lacks key 'seeds'"),
+        (lambda saved: saved.update(seeds="zero"), "study key 'seeds' in {file} = 'zero' must be a non-empty list"),
+        (lambda saved: saved.update(strategies=["none"]), "study key 'strategies' in {file} must map labels"),
+        (lambda saved: saved.update(base=5), "{file} is damaged: key 'base' must map config keys to values"),
+        (lambda saved: saved["base"].update({"name": "x"}), "unknown config key 'name' in {file} (base)"),
+        (lambda saved: saved.update(extra=1), "{file} is damaged: unknown key 'extra'"),
+        (lambda saved: saved.update(sweep={"train.steps": 3}), "sweep key 'train.steps' in {file} must map to a non-empty list"),
+        (lambda saved: saved["base"].update({"train.steps": "many"}),
+         "{file}, run none__seed0: config key 'train.steps' = 'many' has the wrong type"),
+    ],
+)
+def test_a_damaged_study_yaml_is_refused_in_one_line(tmp_path, study_file, capsys, damage, fragment):
+    out = tmp_path / "study"
+    StudyDir(out).prepare(load_study(study_file), overwrite=False)  # as a study leaves it, without training
+    saved = yaml.safe_load((out / "study.yaml").read_text())
+    damage(saved)
+    (out / "study.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    expected = fragment.format(file=out / "study.yaml")
+    assert expected in refused_study(capsys, "--report-only", out)
+    assert expected in refused_study(capsys, "--config", study_file, "--output", out, "--resume")
+
+
+# -- the study's primary comparison (item 9) ------------------------------------------------------------
+# item 9: the study primary is kept in Study and study.yaml; old study.yaml files load without one
+def test_primary_is_parsed_saved_and_dropped_with_its_strategies(tmp_path, study_file):
+    child = write_study(tmp_path, "extends: tiny.yaml\nprimary: {compare: [adversarial, none], metric: mse_ood}\n")
+    study = load_study(child)
+    assert study.primary == {"compare": ["adversarial", "none"], "metric": "mse_ood"}
+    assert study.to_dict()["primary"] == study.primary
+    out = tmp_path / "study"
+    StudyDir(out).prepare(study, overwrite=False)
+    assert StudyDir(out).load().primary == study.primary
+    assert select(load_study(child), ["none"], None).primary is None  # its comparison left the study
+    # a study.yaml written before `primary` existed still loads, with none
+    saved = yaml.safe_load((out / "study.yaml").read_text())
+    del saved["primary"]
+    (out / "study.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert StudyDir(out).load().primary is None
+    # and resuming it with the primary now in its file is the same study
+    StudyDir(out).check(study, resume=True, overwrite=False, sharded=False)
+
+
+# item 9: pilot and quick inherit the primary through `extends`
+def test_shipped_studies_carry_the_primary_through_extends():
+    primary = {"compare": ["adversarial", "random"], "metric": "mse_id"}
+    for name in ("matrix_inversion_mining", "pilot", "quick"):
+        assert load_study(ROOT / "configs" / f"{name}.yaml").primary == primary, name
+    # an ablation replaces the strategies, so the labels of the inherited primary are not its own
+    assert load_study(ROOT / "configs" / "ablations" / "opt_steps.yaml").primary is None
+
+
+# item 9: a bad primary is refused in one line naming the file
+@pytest.mark.parametrize(
+    "primary, fragment",
+    [
+        ("{compare: [adversarial, random], metric: mse_id}", "'random' is not a strategy of this study (none, adversarial)"),
+        ("{compare: [none, none], metric: mse_id}", "compare = ['none', 'none'] must list two different strategy labels"),
+        ("{compare: [none, adversarial], metric: loss}", "metric = 'loss' must be one of mse_id, mse_ood"),
+        ("{compare: [none, adversarial]}", "lacks 'metric'"),
+        ("{compare: [none, adversarial], metric: mse_id, by: seed}", "has unknown key 'by'; allowed: compare, metric"),
+        ("[none, adversarial]", "must be a mapping"),
+    ],
+)
+def test_a_bad_primary_is_refused_in_one_line(tmp_path, study_file, capsys, primary, fragment):
+    child = write_study(tmp_path, f"extends: tiny.yaml\nprimary: {primary}\n")
+    err = refused_study(capsys, "--config", child, "--output", tmp_path / "study")
+    assert f"study key 'primary' in {child}" in err and fragment in err
+
+
+# -- the study script's own input and faults (classes 4, 5, 7) -------------------------------------------
+# class 4: duplicate keys, --config '' and --output '' (the current folder!) were accepted
+def test_bad_study_files_and_outputs_are_refused(tmp_path, study_file, capsys):
+    twice = write_study(tmp_path, TINY_STUDY + "seeds: [3]\n")
+    assert f"duplicate key in {twice}:" in refused_study(capsys, "--config", twice, "--output", tmp_path / "o")
+    assert "study file '' is an empty path" in refused_study(capsys, "--config", "")
+    assert "--output '' is an empty path" in refused_study(capsys, "--config", study_file, "--output", "")
+    assert not (tmp_path / "o").exists()
+
+
+# class 5: a study output that is a file ended in a traceback
+def test_a_study_output_that_is_a_file_is_one_line_and_exit_1(tmp_path, study_file, capsys):
+    blocker = tmp_path / "study"
+    blocker.write_text("x")
+    assert main("--config", study_file, "--output", blocker) == 1
+    assert capsys.readouterr().err.strip() == f"error: cannot write '{blocker}': Not a directory"
+
+
+# class 7: the study's resume command broke on paths with spaces
+def test_the_study_resume_command_is_shell_quoted(tmp_path, study_file, monkeypatch, capsys):
+    out = tmp_path / "my study"
+
+    def interrupt(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer1D, "train_step", interrupt)
+    assert main("--config", study_file, "--output", out, "--seeds", "0") == 130
+    command = capsys.readouterr().err.strip().splitlines()[-1].split("resume the study with: ", 1)[1]
+    words = shlex.split(command)
+    assert words[words.index("--output") + 1] == str(out) and words[-1] == "--resume"
+
+
+# class 7: temp files of atomic writes killed midway were left for good
+def test_study_temp_files_are_removed_when_its_report_is_rebuilt(tmp_path):
+    study_file = tmp_path / "tiny.yaml"
+    study_file.write_text(TINY_STUDY.replace("steps: 24", "steps: 4"))
+    out = tmp_path / "study"
+    assert main("--config", study_file, "--output", out, "--seeds", "0", "--strategies", "none") == 0
+    stale = [out / ".report.md.abcdefgh.tmp", out / "plots" / ".final_mse.png.12345678.tmp"]
+    for path in stale:
+        path.write_text("x")
+    assert main("--report-only", out) == 0
+    assert [p for p in stale if p.exists()] == []
