@@ -56,7 +56,7 @@ STEP_SCHEDULES = ("constant", "reference")  # inner descent steps: eta_t * scale
 
 
 COMMON_OPTIONS: dict[str, Option] = {
-    "opt_steps": Option(int, 2, lambda v: 1 <= v <= 1000, "an int in [1, 1000]"),
+    "opt_steps": Option(int, 2, lambda v: v >= 1, "an int >= 1"),
     "scale_factor": Option(float, 1.0, lambda v: v > 0, "a float > 0"),
     "noise_scale": Option(float, 3.0, lambda v: v > 0, "a float > 0"),
     "loss_scale": Option(float, 0.5, lambda v: v >= 0, "a float >= 0"),

@@ -33,7 +33,7 @@ def refused(args, capsys, tmp_path):
         (["train.steps=0"], "'train.steps' = 0 is out of range: must be an int in [1, 1000000000]"),
         (["--batch_size", "0"], "'train.batch_size' = 0 is out of range"),
         (["--rank", "0"], "'task.rank' = 0 is out of range"),
-        (["--mining-opt-steps", "0"], "mining_config['opt_steps'] = 0 is invalid: must be an int in [1, 1000]"),
+        (["--mining-opt-steps", "0"], "mining_config['opt_steps'] = 0 is invalid: must be an int >= 1"),
         (["--mining-scale-factor", "0"], "mining_config['scale_factor'] = 0.0 is invalid: must be a float > 0"),
         (["train.lr=0"], "'train.lr' = 0.0 is out of range: must be a float > 0"),
         (["--mining-strategy", "greedy"], "mining_config['strategy'] = 'greedy' is unknown"),
@@ -355,10 +355,14 @@ def test_an_interrupt_that_stops_at_once_is_one_line_and_exit_130(tmp_path, tiny
 
         monkeypatch.setattr(Trainer1D, "train_step", two_signals)
     else:
-        def interrupted(self):
-            raise KeyboardInterrupt
+        original = Trainer1D._score_models
 
-        monkeypatch.setattr(Trainer1D, "_scores", interrupted)
+        def interrupted(self, sweep):
+            if sweep:  # the final scoring (validation passes score without the sweep)
+                raise KeyboardInterrupt
+            return original(self, sweep)
+
+        monkeypatch.setattr(Trainer1D, "_score_models", interrupted)
     try:
         code = train.main(tiny_args())
     except KeyboardInterrupt:
