@@ -12,30 +12,34 @@ import argparse
 import json
 import shlex
 import sys
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
-from accelerate import PartialState
-
+# light modules only up here: --help must answer without loading torch; the rest is imported where used
 from diffusion_lib.config import (
     ConfigError, RunConfig, build_config, check_keys, flatten, load_yaml, parse_overrides, split_overrides,
 )
-from diffusion_lib.diffusion import GaussianDiffusion1D
 from diffusion_lib.mining import STRATEGIES
-from diffusion_lib.models import EBM, EnergyDenoiser
-from diffusion_lib.results import RunDir
-from diffusion_lib.tasks import MatrixTask, make_task
-from diffusion_lib.trainer import Trainer1D, TrainingInterrupted, make_accelerator
+from diffusion_lib.results import RunDir, TrainingInterrupted, sampling_settings
 from diffusion_lib.utils import atomic_write_json, describe_os_error
+
+if TYPE_CHECKING:
+    from diffusion_lib.diffusion import GaussianDiffusion1D
+    from diffusion_lib.tasks import MatrixTask
+    from diffusion_lib.trainer import Trainer1D
 
 
 # -- the helpers every script builds runs with ------------------------------------------------------
 def create_dataset(config: RunConfig) -> MatrixTask:
+    from diffusion_lib.tasks import make_task
+
     return make_task(config.task.dataset, rank=config.task.rank, ood=config.task.ood)
 
 
 def create_diffusion_model(config: RunConfig | Sequence[RunConfig], task: MatrixTask) -> GaussianDiffusion1D:
     """The model for one run, or for a pack of runs (configs differing only in seed and folder)."""
+    from diffusion_lib.diffusion import GaussianDiffusion1D
+    from diffusion_lib.models import EBM, EnergyDenoiser
+
     configs = [config] if isinstance(config, RunConfig) else list(config)
     ebm = EBM(task.inp_dim, task.out_dim, hidden_dim=configs[0].model.hidden_dim, runs=len(configs))
     for run, run_config in enumerate(configs):
@@ -62,6 +66,8 @@ def create_trainer(
     evaluate_only: bool = False,
     label: str = "",
 ) -> Trainer1D:
+    from diffusion_lib.trainer import Trainer1D, make_accelerator
+
     first = config if isinstance(config, RunConfig) else config[0]
     return Trainer1D(
         diffusion, task, config, make_accelerator(first.device),
@@ -160,6 +166,11 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: continue the run, or start it over")
+    if args.evaluate and args.overwrite:
+        raise ConfigError("--evaluate only reads a run, so --overwrite (which starts it over) does not apply; "
+                          "an evaluation may change only the sampling keys")
+    from diffusion_lib.trainer import make_accelerator
+
     accelerator = make_accelerator(config.device)
     if accelerator.is_main_process:
         print(f"# resolved config ({accelerator.device}, {accelerator.num_processes} process(es))\n{config.to_yaml()}")
@@ -168,10 +179,13 @@ def run(args: argparse.Namespace) -> int:
     trainer = create_trainer(config, diffusion, task, resume=args.resume, overwrite=args.overwrite,
                              evaluate_only=args.evaluate)
     if args.evaluate:
-        result = trainer.evaluate_saved()
+        run_dir = trainer.runs[0].dir
+        target = run_dir.evaluation_file(config)  # before sampling: it reads the saved config
+        result = {"settings": sampling_settings(config), **trainer.evaluate_saved()}
         if accelerator.is_main_process:
             print(json.dumps(result, indent=2), flush=True)  # first: a folder that refuses the file keeps nothing
-            atomic_write_json(trainer.runs[0].dir.root / "evaluation.json", result)
+            atomic_write_json(target, result)
+            print(f"evaluation: {target}")
         return 0
     [final] = trainer.train()
     if final.get("status") != "finished":
@@ -191,6 +205,8 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
 
 def out_of_memory(error: BaseException) -> bool:
     """Whether `error` is the allocator giving up (CUDA's OutOfMemoryError, or the CPU allocator's)."""
+    import torch
+
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
 
 
@@ -236,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_explaining_errors(run, args)
     except TrainingInterrupted as error:
+        from accelerate import PartialState
+
         if PartialState().is_main_process:  # every process stops; one says so
             resume = shlex.join(["python", "train.py", "--config", str(error.run_dirs[0].config), "--resume"])
             print(f"interrupted: {error}; resume with: {resume}", file=sys.stderr)

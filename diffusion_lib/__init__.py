@@ -1,17 +1,26 @@
-"""Energy diffusion (IRED) with pluggable negative mining."""
-from .diffusion import GaussianDiffusion1D
-from .mining import STRATEGIES, Negatives, register, resolve_mining_config
-from .models import EBM, EnergyCondition, EnergyDenoiser
-from .schedule import schedule_constants
+"""Energy diffusion (IRED) with pluggable negative mining.
 
-__all__ = [
-    "EBM",
-    "EnergyCondition",
-    "EnergyDenoiser",
-    "GaussianDiffusion1D",
-    "Negatives",
-    "STRATEGIES",
-    "register",
-    "resolve_mining_config",
-    "schedule_constants",
-]
+The public names load on first use (PEP 562), so the command-line tools can parse their arguments, and
+answer --help, without importing torch.
+"""
+from importlib import import_module
+from typing import Any
+
+_PUBLIC = {
+    "EBM": "models",
+    "EnergyCondition": "models",
+    "EnergyDenoiser": "models",
+    "GaussianDiffusion1D": "diffusion",
+    "Negatives": "mining",
+    "STRATEGIES": "mining",
+    "register": "mining",
+    "resolve_mining_config": "mining",
+    "schedule_constants": "schedule",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'diffusion_lib' has no attribute {name!r}")
+    return getattr(import_module(f".{_PUBLIC[name]}", __name__), name)

@@ -10,15 +10,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import random
 import re
 import sys
 import zipfile
 from pathlib import Path
 from typing import IO, Any
-
-import numpy as np
-import torch
 
 from .utils import atomic_write_bytes
 
@@ -55,6 +51,8 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -
     checkpoints that verify, deleting the rest: damaged ones, and any of a higher step (left from before
     the run went back to an earlier checkpoint, so not part of its history)."""
     buffer = io.BytesIO()
+    import torch  # here, not at the top: naming and listing checkpoints must not load torch (--help)
+
     torch.save({"step": step, **state}, buffer)  # in memory first: a full disk fails in our write, by name
     with zipfile.ZipFile(buffer, "a") as archive:
         _, digest = _digests(archive)
@@ -129,6 +127,8 @@ def _load(path: Path) -> dict[str, Any]:
         print(f"warning: checkpoint {path} has no checksum (written by an older version); loaded with only its CRC-32s checked",
               file=sys.stderr)
     data.seek(0)
+    import torch
+
     return torch.load(data, map_location="cpu", weights_only=True)
 
 
@@ -147,28 +147,3 @@ def load_latest_checkpoint(folder: Path, required: tuple[str, ...] = ()) -> dict
         state["path"] = str(path)
         return state
     return None
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch and CUDA RNG states, as tensors and plain values (safe for weights_only loads)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        ("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached"])
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -18,7 +18,6 @@ from typing import Any, Mapping
 import yaml
 
 from .mining import STEP_SCHEDULES, resolve_mining_config
-from .tasks import TASKS
 from .utils import brief_repr, suggest
 
 
@@ -34,6 +33,7 @@ def _positive_int(default: int) -> Any:
     return _check(lambda v: v >= 1, "an int >= 1", default=default)
 
 
+DATASETS = ("inverse", "addition", "lowrank")  # tasks.TASKS by name (kept here so a config loads without torch)
 DTYPES = ("float32", "float64", "bfloat16")
 ANSWERS = ("x0", "scaled")
 TRACKERS = ("none", "tensorboard", "wandb")
@@ -67,7 +67,7 @@ def _limited(key: str, default: int, low: int = 1) -> Any:
 
 @dataclass
 class TaskConfig:
-    dataset: str = _check(lambda v: v in TASKS, f"one of {', '.join(TASKS)}", default="inverse")
+    dataset: str = _check(lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}", default="inverse")
     rank: int = _limited("task.rank", 20)
     ood: bool = False  # train on the harder (ood) distribution; validation always scores both sets
 

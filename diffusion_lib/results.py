@@ -5,6 +5,7 @@ import json
 import math
 import re
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,18 +16,35 @@ import yaml
 from .checkpoint import checkpoint_step, list_checkpoints
 from .config import ConfigError, RunConfig, config_differences, config_from_file, flatten
 from .utils import (
-    FolderBusy, FolderLock, append_line, atomic_write_json, atomic_write_text, make_folder, remove_temp_files, writing,
+    FolderBusy, FolderLock, append_line, atomic_write_json, atomic_write_text, make_folder, remove_temp_files, slug,
+    writing,
 )
 
 # keys a resumed run may change: where it runs, where it writes, and how long it trains
 RESUMABLE_CHANGES = ("device", "results_dir", "train.steps")
-# and what scoring a saved model (--evaluate) may change besides: how it samples and on how many problems
-EVALUATION_CHANGES = (*RESUMABLE_CHANGES, "diffusion.inference_steps", "diffusion.inference_step_scale",
-                      "eval.every", "eval.num_samples", "eval.batch_size", "eval.inference_steps_sweep")
+# what scoring a saved model (--evaluate) may change besides: how it samples and on how many problems
+SAMPLING_KEYS = ("diffusion.inference_steps", "diffusion.inference_step_scale", "diffusion.inference_step_schedule",
+                 "diffusion.answer", "eval.num_samples", "eval.inference_steps_sweep")
+EVALUATION_CHANGES = (*RESUMABLE_CHANGES, *SAMPLING_KEYS, "eval.every", "eval.batch_size")
+
+
+def sampling_settings(config: RunConfig) -> dict[str, Any]:
+    """The settings an evaluation samples with (recorded with its result)."""
+    flat = flatten(config.to_dict())
+    return {key: flat[key] for key in SAMPLING_KEYS}
 
 
 class RunLocked(ConfigError):
     """Another live process is training or evaluating this run (it holds the run folder's lock)."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived while training; every run of the pack has a checkpoint at `step`."""
+
+    def __init__(self, step: int, signum: int, run_dirs: list[RunDir]):
+        self.step, self.signum, self.run_dirs = step, signum, run_dirs
+        folders = ", ".join(str(d.checkpoints) for d in run_dirs)
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in {folders}")
 
 
 class RunDir:
@@ -63,6 +81,15 @@ class RunDir:
         if lock.held:
             remove_temp_files(self.root, self.checkpoints)
         return lock
+
+    def evaluation_file(self, config: RunConfig) -> Path:
+        """Where an --evaluate with `config` writes: `evaluations/<the sampling settings that differ from
+        training's>.json` (`as_trained.json` when none does), so every setting's evaluation is kept."""
+        saved = self.saved_config()
+        trained = sampling_settings(saved) if saved is not None else {}
+        changed = [f"{key.rsplit('.', 1)[1]}={slug('-'.join(map(str, value)) if isinstance(value, list) else value)}"
+                   for key, value in sampling_settings(config).items() if trained.get(key) != value]
+        return self.root / "evaluations" / f"{'__'.join(changed) or 'as_trained'}.json"
 
     def reached_step(self) -> int:
         """How far the run got: the step of its newest checkpoint (by file name) or of its final.json."""

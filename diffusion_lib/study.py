@@ -21,7 +21,7 @@ import yaml
 
 from .config import ConfigError, RunConfig, flatten, build_config, check_keys, load_yaml
 from .results import RunDir, RunRecord
-from .utils import FolderLock, atomic_write_text, brief_repr, remove_temp_files, writing
+from .utils import FolderLock, atomic_write_text, brief_repr, remove_temp_files, slug, writing
 
 STUDY_KEYS = ("name", "description", "seeds", "strategies", "sweep", "primary")
 PRIMARY_METRICS = ("mse_id", "mse_ood")
@@ -203,10 +203,6 @@ def select(study: Study, strategies: list[str] | None, seeds: list[int] | None) 
     return study
 
 
-def _slug(value: Any) -> str:
-    return re.sub(r"[^\w.+-]", "-", str(value))
-
-
 @dataclass(frozen=True)
 class _Claim:
     """Which run of a study took a folder or a setting: its label, seed and sweep point (by position)."""
@@ -242,7 +238,7 @@ def expand(study: Study, study_dir: Path) -> list[StudyRun]:
         for index, values in enumerate(itertools.product(*(study.sweep[k] for k in keys))):
             point = dict(zip(keys, values))
             for label, mining in study.strategies.items():
-                run_id = "__".join([_slug(label), *(f"{k}={_slug(v)}" for k, v in point.items()), f"seed{seed}"])
+                run_id = "__".join([slug(label), *(f"{k}={slug(v)}" for k, v in point.items()), f"seed{seed}"])
                 claim = _Claim(label, seed, index, point)
                 other = folders.setdefault(run_id.casefold(), claim)
                 if other != claim:

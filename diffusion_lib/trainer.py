@@ -30,7 +30,7 @@ from .config import ConfigError, RunConfig, config_differences
 from .diffusion import Draws, GaussianDiffusion1D
 from .ema import EMA
 from .models import load_run_state_dict, run_state_dict
-from .results import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir
+from .results import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir, TrainingInterrupted
 from .tasks import MatrixTask
 from .tracking import RunTracker, check_tracker
 from .utils import mix_seed
@@ -42,15 +42,6 @@ LOGGED = ("loss", "loss_denoise", "loss_energy", "energy_pos", "energy_neg",
 # keys in which the runs of a pack may differ
 PER_RUN_KEYS = ("seed", "results_dir")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}  # bf16: autocast
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; every run of the pack has a checkpoint at `step`."""
-
-    def __init__(self, step: int, signum: int, run_dirs: list[RunDir]):
-        self.step, self.signum, self.run_dirs = step, signum, run_dirs
-        folders = ", ".join(str(d.checkpoints) for d in run_dirs)
-        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in {folders}")
 
 
 @lru_cache(maxsize=None)

@@ -39,6 +39,11 @@ _BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = 8
 _BRIEF.maxlevel = 3
 
 
+def slug(value: Any) -> str:
+    """`value` as text fit for a file name: anything but letters, digits, '.', '+' and '-' becomes '-'."""
+    return re.sub(r"[^\w.+-]", "-", str(value))
+
+
 def brief_repr(value: Any) -> str:
     """repr() cut to a line: error messages quote user values, which may be huge or deeply nested."""
     return _BRIEF.repr(value)

@@ -30,15 +30,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# light modules only up here (--help answers without torch or matplotlib); the rest is imported where used
+from diffusion_lib.checkpoint import checkpoint_step, list_checkpoints  # noqa: E402
 from diffusion_lib.config import ConfigError, parse_overrides  # noqa: E402
 from diffusion_lib.mining import STRATEGIES  # noqa: E402
-from diffusion_lib.report import write_report  # noqa: E402
+from diffusion_lib.results import RunDir, TrainingInterrupted  # noqa: E402
 from diffusion_lib.study import (  # noqa: E402
     Study, StudyDir, StudyRun, expand, load_study, pack_runs, parse_shard, select, shard,
 )
-from diffusion_lib.results import RunDir  # noqa: E402
-from diffusion_lib.checkpoint import checkpoint_step, list_checkpoints  # noqa: E402
-from diffusion_lib.trainer import TrainingInterrupted  # noqa: E402
 from train import (  # noqa: E402
     OneLineParser, create_dataset, create_diffusion_model, create_trainer, parse_command_line, run_explaining_errors,
 )
@@ -310,6 +309,8 @@ def probe_steps(pack: list[StudyRun], steps: int = 3) -> tuple[float, float]:
 
 
 def report(study: Study, study_dir: Path) -> None:
+    from diffusion_lib.report import write_report
+
     records = [run.record() for run in study.runs]
     write_report(study_dir, records, title=f"Negative mining on matrix inversion: study '{study.name}'",
                  description=describe(study), primary=study.primary)

@@ -129,10 +129,41 @@ def test_evaluate_may_change_sampling_and_does_not_touch_metrics(tmp_path, tiny_
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert train.main(tiny_args("--train-steps", "10", "--evaluate", "diffusion.inference_steps=0",
                                 "eval.inference_steps_sweep=[0, 3]")) == 0
-    result = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert train.main(tiny_args("--train-steps", "10", "--evaluate")) == 0
+    evaluations = tmp_path / "run" / "evaluations"
+    # one file per setting, each recording the settings it sampled with: the first is not overwritten
+    assert sorted(p.name for p in evaluations.iterdir()) == [
+        "as_trained.json", "inference_steps=0__inference_steps_sweep=0-3.json"]
+    result = json.loads((evaluations / "inference_steps=0__inference_steps_sweep=0-3.json").read_text())
+    assert result["settings"]["diffusion.inference_steps"] == 0
+    assert result["settings"]["eval.inference_steps_sweep"] == [0, 3]
     assert set(result["inference_steps_sweep"]) == {"0", "3"}
     assert result["mse_id"] == result["inference_steps_sweep"]["0"]["mse_id"]  # sampled with 0 inner steps
+    as_trained = json.loads((evaluations / "as_trained.json").read_text())
+    assert as_trained["settings"]["diffusion.inference_steps"] == 5 and as_trained["mse_id"] != result["mse_id"]
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
+def test_evaluate_refuses_training_keys_even_with_overwrite(tmp_path, tiny_args, capsys, extra):
+    assert train.main(tiny_args("--train-steps", "10")) == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert train.main(tiny_args("--train-steps", "10", "--evaluate", "train.lr=0.1", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("train.lr" in err or "--overwrite" in err), err
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+def test_help_loads_neither_torch_nor_the_plotting_stack():
+    """--help answers in a fraction of a second: the scripts import their heavy modules only when used."""
+    probe = ("import runpy, sys; sys.argv = [sys.argv[1], '--help']\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'accelerate', 'matplotlib', 'scipy') if m in sys.modules), file=sys.stderr)")
+    for script in ("train.py", "experiments/matrix_inversion_mining_comparison.py"):
+        done = subprocess.run([sys.executable, "-c", probe, str(ROOT / script)], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+        assert done.stderr.strip().splitlines()[-1] == "[]", (script, done.stderr)
 
 
 # -- config values (class 4 of the robustness issue) ------------------------------------------------------
@@ -315,7 +346,7 @@ def test_evaluate_on_a_read_only_run_prints_its_result_before_failing_to_save_it
     capsys.readouterr()
     read_only(tmp_path / "run")
     out, err = failed_with_os_error(train.main(tiny_args("--train-steps", "10", "--evaluate")), capsys)
-    assert err == f"error: cannot write '{tmp_path / 'run' / 'evaluation.json'}': Read-only file system"
+    assert err.startswith(f"error: cannot write '{tmp_path / 'run' / 'evaluations'}") and err.endswith("Read-only file system")
     result = json.loads(out[out.index("{"):])
     assert result["step"] == 10 and result["mse_id"] > 0
 

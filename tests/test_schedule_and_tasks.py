@@ -72,6 +72,12 @@ def test_batches_are_reproducible_and_held_out_sets_fixed(name):
     assert torch.equal(torch.cat([s.x for s in shards]), a.x)  # shards cover the set exactly once
 
 
+def test_the_config_knows_every_task():
+    from diffusion_lib.config import DATASETS
+
+    assert tuple(TASKS) == DATASETS
+
+
 def test_unknown_task_and_bad_rank():
     with pytest.raises(ValueError, match="allowed: inverse, addition, lowrank"):
         make_task("sudoku")

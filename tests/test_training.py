@@ -85,7 +85,7 @@ def test_checkpoints_keep_the_last_two_and_skip_a_corrupt_newest(tmp_path, tiny_
     assert train.main([*tiny_args(), "--train-steps", "25", "--evaluate"]) == 0
     captured = capsys.readouterr()
     assert "step-000000025.pt is unreadable" in captured.err
-    assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["step"] == 20
+    assert json.loads((tmp_path / "run" / "evaluations" / "as_trained.json").read_text())["step"] == 20
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_args, poison_batch, capsys):
