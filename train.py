@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -235,16 +236,21 @@ def run_explaining_errors(run: Callable[[argparse.Namespace], int], args: argpar
         return 1
 
 
-def resume_command(args: argparse.Namespace) -> str | None:
-    """The command that resumes the run `args` name, if it has a folder to resume from."""
+# set by the study script in the runs it launches: there the study prints the one resume command, its own
+LAUNCHED_BY_STUDY = "IRED_LAUNCHED_BY_STUDY"
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    """'; resume with: <command>' for the run `args` name, if it has a folder to resume from."""
+    if args.evaluate or os.environ.get(LAUNCHED_BY_STUDY):
+        return ""
     try:
-        config = resolve_config(args)
+        run_dir = RunDir(resolve_config(args).results_dir)
     except ConfigError:
-        return None
-    run_dir = RunDir(config.results_dir)
-    if args.evaluate or not run_dir.config.exists():
-        return None
-    return shlex.join(["python", "train.py", "--config", str(run_dir.config), "--resume"])
+        return ""
+    if not run_dir.config.exists():
+        return ""
+    return "; resume with: " + shlex.join(["python", "train.py", "--config", str(run_dir.config), "--resume"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -255,13 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from accelerate import PartialState
 
         if PartialState().is_main_process:  # every process stops; one says so
-            resume = shlex.join(["python", "train.py", "--config", str(error.run_dirs[0].config), "--resume"])
-            print(f"interrupted: {error}; resume with: {resume}", file=sys.stderr)
+            print(f"interrupted: {error}{resume_hint(args)}", file=sys.stderr)
         return 128 + error.signum
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside training (e.g. while scoring)
-        command = resume_command(args)
-        hint = f"; resume from its last checkpoint with: {command}" if command else ""
-        print(f"interrupted: stopped at once{hint}", file=sys.stderr)
+        print(f"interrupted: stopped at once, without a checkpoint{resume_hint(args)}", file=sys.stderr)
         return 130
 
 

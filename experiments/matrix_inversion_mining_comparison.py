@@ -39,7 +39,8 @@ from diffusion_lib.study import (  # noqa: E402
     Study, StudyDir, StudyRun, expand, load_study, pack_runs, parse_shard, select, shard,
 )
 from train import (  # noqa: E402
-    OneLineParser, create_dataset, create_diffusion_model, create_trainer, parse_command_line, run_explaining_errors,
+    LAUNCHED_BY_STUDY, OneLineParser, create_dataset, create_diffusion_model, create_trainer, parse_command_line,
+    run_explaining_errors,
 )
 
 DEFAULT_CONFIG = ROOT / "configs" / "matrix_inversion_mining.yaml"
@@ -82,7 +83,7 @@ def describe(study: Study) -> str:
                 "not run.)")
     budget = config.train.budget_flops  # 0: the runs trained train.steps
     length = f"a budget of {budget:.3g} training FLOPs" if budget else f"{config.train.steps} steps"
-    flow = {label: yaml.safe_dump(mining, default_flow_style=True, sort_keys=False).strip()
+    flow = {label: yaml.safe_dump(mining, default_flow_style=True, sort_keys=False, width=10**6).strip()
             for label, mining in study.strategies.items()}  # fmt: skip
     lines = [
         text,
@@ -182,7 +183,8 @@ def run_forwarding_signals(command: list[str]) -> tuple[int, int | None]:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        launched.append(subprocess.Popen(command, cwd=ROOT, start_new_session=True))
+        launched.append(subprocess.Popen(command, cwd=ROOT, start_new_session=True,
+                                         env={**os.environ, LAUNCHED_BY_STUDY: "1"}))
         pass_on()  # signals that came while it was starting
         code = launched[0].wait()
         # torchrun gives its workers 30 s before killing them; a minute covers that and a slow checkpoint

@@ -402,7 +402,7 @@ def test_an_interrupt_that_stops_at_once_is_one_line_and_exit_130(tmp_path, tiny
     err = capsys.readouterr().err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("interrupted: stopped at once; resume from its last checkpoint with: python train.py")
+    assert last.startswith("interrupted: stopped at once, without a checkpoint; resume with: python train.py")
 
 
 # class 7: --resume with fewer steps said "finished" and rewrote config.yaml

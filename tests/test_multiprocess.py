@@ -145,4 +145,5 @@ def test_a_signal_to_the_study_alone_stops_its_launched_run_at_a_checkpoint(tmp_
     step = int(err.split(f"interrupted: {signum.name} at step ")[1].split(":")[0])
     assert (run / "checkpoints" / f"step-{step:09d}.pt").exists()
     assert f"interrupted: run none__seed0 stopped by {signum.name}; resume the study with:" in err
+    assert err.count("--resume") == 1, err[-2000:]  # one resume command: the study's, not the run's too
     assert not (run / "final.json").exists()
