@@ -257,10 +257,14 @@ def device_name(device: torch.device) -> str:
     return f"{device.type}: {cpu_model()}, {os.cpu_count()} cores"
 
 
-def malloc_settings() -> str:
-    """The glibc malloc tunables set in the environment (they change CPU timings of large packs a lot)."""
+def malloc_settings(on_cpu: bool) -> str:
+    """How glibc's malloc was set (it changes CPU timings of large packs a lot): the trainer's own setting on a
+    CPU (diffusion_lib.utils.keep_freed_memory), and any tunables from the environment."""
     names = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD")
-    return ", ".join(f"{name}={os.environ[name]}" for name in names if name in os.environ) or "glibc defaults"
+    settings = [f"{name}={os.environ[name]}" for name in names if name in os.environ]
+    if on_cpu:
+        settings.insert(0, "the trainer's keep_freed_memory() (no mmap per block, no trimming)")
+    return ", ".join(settings) or "glibc defaults"
 
 
 def load_average() -> str:
@@ -344,7 +348,7 @@ def section(summary: dict[str, Any], info: dict[str, str], base: dict[str, Any],
         "of rates against pack 1 (the runs one after another); x separate processes: ratio of rates against the "
         "separate-process row, measured after the packs (not interleaved); kernel CPU / wall: CPU seconds spent in "
         "the kernel per wall second of the timed steps (on a CPU mostly page faults: glibc maps every block above "
-        f"its mmap threshold afresh; malloc settings here: {malloc_settings()}).",
+        f"its mmap threshold afresh; malloc settings here: {malloc_settings(info['device'].startswith('cpu'))}).",
     ]
     pack1_none = summary["rows"][0]["seconds"]["none"]
     lines.append(f"- data alone: one run's batch from the task on the device takes {info['data_s'] * 1e3:.2f} ms (median "

@@ -33,7 +33,7 @@ from .models import load_run_state_dict, run_state_dict
 from .results import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir, TrainingInterrupted
 from .tasks import MatrixTask
 from .tracking import RunTracker, check_tracker
-from .utils import mix_seed
+from .utils import keep_freed_memory, mix_seed
 from .yardsticks import yardsticks
 
 # per-run statistics averaged over a log interval ("accept_rate_steps" is a list: one rate per inner step)
@@ -137,6 +137,8 @@ class Trainer1D:
             raise
         self.local_batch = train.batch_size // acc.num_processes
         torch.set_float32_matmul_precision(train.matmul_precision)
+        if acc.device.type == "cpu":
+            keep_freed_memory()
         self.dtype = DTYPES[self.config.model.dtype]
         self.autocast = self.config.model.dtype == "bfloat16"
 
