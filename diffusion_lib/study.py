@@ -265,14 +265,19 @@ def expand(study: Study, study_dir: Path) -> list[StudyRun]:
     return runs
 
 
+def setup_key(run: StudyRun) -> str:
+    """A run's config but for its seed and folder: runs with equal keys may share a pack (and a cost)."""
+    shared = {k: v for k, v in flatten(run.config.to_dict()).items() if k not in ("seed", "results_dir")}
+    return json.dumps(shared, sort_keys=True, default=str)
+
+
 def pack_runs(runs: list[StudyRun], size: int, state: Callable[[StudyRun], Any]) -> list[list[StudyRun]]:
     """The runs in packs of up to `size` that may train as one batched model (Trainer1D): the same config
     but for seed and folder, and the same `state` (the step they resume from). Packs are ordered by their
     first run, so packs of one keep the runs' (seed-major) order."""
     groups: dict[tuple[str, Any], list[StudyRun]] = {}
     for run in runs:
-        shared = {k: v for k, v in flatten(run.config.to_dict()).items() if k not in ("seed", "results_dir")}
-        groups.setdefault((json.dumps(shared, sort_keys=True, default=str), state(run)), []).append(run)
+        groups.setdefault((setup_key(run), state(run)), []).append(run)
     packs = [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
     return sorted(packs, key=lambda pack: runs.index(pack[0]))
 

@@ -36,7 +36,7 @@ from diffusion_lib.config import ConfigError, parse_overrides  # noqa: E402
 from diffusion_lib.mining import STRATEGIES  # noqa: E402
 from diffusion_lib.results import RunDir, TrainingInterrupted  # noqa: E402
 from diffusion_lib.study import (  # noqa: E402
-    Study, StudyDir, StudyRun, expand, load_study, pack_runs, parse_shard, select, shard,
+    Study, StudyDir, StudyRun, expand, load_study, pack_runs, parse_shard, select, setup_key, shard,
 )
 from train import (  # noqa: E402
     LAUNCHED_BY_STUDY, OneLineParser, create_dataset, create_diffusion_model, create_trainer, parse_command_line,
@@ -274,8 +274,12 @@ def dry_run(runs: list[StudyRun], args: argparse.Namespace, pack_size: int) -> N
     the measured FLOPs of a step (as the runs measure them) and the median time of a few steps."""
     print(f"{len(runs)} runs in {Path(runs[0].config.results_dir).parent.parent} (packs of up to {pack_size}):")
     total_seconds = total_flops = 0.0
+    probes: dict[tuple[str, int], tuple[float, float]] = {}  # packs of one setup cost alike: probe each once
     for pack in pack_runs(runs, pack_size, lambda run: 0):
-        flops_per_step, seconds_per_step = probe_steps(pack)
+        setup = (setup_key(pack[0]), len(pack))
+        if setup not in probes:
+            probes[setup] = probe_steps(pack)
+        flops_per_step, seconds_per_step = probes[setup]
         for run in pack:
             status = status_of(run) if (args.resume or args.overwrite) else "to do"
             status = "to do" if args.overwrite else status

@@ -1,6 +1,7 @@
 """The comparison script end to end on a tiny study: outputs, resume, failures, shards, bad input."""
 import csv
 import json
+import re
 import shlex
 import sys
 
@@ -27,6 +28,7 @@ model: {hidden_dim: 32}
 train: {steps: 24, batch_size: 32, log_every: 4, save_every: 8}
 eval: {every: 8, num_samples: 32, batch_size: 32, inference_steps_sweep: [0, 2]}
 device: cpu
+primary: {compare: [adversarial, none], metric: mse_id}
 """
 RUN_IDS = ["none__seed0", "adversarial__seed0", "none__seed1", "adversarial__seed1"]
 TIMINGS = ("train_seconds", "steps_per_second", "loadavg")
@@ -65,6 +67,16 @@ def test_tiny_study_writes_every_output(tmp_path, study_file, capsys):
     report = (out / "report.md").read_text()
     for section in ("adversarial vs none", "Equal-compute view", "Test-time compute", "0 inner steps"):
         assert section in report
+    # from these real runs, the verdict opens with the declared primary comparison, on the EMA and the raw
+    # model: its paired difference is the mean of the per-seed differences of the runs' final.json
+    verdict = report.split("## Verdict", 1)[1].split("\n## ", 1)[0]
+    finals = {run_id: json.loads((out / "runs" / run_id / "final.json").read_text()) for run_id in RUN_IDS}
+    for model, key in (("EMA", "mse_id"), ("raw", "mse_id_raw")):
+        line = next(line for line in verdict.splitlines() if line.startswith(f"- {model}:"))
+        by_hand = sum(finals[f"adversarial__seed{s}"][key] - finals[f"none__seed{s}"][key] for s in (0, 1)) / 2
+        shown = float(re.search(r"A − B = ([-+0-9.e]+)", line).group(1))
+        assert shown == pytest.approx(by_hand, rel=5e-3), (line, by_hand)
+        assert "paired t, 2 pairs" in line
     for plot in ("val_mse_vs_step", "val_mse_vs_seconds", "final_mse", "training_curves", "mse_vs_inference_steps"):
         assert (out / "plots" / f"{plot}.png").read_bytes().startswith(b"\x89PNG")
 
@@ -133,7 +145,33 @@ def test_dry_run_lists_runs_and_writes_nothing(tmp_path, study_file, capsys):
     assert main("--config", study_file, "--output", out, "--dry-run") == 0
     printed = capsys.readouterr().out
     assert all(run_id in printed for run_id in RUN_IDS) and "estimated cost" in printed
+    assert all(f"{run_id} " in printed and "24 of 24 steps left" in printed for run_id in RUN_IDS)
     assert not out.exists()
+
+
+def test_dry_run_refuses_what_the_real_command_refuses_and_costs_only_what_is_left(tmp_path, study_file, capsys,
+                                                                                monkeypatch):
+    out = tmp_path / "study"
+    original = Trainer1D.train_step
+
+    def interrupt_the_second_run(self):
+        original(self)
+        if self.runs[0].dir.root.name == RUN_IDS[1] and self.step == 13:  # as if Ctrl-C: a checkpoint at 13
+            self._on_signal(2, None)
+
+    monkeypatch.setattr(Trainer1D, "train_step", interrupt_the_second_run)
+    assert main("--config", study_file, "--output", out) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    # the real command refuses a folder holding this study without --resume, or a different study
+    for extra in ([], ["--resume", "train.steps=48"]):
+        assert main("--config", study_file, "--output", out, "--dry-run", *extra) == 2
+        assert "study folder" in capsys.readouterr().err
+    assert main("--config", study_file, "--output", out, "--dry-run", "--resume") == 0
+    printed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert "finished" in printed[RUN_IDS[0]] and "0 of 24 steps left" in printed[RUN_IDS[0]]
+    assert "partial (step 13)" in printed[RUN_IDS[1]] and "11 of 24 steps left" in printed[RUN_IDS[1]]
+    assert "24 of 24 steps left" in printed[RUN_IDS[2]]
 
 
 @pytest.mark.parametrize(
