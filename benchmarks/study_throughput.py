@@ -31,7 +31,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import resource
 import select
 import statistics
@@ -49,6 +48,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/study_throughput.py` puts be
     sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
+from benchmarks.throughput import cpu_model  # noqa: E402
 from diffusion_lib.config import RunConfig, build_config  # noqa: E402
 from diffusion_lib.trainer import Trainer1D  # noqa: E402
 
@@ -243,14 +243,6 @@ def measure_processes(base: dict[str, Any], count: int, threads: int, rounds: in
 
 
 # -- the machine ------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), host {cpu_model()}"
