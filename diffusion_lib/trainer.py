@@ -33,7 +33,7 @@ from .models import load_run_state_dict, run_state_dict
 from .results import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir, TrainingInterrupted
 from .tasks import MatrixTask
 from .tracking import RunTracker, check_tracker
-from .utils import keep_freed_memory, mix_seed
+from .utils import FolderLock, keep_freed_memory, mix_seed
 from .yardsticks import yardsticks
 
 # per-run statistics averaged over a log interval ("accept_rate_steps" is a list: one rate per inner step)
@@ -126,7 +126,7 @@ class Trainer1D:
                 f"train.batch_size = {train.batch_size} must be divisible by the {acc.num_processes} processes"
             )
         # one writer per run folder: the main process holds each <run>/.lock until train()/evaluate_saved() end
-        self._locks: list[Any] = []
+        self._locks: list[FolderLock] = []
         try:
             for run in self.runs:
                 if acc.is_main_process:
@@ -431,23 +431,30 @@ class Trainer1D:
         return scores
 
     def _finish(self) -> list[dict[str, Any]]:
+        """Score the runs still going (EMA, raw, inference sweep), write their final.json; every run's result."""
         self._account_time()
         self._check_divergence()
-        finished_runs = list(self.runs)
-        if finished_runs and self.step % self.config.train.save_every:
-            self._save()  # before scoring, so a kill while scoring loses no steps
-        passes = 2 * (2 + len(self.config.eval.inference_steps_sweep))
-        self.scoring_bar = tqdm(total=passes, desc=f"{self.label}: scoring", leave=False,
-                                disable=not self.main or not finished_runs, **_bar_rate())
-        try:
-            scores = self._score_models(sweep=True) if finished_runs else []
-        finally:
-            self.scoring_bar.close()
-            self.scoring_bar = None
+        if self.runs:
+            if self.step % self.config.train.save_every:
+                self._save()  # before scoring, so a kill while scoring loses no steps
+            passes = 2 * (2 + len(self.config.eval.inference_steps_sweep))
+            self.scoring_bar = tqdm(total=passes, desc=f"{self.label}: scoring", leave=False, disable=not self.main,
+                                    **_bar_rate())
+            try:
+                scores = self._score_models(sweep=True)
+            finally:
+                self.scoring_bar.close()
+                self.scoring_bar = None
+            if self.main:
+                self._write_finals(scores)
+        self.accelerator.wait_for_everyone()
+        return [run.dir.read_final() or {} for run in self._all_runs]
+
+    def _write_finals(self, scores: list[dict[str, Any]]) -> None:
         marks = {name: yardsticks(self.task, data) for name, data in self.held_out.items()}
-        for run, score in zip(finished_runs, scores):
+        for run, score in zip(self.runs, scores):
             # a run killed between its final val line and final.json has that line already: log it once
-            if self.main and not any(r.get("kind") == "val" and r["step"] == self.step for r in run.dir.read_metrics()):
+            if not any(r.get("kind") == "val" and r["step"] == self.step for r in run.dir.read_metrics()):
                 self._log_validation(run, score)
             last = {k: run.last_log[k] for k in ("loss", "loss_denoise", "loss_energy") if k in run.last_log}
             final = {
@@ -460,11 +467,8 @@ class Trainer1D:
                 **last,
                 **self._run_info(run),
             }
-            if self.main:
-                tqdm.write(_done_line(run, final))  # shown before it is written: a failed write loses nothing
-                run.dir.write_final(final)
-        self.accelerator.wait_for_everyone()
-        return [run.dir.read_final() or {} for run in self._all_runs]
+            tqdm.write(_done_line(run, final))  # shown before it is written: a failed write loses nothing
+            run.dir.write_final(final)
 
     def _run_info(self, run: Run) -> dict[str, Any]:
         return {
