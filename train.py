@@ -180,9 +180,8 @@ def run(args: argparse.Namespace) -> int:
     trainer = create_trainer(config, diffusion, task, resume=args.resume, overwrite=args.overwrite,
                              evaluate_only=args.evaluate)
     if args.evaluate:
-        run_dir = trainer.runs[0].dir
-        target = run_dir.evaluation_file(config)  # before sampling: it reads the saved config
         result = {"settings": sampling_settings(config), **trainer.evaluate_saved()}
+        target = trainer.runs[0].dir.evaluation_file(config, result["step"])
         if accelerator.is_main_process:
             print(json.dumps(result, indent=2), flush=True)  # first: a folder that refuses the file keeps nothing
             atomic_write_json(target, result)

@@ -645,8 +645,11 @@ def disagreements(final: Sequence[Comparison], flops: Sequence[Comparison]) -> l
             found.append(Disagreement(c.a, c.b, c.metric.set, "model", "ema", c.verdict, raw.verdict))
     for f in flops:
         c = index.get((f.a, f.b, f.metric))
-        if c and "n/a" not in (c.verdict, f.verdict) and c.verdict != f.verdict:
-            found.append(Disagreement(c.a, c.b, c.metric.set, "compute", c.metric.basis, c.verdict, f.verdict))
+        # like with like: the primary's end-of-training verdict is uncorrected, so its read-off is taken so too
+        # (otherwise the Holm correction alone could make the two views "disagree")
+        f_verdict = verdict(f.diff, f.p, ALPHA) if c and c.primary and f.verdict != "n/a" else f.verdict
+        if c and "n/a" not in (c.verdict, f_verdict) and c.verdict != f_verdict:
+            found.append(Disagreement(c.a, c.b, c.metric.set, "compute", c.metric.basis, c.verdict, f_verdict))
     return found
 
 

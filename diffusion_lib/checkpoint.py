@@ -60,7 +60,7 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -
     path = checkpoint_path(folder, step)
     atomic_write_bytes(path, buffer.getbuffer())
     problem = _problem(path)
-    if problem is not None:  # the disk did not keep what was written: no point deleting the older ones
+    if problem is not None:  # read back (from the page cache): the write went wrong; keep the older ones
         raise OSError(errno.EIO, f"checkpoint damaged right after writing it ({problem})", str(path))
     kept = 1
     for candidate in list_checkpoints(folder):
@@ -105,12 +105,21 @@ def _verify(handle: IO[bytes] | Path) -> bool:
 
 
 def _problem(path: Path) -> str | None:
-    """Why the checkpoint at `path` cannot be trusted, or None."""
+    """Why the checkpoint at `path` cannot be trusted, or None. The OS failing to read it (permissions, an
+    I/O error, a stale network mount) is raised instead: that says nothing about the file, and treating it
+    as damage would make a resume start over and delete good checkpoints."""
     try:
         _verify(path)
-    except Exception as error:  # any failure to read counts as unreadable
+    except (OSError, MemoryError):
+        raise
+    except Exception as error:  # a damaged archive or a checksum mismatch
         return _reason(error)
     return None
+
+
+def newest_verified_step(folder: Path) -> int:
+    """The step of the newest checkpoint in `folder` that verifies (the one a resume starts from), or 0."""
+    return next((checkpoint_step(path) for path in list_checkpoints(folder) if _problem(path) is None), 0)
 
 
 def _reason(error: Exception) -> str:
@@ -140,7 +149,9 @@ def load_latest_checkpoint(folder: Path, required: tuple[str, ...] = ()) -> dict
             missing = [key for key in ("step", *required) if key not in state]
             if missing:
                 raise KeyError(f"missing {', '.join(missing)}")
-        except Exception as error:  # any failure to read means: fall back to an older checkpoint
+        except (OSError, MemoryError):
+            raise  # the OS said no: not the checkpoint's fault (see _problem)
+        except Exception as error:  # damaged or incomplete: fall back to an older checkpoint
             print(f"warning: checkpoint {path} is unreadable ({_reason(error)}); trying the previous one",
                   file=sys.stderr)
             continue

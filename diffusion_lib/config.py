@@ -33,6 +33,7 @@ def _positive_int(default: int) -> Any:
     return _check(lambda v: v >= 1, "an int >= 1", default=default)
 
 
+PER_RUN_KEYS = ("seed", "results_dir")  # the keys in which runs of one pack (one batched model) may differ
 DATASETS = ("inverse", "addition", "lowrank")  # tasks.TASKS by name (kept here so a config loads without torch)
 DTYPES = ("float32", "float64", "bfloat16")
 ANSWERS = ("x0", "scaled")

@@ -180,7 +180,7 @@ TRAINING_PANELS = (
 STEP_STYLES = ("-", "--", ":", "-.")
 
 
-def _training_curves(path: Path, groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis) -> None:
+def _training_curves(path: Path, groups: Groups, colors: dict[str, Any]) -> None:
     fig, axes = _figure(2, 3, "Training curves (line = mean over seeds, band = min..max); mining panels: strategies "
                               "that mine by descent", (17, 9))
     for ax, (key, title, ylabel) in zip(axes.flat, TRAINING_PANELS):
@@ -239,7 +239,7 @@ def write_plots(plot_dir: Path, groups: Groups, analysis: StudyAnalysis) -> list
         ("final_mse.png", "Final MSE per group (EMA and raw) with 95 % CI and seeds",
          lambda p: _final_mse(p, groups, colors, analysis)),
         ("training_curves.png", "Score loss, energy gap and mining diagnostics vs step",
-         lambda p: _training_curves(p, groups, colors, analysis)),
+         lambda p: _training_curves(p, groups, colors)),
     ]  # fmt: skip
     for name, _, draw in plots:
         draw(plot_dir / name)

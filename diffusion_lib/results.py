@@ -48,7 +48,7 @@ class TrainingInterrupted(Exception):
 
 
 class RunDir:
-    """One run's folder: config.yaml, metrics.jsonl, checkpoints/, final.json."""
+    """One run's folder: config.yaml, metrics.jsonl, checkpoints/, final.json, evaluations/, tensorboard/."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -56,9 +56,13 @@ class RunDir:
         self.metrics = self.root / "metrics.jsonl"
         self.checkpoints = self.root / "checkpoints"
         self.final = self.root / "final.json"
+        self.evaluations = self.root / "evaluations"
+        self.tensorboard = self.root / "tensorboard"  # written by tracking.RunTracker
 
     def _run_files(self) -> list[Path]:
-        return [p for p in (self.config, self.metrics, self.checkpoints, self.final) if p.exists()]
+        """Everything a run wrote (what --overwrite deletes)."""
+        paths = (self.config, self.metrics, self.checkpoints, self.final, self.evaluations, self.tensorboard)
+        return [p for p in paths if p.exists()]
 
     def saved_config(self) -> RunConfig | None:
         return config_from_file(self.config) if self.config.exists() else None
@@ -82,14 +86,15 @@ class RunDir:
             remove_temp_files(self.root, self.checkpoints)
         return lock
 
-    def evaluation_file(self, config: RunConfig) -> Path:
-        """Where an --evaluate with `config` writes: `evaluations/<the sampling settings that differ from
-        training's>.json` (`as_trained.json` when none does), so every setting's evaluation is kept."""
+    def evaluation_file(self, config: RunConfig, step: int) -> Path:
+        """Where an --evaluate of the checkpoint at `step` with `config` writes:
+        `evaluations/step-<step>__<the sampling settings that differ from training's>.json` (`as_trained`
+        when none does), so the evaluation of every checkpoint and setting is kept."""
         saved = self.saved_config()
         trained = sampling_settings(saved) if saved is not None else {}
         changed = [f"{key.rsplit('.', 1)[1]}={slug('-'.join(map(str, value)) if isinstance(value, list) else value)}"
                    for key, value in sampling_settings(config).items() if trained.get(key) != value]
-        return self.root / "evaluations" / f"{'__'.join(changed) or 'as_trained'}.json"
+        return self.evaluations / f"step-{step}__{'__'.join(changed) or 'as_trained'}.json"
 
     def reached_step(self) -> int:
         """How far the run got: the step of its newest checkpoint (by file name) or of its final.json."""
@@ -119,7 +124,8 @@ class RunDir:
                 "use another results dir or --overwrite"
             )
         reached = self.reached_step()
-        if reached > config.train.steps:  # it would report the longer run as finished at the shorter length
+        # it would report the longer run as finished at the shorter length (a FLOP budget sets its own length)
+        if reached > config.train.steps and config.train.budget_flops == 0:
             raise ConfigError(
                 f"cannot resume '{self.root}' with train.steps = {config.train.steps}: the run already reached "
                 f"step {reached}; pass train.steps >= {reached}, or --overwrite to start over"

@@ -19,14 +19,14 @@ from typing import Any, Callable
 
 import yaml
 
-from .config import ConfigError, RunConfig, flatten, build_config, check_keys, load_yaml
+from .config import PER_RUN_KEYS, ConfigError, RunConfig, flatten, build_config, check_keys, load_yaml
 from .results import RunDir, RunRecord
 from .utils import FolderLock, atomic_write_text, brief_repr, remove_temp_files, slug, writing
 
 STUDY_KEYS = ("name", "description", "seeds", "strategies", "sweep", "primary")
 PRIMARY_METRICS = ("mse_id", "mse_ood")
 # the study sets these per run (from `seeds`, the folder, `strategies`): sweeping them would mislabel runs
-PER_RUN_KEYS = {"seed": "seeds", "results_dir": "--output", "mining.strategy": "strategies"}
+SET_BY_THE_STUDY = {"seed": "seeds", "results_dir": "--output", "mining.strategy": "strategies"}  # key -> its option
 MAX_SEEDS = 1000  # seeds of one study; more is a typo (range(10**6)) that would take minutes to expand
 MAX_RUNS = 10_000  # runs of one study (seeds x sweep points x strategies), each one folder and one training
 
@@ -92,8 +92,8 @@ def _check_sweep(sweep: Any, source: str) -> dict[str, list[Any]]:
     for key, values in sweep.items():
         _require(isinstance(key, str), f"sweep key {brief_repr(key)} in {source} must be a dotted config key")
         check_keys({key: None}, f"{source} (sweep)")
-        _require(key not in PER_RUN_KEYS,
-                 f"sweep key '{key}' in {source} is set per run by the study; use its '{PER_RUN_KEYS.get(key)}' instead")
+        _require(key not in SET_BY_THE_STUDY,
+                 f"sweep key '{key}' in {source} is set per run by the study; use its '{SET_BY_THE_STUDY.get(key)}' instead")
         _require(isinstance(values, list) and values, f"sweep key '{key}' in {source} must map to a non-empty list")
         for value in values:  # a run's folder is named after its values: no nested structures
             _require(_is_scalar(value) or (isinstance(value, list) and all(map(_is_scalar, value))),
@@ -267,7 +267,7 @@ def expand(study: Study, study_dir: Path) -> list[StudyRun]:
 
 def setup_key(run: StudyRun) -> str:
     """A run's config but for its seed and folder: runs with equal keys may share a pack (and a cost)."""
-    shared = {k: v for k, v in flatten(run.config.to_dict()).items() if k not in ("seed", "results_dir")}
+    shared = {k: v for k, v in flatten(run.config.to_dict()).items() if k not in PER_RUN_KEYS}
     return json.dumps(shared, sort_keys=True, default=str)
 
 
@@ -291,8 +291,20 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def shard(runs: list[StudyRun], index: int, count: int) -> list[StudyRun]:
-    """The index-th of `count` disjoint, deterministic slices (round robin, so slices cost alike)."""
-    return runs[index::count]
+    """The index-th of `count` disjoint, deterministic slices that cost alike: each setup's runs (its seeds)
+    are dealt round robin over the slices, each setup starting one slice further on. (Dealing the seed-major
+    run list itself would give every slice one strategy when there are as many slices as strategies.)"""
+    setups: dict[str, int] = {}
+    dealt: dict[str, int] = {}
+    chosen = []
+    for run in runs:
+        key = setup_key(run)
+        offset = setups.setdefault(key, len(setups))
+        position = dealt.get(key, 0)
+        dealt[key] = position + 1
+        if (offset + position) % count == index:
+            chosen.append(run)
+    return chosen
 
 
 class StudyDir:

@@ -33,7 +33,9 @@ class RunTracker:
         if kind == "tensorboard":
             self.tracker = TensorBoardTracker("tensorboard", run_folder)
         else:
-            self.tracker = WandBTracker("ired", name=run_folder.name, dir=str(run_folder), config=config)
+            # reinit="create_new": the runs of a pack are live at once, each its own W&B run (wandb >= 0.19.10)
+            self.tracker = WandBTracker("ired", name=run_folder.name, dir=str(run_folder), config=config,
+                                        reinit="create_new")
         self.tracker.start()
 
     def log(self, record: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from .checkpoint import load_latest_checkpoint, save_checkpoint
-from .config import ConfigError, RunConfig, config_differences
+from .config import PER_RUN_KEYS, ConfigError, RunConfig, config_differences
 from .diffusion import Draws, GaussianDiffusion1D
 from .ema import EMA
 from .models import load_run_state_dict, run_state_dict
@@ -39,9 +39,8 @@ from .yardsticks import yardsticks
 # per-run statistics averaged over a log interval ("accept_rate_steps" is a list: one rate per inner step)
 LOGGED = ("loss", "loss_denoise", "loss_energy", "energy_pos", "energy_neg",
           "accept_rate", "accept_rate_steps", "energy_decrease", "move_rms")
-# keys in which the runs of a pack may differ
-PER_RUN_KEYS = ("seed", "results_dir")
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}  # bf16: autocast
+# model.dtype -> the dtype of weights and data (bfloat16 is mixed precision: float32 weights, bf16 autocast)
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
 
 
 @lru_cache(maxsize=None)
@@ -139,8 +138,10 @@ class Trainer1D:
         torch.set_float32_matmul_precision(train.matmul_precision)
         if acc.device.type == "cpu":
             keep_freed_memory()
-        self.dtype = DTYPES[self.config.model.dtype]
+        self.dtype = TORCH_DTYPES[self.config.model.dtype]
         self.autocast = self.config.model.dtype == "bfloat16"
+        # held-out errors are summed in double, where the device has it (MPS does not)
+        self._sum_dtype = torch.float32 if acc.device.type == "mps" else torch.float64
 
         self.diffusion = diffusion.to(device=acc.device, dtype=self.dtype)
         self.ema = EMA(diffusion, train.ema_decay, train.ema_every, train.ema_update_after_step, train.ema_power)
@@ -225,7 +226,7 @@ class Trainer1D:
                     self._validate()
                 if self.step % cfg.train.save_every == 0:
                     self._save()
-            self._stop_if_requested()  # a signal during the last step still stops the runs before scoring
+            self._stop_if_requested(at_any_step=True)  # a signal in the last steps still stops the runs before scoring
         finally:
             self.bar.close()
             self._restore_signals(previous_handlers)
@@ -404,12 +405,12 @@ class Trainer1D:
         chunk = self.config.eval.batch_size
         results: list[dict[str, float]] = [{} for _ in self.runs]
         for name, data in self.local_held_out.items():
-            squared_error = torch.zeros(len(self.runs), device=self.accelerator.device, dtype=torch.float64)
+            squared_error = torch.zeros(len(self.runs), device=self.accelerator.device, dtype=self._sum_dtype)
             for start in range(0, data.x.shape[0], chunk):
                 part = slice(start, start + chunk)
                 with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     answer = diffusion.sample(data.x[part].to(self.dtype), noise=data.noise[part], inner_steps=inner_steps)
-                squared_error += (answer.double() - data.y[part].double()).pow(2).flatten(1).sum(dim=1)
+                squared_error += (answer.to(self._sum_dtype) - data.y[part].to(self._sum_dtype)).pow(2).flatten(1).sum(dim=1)
             total = self.accelerator.reduce(squared_error, reduction="sum").tolist()
             for result, value in zip(results, total):
                 result[f"mse_{name}"] = value / self.held_out[name].y.numel()
@@ -523,11 +524,14 @@ class Trainer1D:
         if len(steps) > 1:
             raise ConfigError(f"runs packed together must resume from one step; their checkpoints are at {sorted(steps, key=str)}")
         self.step = states[0]["step"]
+        # a checkpoint from before the first step (a signal right at the start) has no Adam moments yet:
+        # then the optimiser starts fresh, as it would have
+        has_moments = "exp_avg" in states[0]["optimizer"]
         optimizer_state = self.optimizer.state
         for i, (run, state) in enumerate(zip(self.runs, states)):
             load_run_state_dict(self.diffusion, state["model"], i)
             load_run_state_dict(self.ema.model, state["ema"], i)
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in ("exp_avg", "exp_avg_sq") if has_moments else ():
                 for name, p in self.params.items():
                     slot = optimizer_state.setdefault(p, {})
                     if key not in slot:
@@ -536,7 +540,7 @@ class Trainer1D:
             run.energy_grad_evals = state["energy_grad_evals"]
             run.train_seconds = state["train_seconds"]
             run.last_log = dict(state["last_log"])
-        for p in self.params.values():
+        for p in self.params.values() if has_moments else ():
             optimizer_state[p]["step"] = torch.tensor(float(self.step))
         counts = states[0]["interval"]["counts"]
         self._counts = dict(counts)
@@ -561,17 +565,24 @@ class Trainer1D:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_IGN if forwarded else handler)
 
-    def _stop_if_requested(self) -> None:
-        if self._stop_requested():
+    def _stop_if_requested(self, at_any_step: bool = False) -> None:
+        if self._stop_requested(at_any_step):
             self._save()
             self.accelerator.wait_for_everyone()  # no process leaves before the checkpoint is on disk
             raise TrainingInterrupted(self.step, self._stop_signal, [run.dir for run in self.runs])
 
-    def _stop_requested(self) -> bool:
-        """Whether any process caught SIGINT/SIGTERM; all processes agree, so they stop at the same step."""
+    def _stop_requested(self, at_any_step: bool = False) -> bool:
+        """Whether any process caught SIGINT/SIGTERM; all processes agree, so they stop at the same step.
+
+        Agreeing is a collective that waits for the device, so several GPU processes agree only at log
+        lines (or when `at_any_step`): a signal stops them up to train.log_every steps later.
+        """
+        acc = self.accelerator
         caught = self._caught_signal or 0
-        if self.accelerator.num_processes > 1:
-            caught = int(self.accelerator.gather(torch.tensor([caught], device=self.accelerator.device)).max())
+        if acc.num_processes > 1:
+            if acc.device.type != "cpu" and self.step % self.config.train.log_every and not at_any_step:
+                return False
+            caught = int(acc.gather(torch.tensor([caught], device=acc.device)).max())
         self._stop_signal = caught or None
         return self._stop_signal is not None
 

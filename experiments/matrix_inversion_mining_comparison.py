@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # light modules only up here (--help answers without torch or matplotlib); the rest is imported where used
-from diffusion_lib.checkpoint import checkpoint_step, list_checkpoints  # noqa: E402
+from diffusion_lib.checkpoint import newest_verified_step  # noqa: E402
 from diffusion_lib.config import ConfigError, parse_overrides  # noqa: E402
 from diffusion_lib.mining import STRATEGIES  # noqa: E402
 from diffusion_lib.results import RunDir, TrainingInterrupted  # noqa: E402
@@ -118,9 +118,9 @@ def run_in_process(pack: list[StudyRun], resume: bool, label: str = "") -> list[
 
 
 def resume_step(run: StudyRun) -> int:
-    """The step a run would resume from (its newest checkpoint's, by name; 0 without one)."""
-    newest = list_checkpoints(RunDir(run.config.results_dir).checkpoints)
-    return checkpoint_step(newest[0]) if newest else 0
+    """The step a run would resume from: its newest checkpoint that verifies (0 without one), so a pack
+    never joins runs that would resume from different steps."""
+    return newest_verified_step(RunDir(run.config.results_dir).checkpoints)
 
 
 def pack_label(pack: list[StudyRun]) -> str:

@@ -209,6 +209,20 @@ def test_equal_steps_and_equal_flops_disagreement_is_found():
     assert found == {("costly", "cheap", s, "compute", b, "better", "worse") for s in ("id", "ood") for b in ("ema", "raw")}
 
 
+def test_the_primary_does_not_disagree_with_itself_through_the_holm_correction():
+    """Every run costs the same FLOPs, so the matched-FLOPs read-off tests the very numbers of the end of
+    training (paired p = 0.044 in both views): the primary's uncorrected "better" must not be set against
+    the Holm-adjusted verdict of the same test as if the views disagreed."""
+    scales = [0.90, 0.97, 0.85, 0.99, 0.93]
+    runs = [make_run(f"random{s}", "random", s, 1.0) for s in range(5)]
+    runs += [make_run(f"adversarial{s}", "adversarial", s, scales[s]) for s in range(5)]
+    a = analyse(runs, {"compare": ["adversarial", "random"], "metric": "mse_id"})
+    primary = [c for c in a.comparisons if c.primary]
+    assert [c.verdict for c in primary] == ["better", "better"] and all(c.p == pytest.approx(0.0444, abs=1e-3) for c in primary)
+    assert a.budgets[0].comparisons[0].verdict == "no detectable difference"  # Holm-adjusted there
+    assert not [d for d in a.disagreements if d.kind == "compute"], a.disagreements
+
+
 def test_budget_refuses_a_verdict_unless_every_run_reached_it():
     a = analyse(budget_study(late_start=True))
     table = a.budgets[0]

@@ -93,3 +93,27 @@ def test_a_run_resumes_past_a_damaged_checkpoint(tiny_args, tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "final.json").read_text())["step"] == 30
     assert [p.name for p in list_checkpoints(folder)] == ["step-000000030.pt", "step-000000020.pt"]
     assert load_latest_checkpoint(folder)["step"] == 30
+
+
+def test_a_checkpoint_the_os_cannot_read_is_not_taken_for_damaged(tiny_args, tmp_path, capsys, monkeypatch):
+    """A read error (permissions, EIO, a stale network mount) says nothing about the file: the resume stops
+    in one line, exit 1, instead of starting over and deleting the good checkpoints at the next save."""
+    assert train.main(tiny_args("--train-steps", "20")) == 0
+    folder = tmp_path / "run" / "checkpoints"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    real = type(folder).read_bytes
+
+    def refuse_checkpoints(path):
+        if path.suffix == ".pt":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path)
+
+    monkeypatch.setattr(type(folder), "read_bytes", refuse_checkpoints)
+    capsys.readouterr()
+    assert train.main(tiny_args("--train-steps", "30", "--resume")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot ") and "Permission denied" in err[-1], err
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics

@@ -133,13 +133,13 @@ def test_evaluate_may_change_sampling_and_does_not_touch_metrics(tmp_path, tiny_
     evaluations = tmp_path / "run" / "evaluations"
     # one file per setting, each recording the settings it sampled with: the first is not overwritten
     assert sorted(p.name for p in evaluations.iterdir()) == [
-        "as_trained.json", "inference_steps=0__inference_steps_sweep=0-3.json"]
-    result = json.loads((evaluations / "inference_steps=0__inference_steps_sweep=0-3.json").read_text())
+        "step-10__as_trained.json", "step-10__inference_steps=0__inference_steps_sweep=0-3.json"]
+    result = json.loads((evaluations / "step-10__inference_steps=0__inference_steps_sweep=0-3.json").read_text())
     assert result["settings"]["diffusion.inference_steps"] == 0
     assert result["settings"]["eval.inference_steps_sweep"] == [0, 3]
     assert set(result["inference_steps_sweep"]) == {"0", "3"}
     assert result["mse_id"] == result["inference_steps_sweep"]["0"]["mse_id"]  # sampled with 0 inner steps
-    as_trained = json.loads((evaluations / "as_trained.json").read_text())
+    as_trained = json.loads((evaluations / "step-10__as_trained.json").read_text())
     assert as_trained["settings"]["diffusion.inference_steps"] == 5 and as_trained["mse_id"] != result["mse_id"]
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
 

@@ -119,7 +119,25 @@ def test_a_signal_arriving_while_processes_agree_on_stopping_is_not_lost(monkeyp
             Trainer1D._on_signal(trainer, signal.SIGINT, None)
         return torch.cat([flags, torch.zeros_like(flags)])  # the other process saw nothing
 
-    trainer.accelerator = SimpleNamespace(num_processes=2, device="cpu", gather=gather_interrupted_by_ctrl_c)
+    trainer.accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"), gather=gather_interrupted_by_ctrl_c)
     Trainer1D._stop_requested(trainer)  # this check may or may not see it ...
     assert Trainer1D._stop_requested(trainer)  # ... but the next one must
     assert trainer._stop_signal == signal.SIGINT
+
+
+def test_gpu_processes_agree_on_stopping_only_at_log_lines():
+    """On GPUs the agreement (a collective) waits for the device: not on every step, only at log lines and
+    when asked at any step (after the last one); CPU processes (gloo) agree on every step."""
+    gathered = []
+    trainer = SimpleNamespace(_caught_signal=signal.SIGTERM, _stop_signal=None, step=7,
+                              config=SimpleNamespace(train=SimpleNamespace(log_every=5)))
+    trainer.accelerator = SimpleNamespace(num_processes=2, device=torch.device("cuda"),
+                                          gather=lambda flags: gathered.append(flags) or flags.repeat(2))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "tensor", lambda data, device=None: torch.as_tensor(data))  # no CUDA here
+        assert not Trainer1D._stop_requested(trainer) and not gathered  # step 7: between log lines
+        assert Trainer1D._stop_requested(trainer, at_any_step=True) and len(gathered) == 1
+        trainer.step = 10
+        assert Trainer1D._stop_requested(trainer) and len(gathered) == 2
+        trainer.accelerator.device, trainer.step = torch.device("cpu"), 7
+        assert Trainer1D._stop_requested(trainer) and len(gathered) == 3

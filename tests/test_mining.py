@@ -87,7 +87,8 @@ def test_adversarial_takes_exactly_opt_steps_and_never_raises_energy(monkeypatch
     # opt_steps gradients and one energy per proposal (the last proposal needs no gradient)
     assert with_grad == opt_steps and without_grad == 1
     assert torch.all(end <= start + 1e-6), "a sample ended at a higher energy than it started"
-    torch.testing.assert_close(result.energy, end) and torch.testing.assert_close(result.energy_start, start)
+    torch.testing.assert_close(result.energy, end)
+    torch.testing.assert_close(result.energy_start, start)
     # the logged statistics describe that descent
     assert stats["accept_rate_steps"].shape == (1, opt_steps)
     assert torch.all((stats["accept_rate_steps"] >= 0) & (stats["accept_rate_steps"] <= 1))

@@ -46,7 +46,7 @@ def test_two_processes_train_write_once_and_validate_on_the_whole_set(tmp_path, 
     # one process scoring the same checkpoint on the whole held-out set gets the same MSE: the two
     # shards covered every problem exactly once
     assert train.main([*LEARNING, "--results-dir", str(folder), "--evaluate"]) == 0
-    evaluation = json.loads((folder / "evaluations" / "as_trained.json").read_text())
+    evaluation = json.loads((folder / "evaluations" / "step-150__as_trained.json").read_text())
     assert evaluation["mse_id"] == pytest.approx(final["mse_id"], rel=1e-9)
     assert evaluation["mse_ood"] == pytest.approx(final["mse_ood"], rel=1e-9)
 

@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT
 from diffusion_lib.results import RunDir
 from diffusion_lib.tasks import InverseTask
+from diffusion_lib.trainer import Trainer1D
 from diffusion_lib.utils import mix_seed
 
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -111,6 +112,21 @@ def test_a_killed_pack_resumes_exactly(tmp_path, study_file, alone):
             assert_close(got, want, run_id)
 
 
+def test_packs_join_only_runs_of_one_setup_and_shards_mix_every_setup(tmp_path):
+    from diffusion_lib.study import expand, load_study, pack_runs, shard
+
+    runs = expand(load_study(ROOT / "configs" / "matrix_inversion_mining.yaml"), tmp_path)
+    packs = pack_runs(runs, 10, lambda run: 0)
+    assert sorted(len(pack) for pack in packs) == [10] * 4  # one pack per strategy, every seed in it
+    assert all(len({run.strategy for run in pack}) == 1 for pack in packs)
+    slices = [shard(runs, i, 4) for i in range(4)]
+    assert sorted(r.run_id for s in slices for r in s) == sorted(r.run_id for r in runs)  # disjoint, complete
+    for part in slices:  # each slice holds 2 or 3 seeds of every strategy, not all seeds of one
+        counts = [sum(r.strategy == label for r in part) for label in ("none", "random", "adversarial",
+                                                                       "adversarial_reference")]
+        assert sorted(counts) == [2, 2, 3, 3], counts
+
+
 def test_a_diverging_run_fails_alone_and_the_rest_of_its_pack_finishes(tmp_path, study_file, monkeypatch, alone):
     original = InverseTask.sample
     poisoned_seed = mix_seed(1, 13, 0)  # seed 1's batch of step 13 (generators are keyed to seed, step, process)
@@ -133,3 +149,27 @@ def test_a_diverging_run_fails_alone_and_the_rest_of_its_pack_finishes(tmp_path,
             assert_close(got, want, run_id)
     summary = json.loads((out / "summary.json").read_text())
     assert [row["status"] for row in summary["rows"]] == ["finished", "failed", "finished"]
+
+
+def test_a_damaged_checkpoint_splits_the_pack_instead_of_stopping_the_study(tmp_path, study_file, alone, monkeypatch):
+    """Runs resume from their newest checkpoint that verifies: one whose newest is damaged goes back a
+    checkpoint, so it is packed apart from the others (a pack resumes from one step)."""
+    out = tmp_path / "out"
+    original = Trainer1D.train_step
+
+    def interrupt(self):
+        original(self)
+        if self.step == 25:
+            self._on_signal(signal.SIGINT, None)
+
+    monkeypatch.setattr(Trainer1D, "train_step", interrupt)
+    assert study(study_file, out, "--pack", 3) == 128 + signal.SIGINT
+    monkeypatch.undo()
+    damaged = out / "runs" / RUNS[1] / "checkpoints" / "step-000000025.pt"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    assert study(study_file, out, "--pack", 3, "--resume") == 0
+    for run_id in RUNS:
+        for got, want in zip(run_outputs(out, run_id), run_outputs(alone, run_id)):
+            assert_close(got, want, run_id)

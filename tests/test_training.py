@@ -85,7 +85,7 @@ def test_checkpoints_keep_the_last_two_and_skip_a_corrupt_newest(tmp_path, tiny_
     assert train.main([*tiny_args(), "--train-steps", "25", "--evaluate"]) == 0
     captured = capsys.readouterr()
     assert "step-000000025.pt is unreadable" in captured.err
-    assert json.loads((tmp_path / "run" / "evaluations" / "as_trained.json").read_text())["step"] == 20
+    assert json.loads((tmp_path / "run" / "evaluations" / "step-20__as_trained.json").read_text())["step"] == 20
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_args, poison_batch, capsys):
@@ -129,3 +129,19 @@ def test_other_dtypes_train(tmp_path, tiny_args, dtype, stored):
     assert final["status"] == "finished" and all(math.isfinite(final[k]) for k in ("mse_id", "mse_ood_raw"))
     state = torch.load(tmp_path / "run" / "checkpoints" / "step-000000010.pt", weights_only=True)
     assert {v.dtype for v in state["model"].values()} == {stored}
+
+
+def test_a_signal_before_the_first_step_leaves_a_checkpoint_that_resumes(tmp_path, tiny_args, monkeypatch):
+    """The checkpoint of step 0 holds no Adam moments (Adam makes them on its first step)."""
+    original = Trainer1D._loop
+
+    def signal_first(self):
+        self._on_signal(signal.SIGINT, None)
+        return original(self)
+
+    monkeypatch.setattr(Trainer1D, "_loop", signal_first)
+    assert train.main(tiny_args()) == 128 + signal.SIGINT
+    assert (tmp_path / "run" / "checkpoints" / "step-000000000.pt").exists()
+    monkeypatch.undo()
+    assert train.main(tiny_args("--resume")) == 0
+    assert json.loads((tmp_path / "run" / "final.json").read_text())["step"] == 30

@@ -1,4 +1,6 @@
 """Yardsticks against closed forms on the addition task (y = a + b, entries uniform in [-c, c])."""
+import math
+
 import pytest
 import torch
 
@@ -40,3 +42,9 @@ def test_fit_is_reproducible_and_its_mean_is_the_training_mean():
     x, y = task.sample(2_000, torch.Generator().manual_seed(123))
     # two independent samples of 2 000: off-diagonal entries of A^-1 have heavy tails, so allow a few SE
     torch.testing.assert_close(mean, y.double().mean(0), atol=0.06, rtol=0)
+
+
+def test_the_linear_map_is_skipped_where_its_solve_would_take_minutes():
+    task = make_task("addition", rank=35)  # 2 * 35^2 = 2 450 inputs, beyond MAX_LINEAR_INPUTS
+    marks = yardsticks(task, task.held_out(False, 64), fit_samples=100)
+    assert math.isnan(marks["linear"]) and marks["train_mean"] > 0 and marks["clamp_floor"] == 0.0
