@@ -144,6 +144,14 @@ def test_evaluate_may_change_sampling_and_does_not_touch_metrics(tmp_path, tiny_
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
 
 
+def test_overwrite_clears_what_the_old_run_left_besides_its_checkpoints(tmp_path, tiny_args):
+    assert train.main(tiny_args("--train-steps", "10")) == 0
+    assert train.main(tiny_args("--train-steps", "10", "--evaluate")) == 0
+    assert (tmp_path / "run" / "evaluations").is_dir()
+    assert train.main(tiny_args("--train-steps", "5", "--overwrite")) == 0
+    assert not (tmp_path / "run" / "evaluations").exists()  # scores of a model that no longer exists
+
+
 @pytest.mark.parametrize("extra", [[], ["--overwrite"]])
 def test_evaluate_refuses_training_keys_even_with_overwrite(tmp_path, tiny_args, capsys, extra):
     assert train.main(tiny_args("--train-steps", "10")) == 0

@@ -141,3 +141,16 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path):
         for _ in range(3):
             trainer.train_step()
     assert reads == []
+
+
+def test_a_budget_run_resumes_past_its_train_steps(tmp_path):
+    """A FLOP budget sets the run's length: train.steps (here 1) must not make its resume look shrinking."""
+    per_step = expected_flops("random")
+    config = tiny_config(tmp_path, **{"mining.strategy": "random", "train.budget_flops": 3.5 * per_step,
+                                      "train.steps": 1})
+    task = train.create_dataset(config)
+    [final] = train.create_trainer(config, train.create_diffusion_model(config, task), task).train()
+    assert final["step"] == 4
+    again = train.create_trainer(config, train.create_diffusion_model(config, task), task, resume=True)
+    [resumed] = again.train()
+    assert resumed == final
