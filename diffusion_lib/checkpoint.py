@@ -1,4 +1,5 @@
-"""Checkpoints: checksummed, written atomically, the newest `keep` that verify kept, a damaged one skipped.
+"""Checkpoints: checksummed, written atomically, the newest `keep` that verify kept, a damaged one skipped;
+and a pack's training state as one checkpoint per run (`save_pack`, `load_pack`).
 
 A checkpoint is torch.save's zip archive plus one member, `<archive>/.sha256`, holding the SHA-256 of
 every other member's name and bytes; so `torch.load` still reads it, and `load_latest_checkpoint`
@@ -14,13 +15,18 @@ import re
 import sys
 import zipfile
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Sequence
 
+from .config import ConfigError
 from .utils import atomic_write_bytes
+
+if TYPE_CHECKING:  # torch is imported where used: naming and listing checkpoints must not load it (--help)
+    from torch import nn, optim
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 DIGEST_MEMBER = ".sha256"
 _CHUNK = 1 << 20
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 class CheckpointDamaged(Exception):
@@ -158,3 +164,52 @@ def load_latest_checkpoint(folder: Path, required: tuple[str, ...] = ()) -> dict
         state["path"] = str(path)
         return state
     return None
+
+
+# -- a pack's training state: one checkpoint per run, each as if the run trained alone -------------------
+def save_pack(folders: Sequence[Path], step: int, model: nn.Module, ema_model: nn.Module, optimizer: optim.Adam,
+              run_states: Sequence[dict[str, Any]], keep: int) -> None:
+    """Checkpoint `step` of each run of a packed model in its folder: its weights, EMA weights and Adam
+    moments with the run dimension dropped (reference names and shapes; no moments before Adam's first
+    step), and `run_states[i]`, the trainer's bookkeeping of run i."""
+    from .models import run_state_dict
+
+    params, adam = dict(model.named_parameters()), optimizer.state
+    for run, (folder, extra) in enumerate(zip(folders, run_states)):
+        moments = {key: {name: adam[p][key][run].cpu().clone() for name, p in params.items()}
+                   for key in ADAM_MOMENTS if all(key in adam.get(p, {}) for p in params.values())}
+        state = {"model": run_state_dict(model, run), "ema": run_state_dict(ema_model, run),
+                 "optimizer": {"step": step, **moments}, **extra}
+        save_checkpoint(folder, step, state, keep=keep)
+
+
+def load_pack(folders: Sequence[Path], model: nn.Module, ema_model: nn.Module,
+              optimizer: optim.Adam) -> tuple[int, list[dict[str, Any]]] | None:
+    """Load each run's newest verified checkpoint into its slot of the packed model, EMA and Adam state;
+    (their step, each run's checkpoint), or None if no run has one. The runs must be at one step."""
+    import torch
+
+    from .models import load_run_state_dict
+
+    states = [load_latest_checkpoint(folder, required=("model", "ema", "optimizer")) for folder in folders]
+    if all(state is None for state in states):
+        return None
+    steps = {None if state is None else state["step"] for state in states}
+    if len(steps) > 1:
+        raise ConfigError(f"runs packed together must resume from one step; their checkpoints are at {sorted(steps, key=str)}")
+    step, params, adam = states[0]["step"], dict(model.named_parameters()), optimizer.state
+    # a checkpoint from before the first step (a signal right at the start) has no Adam moments yet:
+    # then the optimiser starts fresh, as it would have
+    moments = ADAM_MOMENTS if "exp_avg" in states[0]["optimizer"] else ()
+    for run, state in enumerate(states):
+        load_run_state_dict(model, state["model"], run)
+        load_run_state_dict(ema_model, state["ema"], run)
+        for key in moments:
+            for name, p in params.items():
+                slot = adam.setdefault(p, {})
+                if key not in slot:
+                    slot[key] = torch.zeros_like(p)
+                slot[key][run].copy_(state["optimizer"][key][name])
+    for p in params.values() if moments else ():
+        adam[p]["step"] = torch.tensor(float(step))
+    return step, states

@@ -3,34 +3,32 @@
 A pack's runs differ only in their seed (and folder): their weights are stacked on a leading dimension
 (models.py), each draws its own data and noise from its own seed, and each keeps its own optimiser
 state, EMA, metrics, checkpoints and final.json, exactly as if it trained alone. Nothing reads the
-device on a training step: statistics and divergence flags accumulate there and are read at each log
-line, validation and checkpoint.
+device on a training step: statistics and divergence flags accumulate there and are read when the loop
+pauses to log, validate or save.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
-import shlex
-import signal
 import sys
-import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .checkpoint import load_latest_checkpoint, save_checkpoint
+from .checkpoint import load_pack, save_pack
 from .config import PER_RUN_KEYS, ConfigError, RunConfig, config_differences
 from .diffusion import Draws, GaussianDiffusion1D
-from .ema import EMA
-from .models import load_run_state_dict, run_state_dict
+from .ema import make_ema, restore_ema_step
 from .results import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir, TrainingInterrupted
+from .stopping import Divergence, ScoringInterrupted, StopRequest
 from .tasks import MatrixTask
 from .tracking import RunTracker, check_tracker
 from .utils import FolderLock, keep_freed_memory, mix_seed
@@ -144,7 +142,7 @@ class Trainer1D:
         self._sum_dtype = torch.float32 if acc.device.type == "mps" else torch.float64
 
         self.diffusion = diffusion.to(device=acc.device, dtype=self.dtype)
-        self.ema = EMA(diffusion, train.ema_decay, train.ema_every, train.ema_update_after_step, train.ema_power)
+        self.ema = make_ema(diffusion, train)
         optimizer = torch.optim.Adam(diffusion.parameters(), lr=train.lr, betas=tuple(train.adam_betas))
         self.model, self.optimizer = acc.prepare(diffusion, optimizer)
         self.params = dict(diffusion.named_parameters())
@@ -160,13 +158,11 @@ class Trainer1D:
         self.flops_per_step = math.nan  # per run, all processes together
         self._sums: dict[str, torch.Tensor] = {}  # per-run statistics summed since the last log line, on device
         self._counts: dict[str, int] = {}  # steps that contributed to each sum (mining stats skip some)
-        self._bad_step = torch.full((len(self.runs),), -1, dtype=torch.long, device=acc.device)
-        self._bad_parts = torch.zeros(len(self.runs), 4, device=acc.device)  # loss, denoise, energy, grad norm
+        self._saved_step: int | None = None  # of the newest checkpoint this pack has (saved or resumed from)
+        self.divergence = Divergence(len(self.runs), acc.device)
+        self.stop = StopRequest()
         self._clock: float | None = None  # start of the current stretch of training time
-        self.bar: Any = None
         self.scoring_bar: Any = None
-        self._caught_signal: int | None = None  # SIGINT/SIGTERM seen by this process
-        self._stop_signal: int | None = None  # the signal all processes agreed to stop on
 
     @property
     def main(self) -> bool:
@@ -180,11 +176,42 @@ class Trainer1D:
     # -- the loop ------------------------------------------------------------------------------------
     @_releasing_run_locks
     def train(self) -> list[dict[str, Any]]:
-        acc, cfg = self.accelerator, self.config
+        """Train every run to its last step, pausing to log, validate and save on schedule; then score them."""
+        finished = self._start()
+        if finished is not None:
+            return finished
+        every = self.config.train.log_every, self.config.eval.every, self.config.train.save_every
+        with self._trackers(), self.stop.catching():
+            with tqdm(total=self.total_steps, initial=self.step, desc=self.label, disable=not self.main,
+                      dynamic_ncols=True, **_bar_rate()) as bar:
+                self._clock = time.perf_counter()
+                while self.step < self.total_steps and self.runs:
+                    self._stop_if_requested()
+                    self.train_step()  # draw the batches, loss, backward, clip, Adam, EMA
+                    bar.update(1)
+                    last = self.step == self.total_steps
+                    log, validate, save = (self.step % n == 0 for n in every)
+                    # the last step is saved too: before scoring, so a stop while scoring loses no steps
+                    if log or validate or save or last:
+                        with self._paused():  # the clock stops; runs that diverged leave the pack
+                            if log or last:
+                                self._log(bar)
+                            if validate and not last:
+                                self._validate()
+                            if save or last:
+                                self._save()
+                self._stop_if_requested(at_any_step=True)  # a signal in the last steps still stops before scoring
+            # the checkpoint is on disk: from here a stop signal ends the scoring where it lands
+            self.stop.stop_at_once(lambda signum: ScoringInterrupted(self.step, signum, [r.dir for r in self.runs]))
+            return self._finish()
+
+    def _start(self) -> list[dict[str, Any]] | None:
+        """Prepare the run folders, resume from the checkpoints, measure a step's FLOPs; the runs' results
+        if they had all finished already, else None (and their stale final.json is gone)."""
         if self.main:
             for run in self.runs:
                 run.dir.prepare(run.config, self.overwrite)
-        acc.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
         if self.resume and not self._load(truncate_metrics=True) and self.main:
             for run in self.runs:  # no checkpoint yet: the run starts over, so do its metrics
                 run.dir.truncate_metrics(0)
@@ -196,40 +223,39 @@ class Trainer1D:
         if self.main:
             for run in self.runs:
                 run.dir.final.unlink(missing_ok=True)  # the runs continue: an old final.json is stale
+        return None
 
-        if self.main and cfg.train.log_with != "none":
+    @contextmanager
+    def _trackers(self) -> Iterator[None]:
+        """Each run's live dashboard, if train.log_with asks for one, open for the block."""
+        if self.main and self.config.train.log_with != "none":
             for run in self.runs:
-                run.tracker = RunTracker(cfg.train.log_with, run.dir.root, run.config.to_dict())
+                run.tracker = RunTracker(self.config.train.log_with, run.dir.root, run.config.to_dict())
         try:
-            self._loop()
-            return self._finish()
+            yield
         finally:
             for run in self._all_runs:
                 if run.tracker is not None:
                     run.tracker.finish()
 
-    def _loop(self) -> None:
-        """Train until the last step (or until every run failed), logging, validating and saving on schedule."""
-        cfg = self.config
-        self.bar = tqdm(total=self.total_steps, initial=self.step, desc=self.label, disable=not self.main,
-                        dynamic_ncols=True, **_bar_rate())
-        previous_handlers = self._catch_signals()
+    @contextmanager
+    def _paused(self) -> Iterator[None]:
+        """Stop the training clock (waiting for the device) and fail the runs that diverged; restart the
+        clock after the block."""
+        self._account_time()
+        self._drop_diverged()
+        yield
         self._clock = time.perf_counter()
-        try:
-            while self.step < self.total_steps and self.runs:
-                self._stop_if_requested()
-                self.train_step()
-                self.bar.update(1)
-                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                    self._log()
-                if self.step % cfg.eval.every == 0 and self.step < self.total_steps:
-                    self._validate()
-                if self.step % cfg.train.save_every == 0:
-                    self._save()
-            self._stop_if_requested(at_any_step=True)  # a signal in the last steps still stops the runs before scoring
-        finally:
-            self.bar.close()
-            self._restore_signals(previous_handlers)
+
+    def _stop_if_requested(self, at_any_step: bool = False) -> None:
+        """If any process caught a stop signal: every run's checkpoint at this step, then TrainingInterrupted."""
+        if not self.stop.requested(self.accelerator, self.step, self.config.train.log_every, at_any_step):
+            return
+        if self._saved_step != self.step:
+            with self._paused():
+                self._save()
+        self.accelerator.wait_for_everyone()  # no process leaves before the checkpoint is on disk
+        raise TrainingInterrupted(self.step, self.stop.agreed, [run.dir for run in self.runs])
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, Draws]:
         """Every run's data and noise for `step`, each from a generator keyed to (seed, step, process): a
@@ -253,10 +279,10 @@ class Trainer1D:
         loss, stats = self._loss(self.step)
         self.accelerator.backward(loss)
         grad_norm = self._clip_gradients()
-        self._watch_divergence(stats, grad_norm)
+        self.divergence.watch(self.step, stats, grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(self.diffusion, self.step)
+        self.ema.update()  # once per step: ema-pytorch's count is the step, shared by the pack
         self.step += 1
         for run in self.runs:
             run.energy_grad_evals += stats["energy_grad_evals"]
@@ -275,44 +301,33 @@ class Trainer1D:
             g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
         return total
 
-    def _watch_divergence(self, stats: dict[str, Any], grad_norm: torch.Tensor) -> None:
-        """Record, on the device, the first step at which each run's loss or gradient was not finite."""
-        newly = ~(torch.isfinite(stats["loss"]) & torch.isfinite(grad_norm)) & (self._bad_step < 0)
-        energy = stats.get("loss_energy", torch.full_like(grad_norm, math.nan))
-        parts = torch.stack([stats["loss"], stats["loss_denoise"], energy, grad_norm], dim=1).float()
-        self._bad_step = torch.where(newly, self.step + 1, self._bad_step)
-        self._bad_parts = torch.where(newly.unsqueeze(1), parts, self._bad_parts)
-
-    def _check_divergence(self) -> None:
-        """Fail and drop the runs that diverged since the last check (their last good checkpoint stays)."""
-        bad = self.accelerator.reduce(self._bad_step, reduction="max").tolist()
-        if max(bad, default=-1) < 0:
+    def _drop_diverged(self) -> None:
+        """Fail the runs that diverged since the last pause (in their final.json) and drop them from the pack."""
+        found = self.divergence.found(self.accelerator, mining=self.diffusion.strategy.mine is not None)
+        if not found:
             return
-        parts = self._bad_parts.tolist()
-        for run, step, (loss, denoise, energy, grad_norm) in zip(self.runs, bad, parts):
-            if step < 0:
-                continue
-            energy_part = "" if self.diffusion.strategy.mine is None else f"loss_energy={energy:.4g}, "
-            detail = f"loss={loss:.4g}, loss_denoise={denoise:.4g}, {energy_part}grad_norm={grad_norm:.4g}"
-            message = f"non-finite loss or gradient at step {step} ({detail}); last good checkpoint kept"
+        # every checkpoint was saved at a pause that found no divergence, so the newest one is good
+        kept = ("no checkpoint was saved before it" if self._saved_step is None
+                else f"last good checkpoint (step {self._saved_step}) kept")
+        for i, (step, detail) in found.items():
+            run, message = self.runs[i], f"non-finite loss or gradient at step {step} ({detail}); {kept}"
             if self.main:
                 run.dir.write_final({"status": "failed", "error": message, "step": step - 1, **self._run_info(run)})
                 tqdm.write(f"{run.dir.root.name}: FAILED: {message}", file=sys.stderr)
-        self._keep([i for i, step in enumerate(bad) if step < 0])
+        self._keep([i for i in range(len(self.runs)) if i not in found])
 
     def _keep(self, index: list[int]) -> None:
         """Shrink the pack to the runs at `index`: every packed tensor keeps those rows."""
         self.runs = [self.runs[i] for i in index]
         rows = torch.tensor(index, dtype=torch.long, device=self.accelerator.device)
         optimizer_state = self.optimizer.state
-        for p, p_ema in zip(self.params.values(), self.ema.model.parameters()):
+        for p, p_ema in zip(self.params.values(), self.ema.ema_model.parameters()):
             p.data, p_ema.data = p.data.index_select(0, rows), p_ema.data.index_select(0, rows)
             for key, value in optimizer_state.get(p, {}).items():
                 if value.dim() > 0:  # the moments; Adam's step count is shared
                     optimizer_state[p][key] = value.index_select(0, rows.to(value.device))
         self._sums = {k: v.index_select(0, rows) for k, v in self._sums.items()}
-        self._bad_step = self._bad_step.index_select(0, rows)
-        self._bad_parts = self._bad_parts.index_select(0, rows)
+        self.divergence.keep(rows)
 
     # -- compute accounting --------------------------------------------------------------------------
     def measure_flops(self) -> None:
@@ -346,18 +361,14 @@ class Trainer1D:
             run.train_seconds += share
         self._clock = None
 
-    def _resume_clock(self) -> None:
-        self._clock = time.perf_counter()
-
     # -- metrics -------------------------------------------------------------------------------------
     def _reduced_sums(self) -> list[dict[str, Any]]:
         """Per run, the interval's sums averaged over processes (every process calls this at one step)."""
         reduced = {k: self.accelerator.reduce(v, reduction="mean").tolist() for k, v in sorted(self._sums.items())}
         return [{k: v[i] for k, v in reduced.items()} for i in range(len(self.runs))]
 
-    def _log(self) -> None:
-        self._account_time()
-        self._check_divergence()
+    def _log(self, bar: Any) -> None:
+        """Each run's train line: its statistics averaged over the interval since the last one."""
         if self._counts and self.runs:
             steps = self._counts.get("loss", 1)
             load = _load_average()
@@ -370,21 +381,17 @@ class Trainer1D:
                 record.update(sec_per_step=interval_seconds / steps, **self._clocks(run), **load)
                 run.last_log = record
                 self._record(run, record)
-            self.bar.set_postfix(_postfix(self.runs), refresh=False)
+            bar.set_postfix(_postfix(self.runs), refresh=False)
         self._sums, self._counts = {}, {}
-        self._resume_clock()
 
     def _clocks(self, run: Run) -> dict[str, float]:
         return {"flops": self.flops_per_step * self.step, "train_seconds": run.train_seconds,
                 "energy_grad_evals": run.energy_grad_evals}
 
     def _validate(self) -> None:
-        self._account_time()
-        self._check_divergence()
         if self.runs:
             for run, score in zip(self.runs, self._score_models(sweep=False)):
                 self._log_validation(run, score)
-        self._resume_clock()
 
     def _log_validation(self, run: Run, score: dict[str, Any]) -> None:
         mse = {f"val_{k}": v for k, v in score.items() if k.startswith("mse_")}
@@ -401,7 +408,7 @@ class Trainer1D:
     @torch.no_grad()
     def evaluate(self, diffusion: GaussianDiffusion1D | None = None, inner_steps: int | None = None) -> list[dict[str, float]]:
         """Per run, held-out MSE of `diffusion` (default: the EMA model) on the in-distribution and ood sets."""
-        diffusion = diffusion or self.ema.model
+        diffusion = diffusion or self.ema.ema_model
         chunk = self.config.eval.batch_size
         results: list[dict[str, float]] = [{} for _ in self.runs]
         for name, data in self.local_held_out.items():
@@ -433,11 +440,7 @@ class Trainer1D:
 
     def _finish(self) -> list[dict[str, Any]]:
         """Score the runs still going (EMA, raw, inference sweep), write their final.json; every run's result."""
-        self._account_time()
-        self._check_divergence()
         if self.runs:
-            if self.step % self.config.train.save_every:
-                self._save()  # before scoring, so a kill while scoring loses no steps
             passes = 2 * (2 + len(self.config.eval.inference_steps_sweep))
             self.scoring_bar = tqdm(total=passes, desc=f"{self.label}: scoring", leave=False, disable=not self.main,
                                     **_bar_rate())
@@ -492,58 +495,29 @@ class Trainer1D:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def _save(self) -> None:
-        self._account_time()
-        self._check_divergence()
-        sums = self._reduced_sums()  # a collective: every process
+        """Every run's checkpoint at this step (a collective: the interval's sums are averaged over processes)."""
+        sums = self._reduced_sums()
         if self.main:
-            optimizer_state = self.optimizer.state
-            for i, (run, run_sums) in enumerate(zip(self.runs, sums)):
-                moments = {
-                    key: {name: optimizer_state[p][key][i].cpu().clone() for name, p in self.params.items()}
-                    for key in ("exp_avg", "exp_avg_sq") if all(key in optimizer_state.get(p, {}) for p in self.params.values())
-                }
-                state = {
-                    "model": run_state_dict(self.diffusion, i),
-                    "ema": run_state_dict(self.ema.model, i),
-                    "optimizer": {"step": self.step, **moments},
-                    "config": run.config.to_dict(),
-                    "energy_grad_evals": run.energy_grad_evals,
-                    "train_seconds": run.train_seconds,
-                    "interval": {"sums": run_sums, "counts": dict(self._counts)},
-                    "last_log": run.last_log,
-                }
-                save_checkpoint(run.dir.checkpoints, self.step, state, keep=self.config.train.keep_checkpoints)
-        self._resume_clock()
+            states = [{"config": run.config.to_dict(), "energy_grad_evals": run.energy_grad_evals,
+                       "train_seconds": run.train_seconds, "last_log": run.last_log,
+                       "interval": {"sums": run_sums, "counts": dict(self._counts)}}
+                      for run, run_sums in zip(self.runs, sums)]
+            save_pack([run.dir.checkpoints for run in self.runs], self.step, self.diffusion, self.ema.ema_model,
+                      self.optimizer, states, keep=self.config.train.keep_checkpoints)
+        self._saved_step = self.step
 
     def _load(self, truncate_metrics: bool) -> bool:
         """Every run's newest readable checkpoint (they must be at one step); False if none has one."""
-        states = [load_latest_checkpoint(run.dir.checkpoints, required=("model", "ema", "optimizer")) for run in self.runs]
-        if all(state is None for state in states):
+        loaded = load_pack([run.dir.checkpoints for run in self.runs], self.diffusion, self.ema.ema_model, self.optimizer)
+        if loaded is None:
             return False
-        steps = {None if state is None else state["step"] for state in states}
-        if len(steps) > 1:
-            raise ConfigError(f"runs packed together must resume from one step; their checkpoints are at {sorted(steps, key=str)}")
-        self.step = states[0]["step"]
-        # a checkpoint from before the first step (a signal right at the start) has no Adam moments yet:
-        # then the optimiser starts fresh, as it would have
-        has_moments = "exp_avg" in states[0]["optimizer"]
-        optimizer_state = self.optimizer.state
-        for i, (run, state) in enumerate(zip(self.runs, states)):
-            load_run_state_dict(self.diffusion, state["model"], i)
-            load_run_state_dict(self.ema.model, state["ema"], i)
-            for key in ("exp_avg", "exp_avg_sq") if has_moments else ():
-                for name, p in self.params.items():
-                    slot = optimizer_state.setdefault(p, {})
-                    if key not in slot:
-                        slot[key] = torch.zeros_like(p)
-                    slot[key][i].copy_(state["optimizer"][key][name])
-            run.energy_grad_evals = state["energy_grad_evals"]
-            run.train_seconds = state["train_seconds"]
+        self.step, states = loaded
+        self._saved_step = self.step
+        restore_ema_step(self.ema, self.step)
+        for run, state in zip(self.runs, states):
+            run.energy_grad_evals, run.train_seconds = state["energy_grad_evals"], state["train_seconds"]
             run.last_log = dict(state["last_log"])
-        for p in self.params.values() if has_moments else ():
-            optimizer_state[p]["step"] = torch.tensor(float(self.step))
-        counts = states[0]["interval"]["counts"]
-        self._counts = dict(counts)
+        self._counts = dict(states[0]["interval"]["counts"])
         device = self.accelerator.device
         self._sums = {key: torch.tensor([s["interval"]["sums"][key] for s in states], device=device)
                       for key in states[0]["interval"]["sums"]}
@@ -552,52 +526,6 @@ class Trainer1D:
                 run.dir.truncate_metrics(self.step)  # lines logged after this checkpoint will be logged again
         self.accelerator.wait_for_everyone()
         return True
-
-    # -- signals -------------------------------------------------------------------------------------
-    def _catch_signals(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def _restore_signals(self, previous: dict[int, Any]) -> None:
-        # a launcher's forwarded copy of the stop signal may still be on its way: let it pass quietly
-        forwarded = self._stop_signal is not None and _under_elastic_launcher()
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_IGN if forwarded else handler)
-
-    def _stop_if_requested(self, at_any_step: bool = False) -> None:
-        if self._stop_requested(at_any_step):
-            self._save()
-            self.accelerator.wait_for_everyone()  # no process leaves before the checkpoint is on disk
-            raise TrainingInterrupted(self.step, self._stop_signal, [run.dir for run in self.runs])
-
-    def _stop_requested(self, at_any_step: bool = False) -> bool:
-        """Whether any process caught SIGINT/SIGTERM; all processes agree, so they stop at the same step.
-
-        Agreeing is a collective that waits for the device, so several GPU processes agree only at log
-        lines (or when `at_any_step`): a signal stops them up to train.log_every steps later.
-        """
-        acc = self.accelerator
-        caught = self._caught_signal or 0
-        if acc.num_processes > 1:
-            if acc.device.type != "cpu" and self.step % self.config.train.log_every and not at_any_step:
-                return False
-            caught = int(acc.gather(torch.tensor([caught], device=acc.device)).max())
-        self._stop_signal = caught or None
-        return self._stop_signal is not None
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        # only the handler writes _caught_signal, so a signal landing mid-gather is never overwritten
-        if self._caught_signal is None:
-            self._caught_signal = signum
-        elif not _under_elastic_launcher():
-            raise KeyboardInterrupt  # a second signal: stop now, without the checkpoint
-        # Under torchrun a repeat is a copy, not a second request: a scheduler may signal every process
-        # and the launcher forwards its own; it escalates to SIGKILL itself after its shutdown timeout.
-
-
-def _under_elastic_launcher() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def _mean(total: Any, count: int) -> Any:

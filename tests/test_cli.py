@@ -368,7 +368,7 @@ def test_the_printed_resume_command_is_shell_quoted(tmp_path, tiny_args, capsys,
     def stop_at_step_12(self):
         original(self)
         if self.step == 12:
-            self._on_signal(signal.SIGINT, None)
+            self.stop.on_signal(signal.SIGINT, None)
 
     monkeypatch.setattr(Trainer1D, "train_step", stop_at_step_12)
     assert train.main([*tiny_args(), "--results-dir", str(folder)]) == 130
@@ -389,8 +389,8 @@ def test_an_interrupt_that_stops_at_once_is_one_line_and_exit_130(tmp_path, tiny
         def two_signals(self):
             original(self)
             if self.step == 12:
-                self._on_signal(signal.SIGINT, None)
-                self._on_signal(signal.SIGINT, None)
+                self.stop.on_signal(signal.SIGINT, None)
+                self.stop.on_signal(signal.SIGINT, None)
 
         monkeypatch.setattr(Trainer1D, "train_step", two_signals)
     else:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train
-from diffusion_lib.ema import EMA
+from diffusion_lib.ema import make_ema, restore_ema_step
 
 RANK, HIDDEN, BATCH, T, TIME = 3, 16, 8, 10, 128
 
@@ -95,34 +95,74 @@ def test_a_budget_run_trains_to_its_flop_budget(tmp_path):
 
 
 def test_ema_follows_the_reference_warm_up():
-    """ema-pytorch's schedule with update_after_step 100, power 2/3, every 10: a copy up to step 100, then
-    decay 1 - (1 + (step - 100))^(-2/3), capped at beta; it reaches 0.995 only at step 100 + 2828."""
+    """ema-pytorch's schedule with the config's defaults (beta 0.995, update_after_step 100, power 2/3, every
+    10): a copy up to step 100, then decay 1 - (1 + (step - 100))^(-2/3), capped at beta; it reaches 0.995
+    only at step 100 + 2828. ema-pytorch computes the decay in float32: hence the tolerances."""
     model = torch.nn.Linear(2, 2)
-    ema = EMA(model, beta=0.995, update_every=10, update_after_step=100, power=2 / 3)
-    assert ema.decay(0) == ema.decay(100) == 0.0
-    assert ema.decay(110) == pytest.approx(0.79782, abs=1e-5)  # 1 - exp(-2/3 ln 11) = 1 - exp(-1.59861)
-    assert ema.decay(2900) == pytest.approx(1 - 2801 ** (-2 / 3)) and ema.decay(2900) < 0.995
-    assert ema.decay(2950) == 0.995
+    ema = make_ema(model, train.build_config({}).train)
+
+    def decay(step):  # the decay of the update made after `step` optimiser steps
+        restore_ema_step(ema, step)
+        ema.step += 1  # ema-pytorch reads its count after counting the update
+        return ema.get_current_decay()
+
+    assert decay(0) == decay(100) == 0.0
+    assert decay(110) == pytest.approx(0.79782, abs=1e-5)  # 1 - exp(-2/3 ln 11) = 1 - exp(-1.59861)
+    assert decay(2900) == pytest.approx(1 - 2801 ** (-2 / 3)) and decay(2900) < 0.995
+    assert decay(2950) == pytest.approx(0.995, rel=1e-8)  # float32(0.995)
     with torch.no_grad():
         model.weight.fill_(1.0)
-    ema.update(model, 105)  # not a multiple of 10: nothing happens
-    assert not torch.equal(ema.model.weight, model.weight)
-    ema.update(model, 100)  # warm-up: a copy
-    assert torch.equal(ema.model.weight, model.weight)
+    restore_ema_step(ema, 105)
+    ema.update()  # not a multiple of 10: nothing happens
+    assert not torch.equal(ema.ema_model.weight, model.weight)
+    restore_ema_step(ema, 100)
+    ema.update()  # warm-up: a copy
+    assert torch.equal(ema.ema_model.weight, model.weight)
     with torch.no_grad():
         model.weight.fill_(3.0)
-    ema.update(model, 110)  # 1 + (3 - 1) * (1 - decay)
-    torch.testing.assert_close(ema.model.weight, torch.full((2, 2), 1 + 2 * 11 ** (-2 / 3)))
+    restore_ema_step(ema, 110)
+    ema.update()  # 1 + (3 - 1) * (1 - decay)
+    torch.testing.assert_close(ema.ema_model.weight, torch.full((2, 2), 1 + 2 * 11 ** (-2 / 3)))
+
+
+def test_a_resumed_packs_ema_is_the_uninterrupted_ones_and_scoring_reads_it(tmp_path):
+    """A pack of two runs shares one EMA count; resumed from a checkpoint mid-warm-up, the EMA weights and
+    count are those of the run that never stopped. The held-out score called EMA is the averaged model's."""
+    ema_keys = {"train.ema_update_after_step": 4, "train.ema_every": 2, "train.steps": 12, "train.save_every": 6}
+
+    def pack(folder, **overrides):
+        configs = [tiny_config(tmp_path / folder / f"seed{seed}", seed=seed, **ema_keys, **overrides) for seed in (0, 1)]
+        task = train.create_dataset(configs[0])
+        return configs, task
+
+    def trainer_for(folder, resume=False, **overrides):
+        configs, task = pack(folder, **overrides)
+        return train.create_trainer(configs, train.create_diffusion_model(configs, task), task, resume=resume)
+
+    whole = trainer_for("whole")
+    whole.train()
+    trainer_for("split", **{"train.steps": 7}).train()  # its last checkpoint: step 7, between two EMA updates
+    resumed = trainer_for("split", resume=True)
+    resumed.train()
+    assert int(whole.ema.step) == int(resumed.ema.step) == 12  # one count for the pack: one update per step
+    for got, want in zip(resumed.ema.ema_model.parameters(), whole.ema.ema_model.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    online = whole.accelerator.unwrap_model(whole.model)
+    assert not all(torch.equal(a, b) for a, b in zip(whole.ema.ema_model.parameters(), online.parameters()))
+    assert whole.evaluate() == whole.evaluate(whole.ema.ema_model) != whole.evaluate(online)
 
 
 def test_a_training_step_reads_nothing_back_from_the_device(tmp_path):
     """No .item() / .tolist() / bool() on a tensor during a step (on a GPU each one waits for the device);
-    Adam's step counts, kept on the host by torch, are the only host reads allowed."""
+    Adam's step counts, kept on the host by torch, and ema-pytorch's update count, kept on the host by
+    ema-pytorch (the trainer never moves it), are the only host reads allowed."""
     config = tiny_config(tmp_path, **{"mining.strategy": "adversarial"})
     task = train.create_dataset(config)
     trainer = train.create_trainer(config, train.create_diffusion_model(config, task), task)
     trainer.train_step()  # Adam creates its state on the first step
     host_counters = {id(state["step"]) for state in trainer.optimizer.state.values()}
+    assert trainer.ema.step.device.type == trainer.ema.initted.device.type == "cpu"
+    host_counters |= {id(trainer.ema.step), id(trainer.ema.initted)}
     reads = []
 
     def recording(name):

@@ -14,7 +14,7 @@ import torch
 import train
 from conftest import ROOT, TINY
 from diffusion_lib.results import RunDir
-from diffusion_lib.trainer import Trainer1D
+from diffusion_lib.stopping import StopRequest
 
 LONG = [*TINY, "--train-steps", "600", "train.save_every=50", "eval.every=200"]
 
@@ -66,7 +66,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, reference):
     assert_same_as_reference(folder, reference)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])  # SIGUSR1: SLURM's --signal
 def test_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, reference, signum):
     folder = tmp_path / "run"
     process = start(folder)
@@ -95,49 +95,108 @@ def test_a_repeated_signal_forces_a_stop_except_when_a_launcher_forwards_it(monk
     # a scheduler may signal every process and torchrun forwards its own copy, so a worker sees the signal
     # twice; that copy must not cancel the checkpoint (the launcher escalates to SIGKILL after its timeout)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    alone = SimpleNamespace(_caught_signal=None)
-    Trainer1D._on_signal(alone, signal.SIGINT, None)
-    assert alone._caught_signal == signal.SIGINT
+    alone = StopRequest()
+    alone.on_signal(signal.SIGINT, None)
+    assert alone.caught == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
-        Trainer1D._on_signal(alone, signal.SIGINT, None)
+        alone.on_signal(signal.SIGINT, None)
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
-    launched = SimpleNamespace(_caught_signal=None)
-    Trainer1D._on_signal(launched, signal.SIGINT, None)
-    Trainer1D._on_signal(launched, signal.SIGINT, None)
-    assert launched._caught_signal == signal.SIGINT
+    launched = StopRequest()
+    launched.on_signal(signal.SIGINT, None)
+    launched.on_signal(signal.SIGINT, None)
+    assert launched.caught == signal.SIGINT
 
 
 def test_a_signal_arriving_while_processes_agree_on_stopping_is_not_lost(monkeypatch):
     # the handler runs whenever the interpreter gets control, e.g. right after a collective returns;
     # the flag it sets must survive the bookkeeping of the check it interrupted
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    trainer = SimpleNamespace(_caught_signal=None, _stop_signal=None)
+    stop = StopRequest()
 
     def gather_interrupted_by_ctrl_c(flags):
-        if trainer._caught_signal is None:
-            Trainer1D._on_signal(trainer, signal.SIGINT, None)
+        if stop.caught is None:
+            stop.on_signal(signal.SIGINT, None)
         return torch.cat([flags, torch.zeros_like(flags)])  # the other process saw nothing
 
-    trainer.accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"), gather=gather_interrupted_by_ctrl_c)
-    Trainer1D._stop_requested(trainer)  # this check may or may not see it ...
-    assert Trainer1D._stop_requested(trainer)  # ... but the next one must
-    assert trainer._stop_signal == signal.SIGINT
+    accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"), gather=gather_interrupted_by_ctrl_c)
+    stop.requested(accelerator, step=0, log_every=5)  # this check may or may not see it ...
+    assert stop.requested(accelerator, step=1, log_every=5)  # ... but the next one must
+    assert stop.agreed == signal.SIGINT
 
 
 def test_gpu_processes_agree_on_stopping_only_at_log_lines():
     """On GPUs the agreement (a collective) waits for the device: not on every step, only at log lines and
     when asked at any step (after the last one); CPU processes (gloo) agree on every step."""
     gathered = []
-    trainer = SimpleNamespace(_caught_signal=signal.SIGTERM, _stop_signal=None, step=7,
-                              config=SimpleNamespace(train=SimpleNamespace(log_every=5)))
-    trainer.accelerator = SimpleNamespace(num_processes=2, device=torch.device("cuda"),
-                                          gather=lambda flags: gathered.append(flags) or flags.repeat(2))
+    stop = StopRequest()
+    stop.caught = signal.SIGTERM
+    accelerator = SimpleNamespace(num_processes=2, device=torch.device("cuda"),
+                                  gather=lambda flags: gathered.append(flags) or flags.repeat(2))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "tensor", lambda data, device=None: torch.as_tensor(data))  # no CUDA here
-        assert not Trainer1D._stop_requested(trainer) and not gathered  # step 7: between log lines
-        assert Trainer1D._stop_requested(trainer, at_any_step=True) and len(gathered) == 1
-        trainer.step = 10
-        assert Trainer1D._stop_requested(trainer) and len(gathered) == 2
-        trainer.accelerator.device, trainer.step = torch.device("cpu"), 7
-        assert Trainer1D._stop_requested(trainer) and len(gathered) == 3
+        assert not stop.requested(accelerator, 7, log_every=5) and not gathered  # step 7: between log lines
+        assert stop.requested(accelerator, 7, log_every=5, at_any_step=True) and len(gathered) == 1
+        assert stop.requested(accelerator, 10, log_every=5) and len(gathered) == 2
+        accelerator.device = torch.device("cpu")
+        assert stop.requested(accelerator, 7, log_every=5) and len(gathered) == 3
+
+
+# while scoring, the final checkpoint is on disk: a scheduler's stop lands there as often as anywhere
+SCORING_STEPS = [*TINY, "--train-steps", "25"]  # the last step is no multiple of train.save_every
+SLOW_SCORING = """
+import sys, time
+from pathlib import Path
+import train
+from diffusion_lib.trainer import Trainer1D
+original = Trainer1D._score_models
+
+def slow(self, sweep):
+    if sweep:  # the final scoring (validation passes score without the sweep)
+        Path(sys.argv[1]).touch()
+        time.sleep(120)  # the test's signal lands here
+    return original(self, sweep)
+
+Trainer1D._score_models = slow
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """The final scores of the scoring tests' run, uninterrupted."""
+    folder = tmp_path_factory.mktemp("scored") / "run"
+    assert train.main([*SCORING_STEPS, "--results-dir", str(folder)]) == 0
+    return json.loads((folder / "final.json").read_text())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_while_scoring_says_how_to_resume(tmp_path, scored, signum):
+    folder, scoring = tmp_path / "run", tmp_path / "scoring"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SCORING, str(scoring), *SCORING_STEPS, "--results-dir", str(folder)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not scoring.exists():
+        assert process.poll() is None, f"the run ended before scoring: {process.stderr.read()}"
+        assert time.time() < deadline, "timed out waiting for the scoring"
+        time.sleep(0.02)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    match = re.fullmatch(
+        rf"interrupted: {signal.Signals(signum).name} while scoring step 25: checkpoint saved in \S+; "
+        rf"resume with: python train.py --config (\S+) --resume",
+        last,
+    )
+    assert match, last
+    assert (folder / "checkpoints" / "step-000000025.pt").exists()  # saved before scoring
+    assert not (folder / "final.json").exists()
+    assert train.main(["--config", match.group(1), "--resume"]) == 0
+    final = json.loads((folder / "final.json").read_text())
+    for key in ("step", "mse_id", "mse_ood", "mse_id_raw", "mse_ood_raw", "loss", "energy_grad_evals"):
+        assert final[key] == pytest.approx(scored[key], abs=1e-6), key

@@ -160,7 +160,7 @@ def test_a_damaged_checkpoint_splits_the_pack_instead_of_stopping_the_study(tmp_
     def interrupt(self):
         original(self)
         if self.step == 25:
-            self._on_signal(signal.SIGINT, None)
+            self.stop.on_signal(signal.SIGINT, None)
 
     monkeypatch.setattr(Trainer1D, "train_step", interrupt)
     assert study(study_file, out, "--pack", 3) == 128 + signal.SIGINT

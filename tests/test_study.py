@@ -90,7 +90,7 @@ def test_resume_after_an_interrupted_study_redoes_nothing_finished(tmp_path, stu
         original(self)
         calls["n"] += 1
         if calls["n"] == 2 * 24 + 13:  # 13 steps into the third run, as if Ctrl-C arrived
-            self._on_signal(2, None)
+            self.stop.on_signal(2, None)
 
     monkeypatch.setattr(Trainer1D, "train_step", interrupt_third_run)
     assert main("--config", study_file, "--output", out) == 130
@@ -157,7 +157,7 @@ def test_dry_run_refuses_what_the_real_command_refuses_and_costs_only_what_is_le
     def interrupt_the_second_run(self):
         original(self)
         if self.runs[0].dir.root.name == RUN_IDS[1] and self.step == 13:  # as if Ctrl-C: a checkpoint at 13
-            self._on_signal(2, None)
+            self.stop.on_signal(2, None)
 
     monkeypatch.setattr(Trainer1D, "train_step", interrupt_the_second_run)
     assert main("--config", study_file, "--output", out) == 130

@@ -53,7 +53,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tiny_args,
     def stop_during_a_step(self):
         original(self)
         if self.step == stop_at:  # as if SIGINT arrived during this step
-            self._on_signal(signal.SIGINT, None)
+            self.stop.on_signal(signal.SIGINT, None)
 
     monkeypatch.setattr(Trainer1D, "train_step", stop_during_a_step)
     assert train.main([*tiny_args(), "--results-dir", str(split)]) == 128 + signal.SIGINT
@@ -97,10 +97,22 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, t
     run = tmp_path / "run"
     final = json.loads((run / "final.json").read_text())
     assert final["status"] == "failed" and "step 15" in final["error"]
+    assert final["error"].endswith("; last good checkpoint (step 10) kept")
     checkpoints = sorted(p.name for p in (run / "checkpoints").glob("*.pt"))
     assert checkpoints == ["step-000000010.pt"]
     state = torch.load(run / "checkpoints" / checkpoints[0], weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_divergence_before_the_first_checkpoint_does_not_claim_one_was_kept(tmp_path, tiny_args, poison_batch, capsys):
+    poison_batch(5)  # step 4's batch (the FLOP count draws step 0's first); the first checkpoint is step 10's
+    assert train.main(tiny_args()) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint kept" not in err
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["status"] == "failed" and final["error"].startswith("non-finite loss or gradient at step 4 ")
+    assert final["error"].endswith("; no checkpoint was saved before it")
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
 
 
 def test_in_process_divergence_returns_a_failed_result(tmp_path):
@@ -133,13 +145,13 @@ def test_other_dtypes_train(tmp_path, tiny_args, dtype, stored):
 
 def test_a_signal_before_the_first_step_leaves_a_checkpoint_that_resumes(tmp_path, tiny_args, monkeypatch):
     """The checkpoint of step 0 holds no Adam moments (Adam makes them on its first step)."""
-    original = Trainer1D._loop
+    original = Trainer1D.measure_flops  # the last thing before the first step
 
     def signal_first(self):
-        self._on_signal(signal.SIGINT, None)
-        return original(self)
+        original(self)
+        self.stop.on_signal(signal.SIGINT, None)
 
-    monkeypatch.setattr(Trainer1D, "_loop", signal_first)
+    monkeypatch.setattr(Trainer1D, "measure_flops", signal_first)
     assert train.main(tiny_args()) == 128 + signal.SIGINT
     assert (tmp_path / "run" / "checkpoints" / "step-000000000.pt").exists()
     monkeypatch.undo()
