@@ -131,7 +131,7 @@ def test_a_resumed_packs_ema_is_the_uninterrupted_ones_and_scoring_reads_it(tmp_
     ema_keys = {"train.ema_update_after_step": 4, "train.ema_every": 2, "train.steps": 12, "train.save_every": 6}
 
     def pack(folder, **overrides):
-        configs = [tiny_config(tmp_path / folder / f"seed{seed}", seed=seed, **ema_keys, **overrides) for seed in (0, 1)]
+        configs = [tiny_config(tmp_path / folder / f"seed{seed}", seed=seed, **{**ema_keys, **overrides}) for seed in (0, 1)]
         task = train.create_dataset(configs[0])
         return configs, task
 
