@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import IO, Any
 
-from .utils import atomic_write_bytes
+from .files import atomic_write_bytes
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 DIGEST_MEMBER = ".sha256"

@@ -15,10 +15,9 @@ import yaml
 
 from .checkpoint import checkpoint_step, list_checkpoints
 from .config import ConfigError, RunConfig, config_differences, config_from_file, flatten
-from .utils import (
-    FolderBusy, FolderLock, append_line, atomic_write_json, atomic_write_text, make_folder, remove_temp_files, slug,
-    writing,
-)
+from .files import append_line, atomic_write_json, atomic_write_text, make_folder, remove_temp_files, writing
+from .locks import FolderBusy, FolderLock
+from .text import slug
 
 # keys a resumed run may change: where it runs, where it writes, and how long it trains
 RESUMABLE_CHANGES = ("device", "results_dir", "train.steps")
@@ -34,8 +33,11 @@ def sampling_settings(config: RunConfig) -> dict[str, Any]:
     return {key: flat[key] for key in SAMPLING_KEYS}
 
 
-class RunLocked(ConfigError):
+class RunLocked(FolderBusy):
     """Another live process is training or evaluating this run (it holds the run folder's lock)."""
+
+    message = ("run folder '{folder}' is in use by {holder}, which is training or evaluating it; "
+               "wait until it ends or stop it")
 
 
 class TrainingInterrupted(Exception):
@@ -78,10 +80,7 @@ class RunDir:
         try:
             lock.acquire(optional=optional)
         except FolderBusy as busy:
-            raise RunLocked(
-                f"run folder '{self.root}' is in use by {busy.holder}, which is training or evaluating it; "
-                "wait until it ends or stop it"
-            ) from None
+            raise RunLocked(self.root, busy.holder) from None
         if lock.held:
             remove_temp_files(self.root, self.checkpoints)
         return lock

@@ -33,7 +33,9 @@ from .models import load_run_state_dict, run_state_dict
 from .results import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir, TrainingInterrupted
 from .tasks import MatrixTask
 from .tracking import RunTracker, check_tracker
-from .utils import FolderLock, keep_freed_memory, mix_seed
+from .locks import FolderLock
+from .malloc import keep_freed_memory
+from .seeds import mix_seed
 from .yardsticks import yardsticks
 
 # per-run statistics averaged over a log interval ("accept_rate_steps" is a list: one rate per inner step)

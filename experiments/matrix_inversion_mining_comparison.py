@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 from diffusion_lib.checkpoint import newest_verified_step  # noqa: E402
 from diffusion_lib.config import ConfigError, parse_overrides  # noqa: E402
 from diffusion_lib.mining import STRATEGIES  # noqa: E402
-from diffusion_lib.results import RunDir, TrainingInterrupted  # noqa: E402
+from diffusion_lib.locks import EXIT_BUSY  # noqa: E402
+from diffusion_lib.results import RunDir, RunLocked, TrainingInterrupted  # noqa: E402
 from diffusion_lib.study import (  # noqa: E402
     Study, StudyDir, StudyRun, expand, load_study, pack_runs, parse_shard, select, setup_key, shard,
 )
@@ -224,6 +225,8 @@ def run_with_accelerate(run: StudyRun, resume: bool, num_processes: int) -> dict
         raise RunStopped(run.run_id, stopped_by)  # the study stops too (a finished run is kept on --resume)
     if code == 2:
         raise ConfigError(f"run {run.run_id} was refused by train.py (see its message above)")
+    if code == EXIT_BUSY:  # another process took the run's lock after the check above
+        raise RunLocked(Path(run.config.results_dir), "another process")
     if final is None or (code != 0 and final.get("status") != "failed"):
         raise RunCrashed(f"run {run.run_id} exited with code {code} without a result (see its output above)")
     return final
