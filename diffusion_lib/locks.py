@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import socket
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from .files import make_folder, writing
 
@@ -27,11 +28,12 @@ class FolderBusy(Exception):
 
 
 class FolderLock:
-    """An exclusive `flock` on `<folder>/.lock` whose file holds the owner's PID and host.
+    """An exclusive lock (filelock's `flock`) on `<folder>/.lock`, whose file holds the owner's PID and host.
 
     The kernel drops the lock when its process dies, however it dies, so a lock left by a killed process
-    is simply taken over. `release()` deletes the lock file, and the folders that `acquire()` created if
-    they are empty again, so a refused run leaves nothing behind.
+    is simply taken over. filelock opens the file without truncating it, so a contender still reads the
+    holder's line to name it. `release()` deletes the lock file, and the folders that `acquire()` created
+    if they are empty again, so a refused run leaves nothing behind.
     """
 
     NAME = ".lock"
@@ -39,52 +41,50 @@ class FolderLock:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.path = self.folder / self.NAME
-        self._fd: int | None = None
+        self._lock: FileLock | None = None
         self._created: list[Path] = []
 
     def acquire(self, wait: bool = False, optional: bool = False) -> FolderLock:
         """Take the lock (raise FolderBusy if another process holds it, unless `wait`). `optional`: where
         the folder cannot be written at all (read-only), go on without a lock instead of failing."""
+        # no soft-lock fallback: only a kernel lock is dropped when its holder dies
+        lock = FileLock(self.path, blocking=wait, thread_local=False, fallback_to_soft=False,
+                        on_acquired=_write_holder)
         try:
             self._created = make_folder(self.folder)
             with writing(self.path):
-                self._fd = self._open_locked(wait)
-                os.ftruncate(self._fd, 0)
-                os.write(self._fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+                try:
+                    lock.acquire()
+                except Timeout:
+                    raise FolderBusy(self.folder, self._holder()) from None
         except BaseException as error:
             self.release()
             if optional and isinstance(error, OSError) and error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 return self
             raise
+        self._lock = lock
         return self
 
-    def _open_locked(self, wait: bool) -> int:
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # not inherited by child processes
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 200).decode(errors="replace").split()
-                os.close(fd)
-                raise FolderBusy(self.folder, f"process {holder[0]} on {holder[1]}" if len(holder) == 2
-                                 else "another process") from None
-            # a holder may have deleted the file between our open and our flock: lock the current one
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
-                    return fd
-            os.close(fd)
+    def _holder(self) -> str:
+        """'process <pid> on <host>' from the lock file, or 'another process' before its holder wrote it."""
+        try:
+            holder = self.path.read_text(errors="replace").split()
+        except OSError:
+            holder = []
+        return f"process {holder[0]} on {holder[1]}" if len(holder) == 2 else "another process"
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._lock is not None and self._lock.is_locked
 
     def release(self) -> None:
-        """Idempotent; the file goes first, while still locked, so no one locks a file about to vanish."""
-        if self._fd is not None:
+        """Idempotent. The file goes first, while still locked: a contender that locked it meanwhile sees
+        it unlinked and opens the next one (filelock checks), so two processes never both hold the folder."""
+        if self._lock is not None:
             with contextlib.suppress(OSError):
                 self.path.unlink()
-            os.close(self._fd)
-            self._fd = None
+            self._lock.release()
+            self._lock = None
         for folder in reversed(self._created):
             try:
                 folder.rmdir()
@@ -92,13 +92,14 @@ class FolderLock:
                 break
         self._created = []
 
-    def __del__(self) -> None:
-        # an abandoned lock (e.g. a trainer built only to time a few steps) goes with its descriptor
-        if self._fd is not None:
-            os.close(self._fd)
-
     def __enter__(self) -> FolderLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _write_holder(fd: int) -> None:
+    """filelock's on_acquired hook: replace the file's content by this process's PID and host."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)

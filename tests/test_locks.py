@@ -1,6 +1,8 @@
 """One writer per run folder (class 2 of the robustness issue): a lock, refused in one line naming the
 holder, taken over when its holder died."""
+import gc
 import os
+import socket
 import subprocess
 import sys
 
@@ -74,3 +76,20 @@ def test_a_study_refuses_a_run_that_another_process_holds(tmp_path, capsys, extr
         assert study_main("--config", study_file, "--output", out, "--seeds", "0", "--strategies", "none", *extra) == 75  # README: a held lock exits 75
         assert f"run folder '{run.root}' is in use by process {os.getpid()}" in one_line(capsys)
     assert run.metrics.read_text() == metrics
+
+
+# the holder's PID/host line survives a refused contender (filelock opens without truncating), and a lock
+# dropped without release() (a trainer built only to time a few steps) is freed with its object
+def test_a_refused_contender_leaves_the_holders_line_and_an_abandoned_lock_is_freed(tmp_path):
+    run = tmp_path / "run"
+    holder = RunDir(run).lock()
+    line = (run / ".lock").read_text()
+    assert line.split() == [str(os.getpid()), socket.gethostname()]
+    for _ in range(2):
+        with pytest.raises(RunLocked, match=f"in use by process {os.getpid()} on {socket.gethostname()},"):
+            RunDir(run).lock()
+        assert (run / ".lock").read_text() == line
+    del holder
+    gc.collect()
+    RunDir(run).lock().release()  # would be refused if the dropped lock still held the folder
+    assert not (run / ".lock").exists()
