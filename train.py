@@ -20,6 +20,7 @@ from diffusion_lib.config import (
     ConfigError, RunConfig, build_config, check_keys, flatten, load_yaml, parse_overrides, split_overrides,
 )
 from diffusion_lib.files import atomic_write_json, describe_os_error
+from diffusion_lib.launch import LAUNCHED_BY_STUDY
 from diffusion_lib.locks import EXIT_BUSY, FolderBusy
 from diffusion_lib.mining import STRATEGIES
 from diffusion_lib.results import RunDir, TrainingInterrupted, sampling_settings
@@ -234,10 +235,6 @@ def run_explaining_errors(run: Callable[[argparse.Namespace], int], args: argpar
         print(f"error: out of memory ({what}); lower model.hidden_dim, train.batch_size or eval.batch_size",
               file=sys.stderr)
         return 1
-
-
-# set by the study script in the runs it launches: there the study prints the one resume command, its own
-LAUNCHED_BY_STUDY = "IRED_LAUNCHED_BY_STUDY"
 
 
 def resume_hint(args: argparse.Namespace) -> str:
