@@ -25,7 +25,7 @@ def one_line(capsys):
 def test_a_second_writer_is_refused_naming_the_folder_and_the_holder(tiny_args, tmp_path, capsys):
     run = tmp_path / "run"
     with RunDir(run).lock():
-        assert train.main(tiny_args("--train-steps", "5")) == 75  # README: a held lock exits 75
+        assert train.main(tiny_args("--train-steps", "5")) == 75  # EX_TEMPFAIL (README), not bad input's 2
         err = one_line(capsys)
         assert f"run folder '{run}' is in use by process {os.getpid()}" in err
         assert not RunDir(run).metrics.exists() and not RunDir(run).config.exists()
@@ -34,7 +34,7 @@ def test_a_second_writer_is_refused_naming_the_folder_and_the_holder(tiny_args, 
     assert not (run / ".lock").exists()  # released when the run ended
     capsys.readouterr()
     with RunDir(run).lock():
-        assert train.main(tiny_args("--train-steps", "5", "--evaluate")) == 75  # README: a held lock exits 75
+        assert train.main(tiny_args("--train-steps", "5", "--evaluate")) == 75
         assert "is in use by process" in one_line(capsys)
 
 
@@ -73,7 +73,7 @@ def test_a_study_refuses_a_run_that_another_process_holds(tmp_path, capsys, extr
     metrics = run.metrics.read_text()
     capsys.readouterr()
     with run.lock():
-        assert study_main("--config", study_file, "--output", out, "--seeds", "0", "--strategies", "none", *extra) == 75  # README: a held lock exits 75
+        assert study_main("--config", study_file, "--output", out, "--seeds", "0", "--strategies", "none", *extra) == 75
         assert f"run folder '{run.root}' is in use by process {os.getpid()}" in one_line(capsys)
     assert run.metrics.read_text() == metrics
 
