@@ -20,9 +20,9 @@ from typing import Any, Callable
 import yaml
 
 from .config import PER_RUN_KEYS, ConfigError, RunConfig, flatten, build_config, check_keys, load_yaml
-from .results import RunDir, RunRecord
 from .files import atomic_write_text, remove_temp_files, writing
 from .locks import FolderLock
+from .results import RunDir, RunRecord
 from .text import brief_repr, slug
 
 STUDY_KEYS = ("name", "description", "seeds", "strategies", "sweep", "primary")

@@ -29,14 +29,14 @@ from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .config import PER_RUN_KEYS, ConfigError, RunConfig, config_differences
 from .diffusion import Draws, GaussianDiffusion1D
 from .ema import EMA
-from .models import load_run_state_dict, run_state_dict
-from .results import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir, TrainingInterrupted
-from .tasks import MatrixTask
-from .tracking import RunTracker, check_tracker
 from .locks import FolderLock
 from .malloc import keep_freed_memory
+from .models import load_run_state_dict, run_state_dict
 from .provenance import code_version
+from .results import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir, TrainingInterrupted
 from .seeds import mix_seed
+from .tasks import MatrixTask
+from .tracking import RunTracker, check_tracker
 from .yardsticks import yardsticks
 
 # per-run statistics averaged over a log interval ("accept_rate_steps" is a list: one rate per inner step)
