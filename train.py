@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from diffusion_lib.config import (
     ConfigError, RunConfig, build_config, check_keys, flatten, load_yaml, parse_overrides, split_overrides,
 )
+from diffusion_lib.files import atomic_write_json, describe_os_error
+from diffusion_lib.launch import LAUNCHED_BY_STUDY
+from diffusion_lib.locks import EXIT_BUSY, FolderBusy
 from diffusion_lib.mining import STRATEGIES
 from diffusion_lib.results import RunDir, TrainingInterrupted, sampling_settings
-from diffusion_lib.utils import atomic_write_json, describe_os_error
 
 if TYPE_CHECKING:
     from diffusion_lib.diffusion import GaussianDiffusion1D
@@ -212,15 +214,15 @@ def out_of_memory(error: BaseException) -> bool:
 
 def run_explaining_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """run(args); what the user can act on becomes one line on stderr (with --debug, the traceback):
-    bad input (ConfigError) exit code 2; the OS saying no (a full disk, a read-only folder, a file in
-    the way) or memory running out, exit code 1."""
+    bad input (ConfigError) exit code 2; a folder another process holds (FolderBusy) EXIT_BUSY (75);
+    the OS saying no (a full disk, a read-only folder, a file in the way) or memory running out, exit code 1."""
     try:
         return run(args)
-    except ConfigError as error:
+    except (ConfigError, FolderBusy) as error:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BUSY if isinstance(error, FolderBusy) else 2
     except OSError as error:
         if args.debug:
             raise
@@ -233,10 +235,6 @@ def run_explaining_errors(run: Callable[[argparse.Namespace], int], args: argpar
         print(f"error: out of memory ({what}); lower model.hidden_dim, train.batch_size or eval.batch_size",
               file=sys.stderr)
         return 1
-
-
-# set by the study script in the runs it launches: there the study prints the one resume command, its own
-LAUNCHED_BY_STUDY = "IRED_LAUNCHED_BY_STUDY"
 
 
 def resume_hint(args: argparse.Namespace) -> str:

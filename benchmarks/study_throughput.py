@@ -251,7 +251,7 @@ def device_name(device: torch.device) -> str:
 
 def malloc_settings(on_cpu: bool) -> str:
     """How glibc's malloc was set (it changes CPU timings of large packs a lot): the trainer's own setting on a
-    CPU (diffusion_lib.utils.keep_freed_memory), and any tunables from the environment."""
+    CPU (diffusion_lib.malloc.keep_freed_memory), and any tunables from the environment."""
     names = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD")
     settings = [f"{name}={os.environ[name]}" for name in names if name in os.environ]
     if on_cpu:

@@ -3,7 +3,7 @@
 Run as `python benchmarks/throughput.py [--quick]` or `python -m benchmarks.throughput [--quick]`.
 
 Implementations, both on the *same model weights* (the library's EBM as a pack of one run, P = 1):
-- `plain`: benchmarks/straightforward.py (autograd with create_graph=True, time MLP per sample, fc1 on
+- `plain`: tests/straightforward.py, the tests' oracle (autograd with create_graph=True, time MLP per sample, fc1 on
            cat([x, y]) at every evaluation, separate rejection forwards, per-sample numpy data in a
            DataLoader), reading run 0 of the packed layers;
 - `fast`:  the library as it runs: packed tensors [P, B, ...], the condition (fc1 on x, FiLM) once per
@@ -52,13 +52,15 @@ from unittest import mock
 
 import torch
 from torch import Tensor
+from torch.utils import benchmark
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/throughput.py` puts benchmarks/, not the root, on the path
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the straightforward implementation is the tests' oracle
 
-from benchmarks import straightforward as plain  # noqa: E402
+import straightforward as plain  # noqa: E402
 from diffusion_lib import EBM, EnergyCondition, EnergyDenoiser, GaussianDiffusion1D  # noqa: E402
 from diffusion_lib import models  # noqa: E402
 from diffusion_lib.diffusion import OptResult  # noqa: E402
@@ -187,20 +189,23 @@ def strided_operand(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torc
     return torch.randn(size, dtype=dtype).as_strided(shape, stride)
 
 
-def time_matmul(func, operands: tuple[Operand, ...], dtype: torch.dtype, kwargs: tuple, repeats: int) -> float:
+def median_seconds(run: Callable[[], Any], min_run_time: float) -> float:
+    """Median seconds of one call of `run` by torch.utils.benchmark (warm-up, then blocks of calls sized to
+    the clock's resolution for at least `min_run_time` s), on this process's threads (Timer's default is 1).
+
+    Used where one operation is timed alone. Training steps and sampling passes are not: they change the
+    model (Adam) and are interleaved step by step with the other implementation, which Timer cannot do."""
+    timer = benchmark.Timer("run()", globals={"run": run}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def time_matmul(func, operands: tuple[Operand, ...], dtype: torch.dtype, kwargs: tuple, min_run_time: float) -> float:
     """Median seconds of one matmul alone, on fresh operands of the recorded shapes and strides."""
     args = [strided_operand(shape, stride, dtype) for shape, stride in operands]
-    for _ in range(2):
-        func(*args, **dict(kwargs))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        func(*args, **dict(kwargs))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: func(*args, **dict(kwargs)), min_run_time)
 
 
-def op_accounting(run: Callable[[], Any], large: int, repeats: int) -> dict[str, float]:
+def op_accounting(run: Callable[[], Any], large: int, min_run_time: float) -> dict[str, float]:
     """GFLOP of the matmuls `run` performs, the seconds they take alone at the same shapes, the count of
     those matmuls and of its other passes over >= `large` elements."""
     with OpRecorder(large) as recorder:
@@ -208,7 +213,7 @@ def op_accounting(run: Callable[[], Any], large: int, repeats: int) -> dict[str,
     flops = seconds = 0.0
     for (func, operands, dtype, kwargs), count in recorder.matmuls.items():
         flops += count * matmul_flops(func, operands)
-        seconds += count * time_matmul(func, operands, dtype, kwargs, repeats)
+        seconds += count * time_matmul(func, operands, dtype, kwargs, min_run_time)
     return {"gflop": flops / 1e9, "matmul_s": seconds, "matmuls": sum(recorder.matmuls.values()),
             "passes": sum(recorder.passes.values()), "top_passes": dict(recorder.passes.most_common(6))}
 
@@ -352,19 +357,14 @@ def worker_lever(lever: str, config: str, rank: int, batch: int, hidden: int, in
     }
 
 
-def worker_condition_cost(rank: int, batch: int, hidden: int, repeats: int) -> dict:
+def worker_condition_cost(rank: int, batch: int, hidden: int, min_run_time: float) -> dict:
     """Seconds of one condition() without autograd: what each further energy call would add if the
     condition were recomputed per call instead of once per batch / timestep."""
     setup = make_setup("adversarial", rank, batch, hidden)
     x, _ = setup.torch_data()
     t = torch.randint(0, setup.diffusion.num_timesteps, (1, batch), generator=setup.generator)
-    times = []
     with torch.no_grad():
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            setup.diffusion.condition(x[None], t)
-            times.append(time.perf_counter() - start)
-    return {"condition_s": statistics.median(times[1:])}
+        return {"condition_s": median_seconds(lambda: setup.diffusion.condition(x[None], t), min_run_time)}
 
 
 # -- workers (each runs in its own subprocess) -------------------------------------------------------
@@ -385,7 +385,8 @@ def speedup_vs_plain(times: dict[str, list[float]]) -> float:
     return statistics.median(p / f for p, f in zip(times["plain"], times["fast"]))
 
 
-def worker_time_train(strategy: str, rank: int, batch: int, hidden: int, steps: int, warmup: int, repeats: int) -> dict:
+def worker_time_train(strategy: str, rank: int, batch: int, hidden: int, steps: int, warmup: int,
+                      matmul_time: float) -> dict:
     """Both implementations interleaved step by step on one model, then the op accounting."""
     setup = make_setup(strategy, rank, batch, hidden)
     for impl in IMPLS:
@@ -400,7 +401,8 @@ def worker_time_train(strategy: str, rank: int, batch: int, hidden: int, steps: 
         total, data_s, model_s = (statistics.median(col) for col in zip(*steps_taken[impl]))
         result[impl] = {"step_s": total, "data_s": data_s, "model_s": model_s}
         x, y = data(setup, impl)
-        result[impl].update(op_accounting(lambda: loss_and_backward(setup, impl, x, y), batch * hidden // 2, repeats))
+        accounting = op_accounting(lambda: loss_and_backward(setup, impl, x, y), batch * hidden // 2, matmul_time)
+        result[impl].update(accounting)
         setup.optimizer.zero_grad(set_to_none=True)
     result["speedup"] = speedup_vs_plain({impl: [s[0] for s in steps_taken[impl]] for impl in IMPLS})
     return result
@@ -415,7 +417,7 @@ def worker_memory_train(impl: str, strategy: str, rank: int, batch: int, hidden:
     return {"rss_before_mib": before, "peak_rss_mib": peak_rss_mib()}
 
 
-def worker_sample(rank: int, problems: int, hidden: int, inner_steps: int, repeats: int, matmul_repeats: int) -> dict:
+def worker_sample(rank: int, problems: int, hidden: int, inner_steps: int, repeats: int, matmul_time: float) -> dict:
     setup = make_setup("adversarial", rank, problems, hidden)
     x, _ = setup.torch_data()
     noise = torch.randn(x.shape[0], setup.diffusion.model.out_dim, generator=setup.generator)
@@ -432,7 +434,7 @@ def worker_sample(rank: int, problems: int, hidden: int, inner_steps: int, repea
     for impl in IMPLS:
         result[impl] = {"sample_s": statistics.median(times[impl])}
         result[impl].update(op_accounting(lambda: sample(setup, impl, x, noise, inner_steps), problems * hidden // 2,
-                                          matmul_repeats))
+                                          matmul_time))
     result["speedup"] = speedup_vs_plain(times)
     return result
 
@@ -604,7 +606,7 @@ def measure_levers(sizes: Sizes, steps: int, threads: int) -> dict:
                 "lever", threads, lever=lever, config=config, rank=shape[0], batch=shape[1], hidden=sizes.hidden,
                 inner_steps=sizes.sample_inner, steps=steps)})
     costs = {batch: run_worker("condition_cost", threads, rank=rank, batch=batch, hidden=sizes.hidden,
-                               repeats=9)["condition_s"]
+                               min_run_time=0.2)["condition_s"]
              for rank, batch in (main, (sizes.sample_rank, sizes.sample_problems))}
     return {"runs": runs, "condition_s": costs}
 
@@ -647,7 +649,7 @@ def report(results: list[dict], sampling: dict, info: dict[str, str], sizes: Siz
         f"Python {info['python']}; {info['date']}",
         f"- other processes used {other_load:.0%} of one core on average during the run (on a shared machine, "
         "above a few percent timings are noisy and the OpenMP threads wait on each other).",
-        "- impls: `plain` = benchmarks/straightforward.py; `fast` = the library (a pack of one run, P = 1). Both "
+        "- impls: `plain` = tests/straightforward.py; `fast` = the library (a pack of one run, P = 1). Both "
         f"use the same weights; hidden {sizes.hidden}, adversarial mining with opt_steps {TRAIN_OPT_STEPS}.",
         "- s/step: median seconds per full training step (data + loss + backward + clip 1.0 + Adam), the two "
         "impls interleaved step by step on the same weights; speed-up = median of the per-step ratios; data s "
@@ -729,13 +731,13 @@ def main(argv: list[str] | None = None) -> None:
             shape = dict(strategy=strategy, rank=rank, batch=batch, hidden=sizes.hidden)
             print(f"timing {strategy}, rank {rank}, batch {batch} ...", flush=True)
             timing = run_worker("time_train", args.threads, **shape, steps=steps, warmup=1 if quick else 2,
-                                repeats=2 if quick else 15)
+                                matmul_time=0.01 if quick else 0.1)
             memory = {impl: run_worker("memory_train", args.threads, impl=impl, **shape, steps=2) for impl in IMPLS}
             results.append({**shape, "time": timing, "memory": memory})
     print("timing sampling ...", flush=True)
     sampling = run_worker("sample", args.threads, rank=sizes.sample_rank, problems=sizes.sample_problems,
                           hidden=sizes.hidden, inner_steps=sizes.sample_inner, repeats=2 if quick else 9,
-                          matmul_repeats=2 if quick else 5)
+                          matmul_time=0.01 if quick else 0.1)
     levers = measure_levers(sizes, 2 if quick else 8, args.threads) if args.levers or not quick else None
     seconds = time.perf_counter() - started
     other_load = max(0.0, (busy_cpu_seconds() - busy_before) - (own_cpu_seconds() - own_before)) / seconds

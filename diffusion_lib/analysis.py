@@ -43,6 +43,7 @@ BUDGET_AXES = {"flops": "train_flops", "train_seconds": "train_seconds"}
 CONFIG_COLUMNS = ("task.rank", "train.steps", "train.batch_size", "train.lr", "model.hidden_dim", "train.budget_flops")
 FINAL_COLUMNS = ("mse_id", "mse_ood", "mse_id_raw", "mse_ood_raw", "train_seconds", "steps_per_second",
                  "train_flops", "flops_per_step", "pack_size", "energy_grad_evals")
+CODE_COLUMNS = ("git_commit", "git_dirty")  # which code made the row (absent outside a git checkout)
 DIAGNOSTICS = ("accept_rate", "energy_decrease", "move_rms")
 LAST_FRACTION = 0.2  # "the end of training" for convergence and mining diagnostics: its last fifth
 LOAD_SPREAD_LIMIT = 0.5
@@ -599,7 +600,8 @@ def summary_columns(runs: Sequence[RunRecord]) -> list[str]:
     """The columns of `summary_rows`: sweep keys (first-seen order), then config columns not swept."""
     sweep = _sweep_keys(runs)
     config = [k for k in CONFIG_COLUMNS if k not in sweep]
-    return ["run_id", "group", "strategy", *sweep, "seed", "status", *config, *FINAL_COLUMNS, "steps", "error"]
+    return ["run_id", "group", "strategy", *sweep, "seed", "status", *config, *FINAL_COLUMNS, "steps", "error",
+            *CODE_COLUMNS]
 
 
 def summary_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
@@ -614,6 +616,7 @@ def summary_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
         row.update({key: (run.config or {}).get(key) for key in CONFIG_COLUMNS if key not in sweep})
         row.update({key: v if math.isfinite(v := run.final_number(key)) else None for key in FINAL_COLUMNS})
         row.update(steps=final.get("step"), error=final.get("error") or run.damage)
+        row.update({key: final.get(key) for key in CODE_COLUMNS})
         rows.append(row)
     return rows
 

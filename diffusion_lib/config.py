@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from .mining import STEP_SCHEDULES, resolve_mining_config
-from .utils import brief_repr, suggest
+from .text import brief_repr, suggest
 
 
 class ConfigError(ValueError):

@@ -17,7 +17,11 @@ from .config import ANSWERS
 from .mining import STEP_SCHEDULES, mining_strategy, resolve_mining_config
 from .models import EnergyCondition, EnergyDenoiser
 from .schedule import schedule_constants
-from .utils import default
+
+
+def default(value: Any, fallback: Any) -> Any:
+    """`value`, or `fallback` where it is None (an argument left to the model's setting)."""
+    return fallback if value is None else value
 
 
 @dataclass

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from .utils import brief_repr, suggest
+from .text import brief_repr, suggest
 
 if TYPE_CHECKING:
     from torch import Tensor

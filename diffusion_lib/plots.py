@@ -23,7 +23,7 @@ from .analysis import (  # noqa: E402
     mean_on_shared_range, run_curves, seed_band,
 )
 from .results import RunRecord  # noqa: E402
-from .utils import atomic_write  # noqa: E402
+from .files import atomic_write  # noqa: E402
 
 Groups = Mapping[str, Sequence[RunRecord]]
 YARDSTICK_STYLES = {"zeros": ":", "train_mean": "-.", "linear": "--", "clamp_floor": (0, (1, 3))}

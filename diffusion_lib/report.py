@@ -19,7 +19,7 @@ from . import analysis as an
 from .analysis import ALPHA, BASES, SETS, YARDSTICKS, Comparison, Estimate, Metric, StudyAnalysis
 from .plots import write_plots
 from .results import RunRecord, is_number
-from .utils import atomic_write_json, atomic_write_text
+from .files import atomic_write_json, atomic_write_text
 
 AXIS_TITLES = {"flops": ("Matched FLOPs", "training FLOPs"), "train_seconds": ("Matched wall-clock", "training seconds")}
 EMA_LAG = ("Caveat: an EMA model read mid-training lags its raw model (the EMA decay warms up over thousands of "

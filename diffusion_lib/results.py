@@ -15,10 +15,10 @@ import yaml
 
 from .checkpoint import checkpoint_step, list_checkpoints
 from .config import ConfigError, RunConfig, config_differences, config_from_file, flatten
-from .utils import (
-    FolderBusy, FolderLock, append_line, atomic_write_json, atomic_write_text, make_folder, remove_temp_files, slug,
-    writing,
-)
+from .files import append_line, atomic_write_json, atomic_write_text, make_folder, remove_temp_files, writing
+from .locks import FolderBusy, FolderLock
+from .provenance import code_comment
+from .text import slug
 
 # keys a resumed run may change: where it runs, where it writes, and how long it trains
 RESUMABLE_CHANGES = ("device", "results_dir", "train.steps")
@@ -34,8 +34,11 @@ def sampling_settings(config: RunConfig) -> dict[str, Any]:
     return {key: flat[key] for key in SAMPLING_KEYS}
 
 
-class RunLocked(ConfigError):
+class RunLocked(FolderBusy):
     """Another live process is training or evaluating this run (it holds the run folder's lock)."""
+
+    message = ("run folder '{folder}' is in use by {holder}, which is training or evaluating it; "
+               "wait until it ends or stop it")
 
 
 class TrainingInterrupted(Exception):
@@ -78,10 +81,7 @@ class RunDir:
         try:
             lock.acquire(optional=optional)
         except FolderBusy as busy:
-            raise RunLocked(
-                f"run folder '{self.root}' is in use by {busy.holder}, which is training or evaluating it; "
-                "wait until it ends or stop it"
-            ) from None
+            raise RunLocked(self.root, busy.holder) from None
         if lock.held:
             remove_temp_files(self.root, self.checkpoints)
         return lock
@@ -131,14 +131,15 @@ class RunDir:
                 f"step {reached}; pass train.steps >= {reached}, or --overwrite to start over"
             )
 
-    def prepare(self, config: RunConfig, overwrite: bool) -> None:
-        """Clear an old run if overwriting, then save the resolved config (after `check`)."""
+    def prepare(self, config: RunConfig, overwrite: bool, code: dict[str, Any] | None = None) -> None:
+        """Clear an old run if overwriting, then save the resolved config (after `check`), headed by a
+        comment naming the code that (re)started the run (`provenance.code_version`), where known."""
         if overwrite:
             for path in self._run_files():
                 with writing(path):
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
         make_folder(self.root)
-        atomic_write_text(self.config, config.to_yaml())
+        atomic_write_text(self.config, code_comment(code or {}) + config.to_yaml())
 
     # -- metrics -------------------------------------------------------------------------------------
     def append_metrics(self, record: dict[str, Any]) -> None:

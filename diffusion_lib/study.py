@@ -20,8 +20,10 @@ from typing import Any, Callable
 import yaml
 
 from .config import PER_RUN_KEYS, ConfigError, RunConfig, flatten, build_config, check_keys, load_yaml
+from .files import atomic_write_text, remove_temp_files, writing
+from .locks import FolderLock
 from .results import RunDir, RunRecord
-from .utils import FolderLock, atomic_write_text, brief_repr, remove_temp_files, slug, writing
+from .text import brief_repr, slug
 
 STUDY_KEYS = ("name", "description", "seeds", "strategies", "sweep", "primary")
 PRIMARY_METRICS = ("mse_id", "mse_ood")

@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .utils import mix_seed
+from .seeds import mix_seed
 
 
 @dataclass

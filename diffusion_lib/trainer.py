@@ -27,11 +27,14 @@ from .checkpoint import load_pack, save_pack
 from .config import PER_RUN_KEYS, ConfigError, RunConfig, config_differences
 from .diffusion import Draws, GaussianDiffusion1D
 from .ema import make_ema, restore_ema_step
+from .locks import FolderLock
+from .malloc import keep_freed_memory
+from .provenance import code_version
 from .results import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir, TrainingInterrupted
+from .seeds import mix_seed
 from .stopping import Divergence, ScoringInterrupted, StopRequest
 from .tasks import MatrixTask
 from .tracking import RunTracker, check_tracker
-from .utils import FolderLock, keep_freed_memory, mix_seed
 from .yardsticks import yardsticks
 
 # per-run statistics averaged over a log interval ("accept_rate_steps" is a list: one rate per inner step)
@@ -132,6 +135,8 @@ class Trainer1D:
         except BaseException:
             self._release_locks()
             raise
+        # the code that trains the runs, recorded in config.yaml, final.json and evaluations (one git call)
+        self.code = code_version() if acc.is_main_process else {}
         self.local_batch = train.batch_size // acc.num_processes
         torch.set_float32_matmul_precision(train.matmul_precision)
         if acc.device.type == "cpu":
@@ -210,7 +215,7 @@ class Trainer1D:
         if they had all finished already, else None (and their stale final.json is gone)."""
         if self.main:
             for run in self.runs:
-                run.dir.prepare(run.config, self.overwrite)
+                run.dir.prepare(run.config, self.overwrite, self.code)
         self.accelerator.wait_for_everyone()
         if self.resume and not self._load(truncate_metrics=True) and self.main:
             for run in self.runs:  # no checkpoint yet: the run starts over, so do its metrics
@@ -484,6 +489,7 @@ class Trainer1D:
             "flops_per_step": self.flops_per_step,
             "train_flops": self.flops_per_step * self.step,
             "budget_flops": self.config.train.budget_flops,
+            **self.code,
         }
 
     @_releasing_run_locks
@@ -491,7 +497,7 @@ class Trainer1D:
         """Sample-only: score the latest checkpoint's EMA and raw model (no training, nothing truncated)."""
         if not self._load(truncate_metrics=False):
             raise ConfigError(f"--evaluate: no readable checkpoint in '{self.runs[0].dir.checkpoints}'")
-        return {"step": self.step, **self._score_models(sweep=True)[0]}
+        return {"step": self.step, **self._score_models(sweep=True)[0], **self.code}
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def _save(self) -> None:

@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 
 from .tasks import HeldOutSet, MatrixTask, make_task
-from .utils import mix_seed
+from .seeds import mix_seed
 
 FIT_SAMPLES = 50_000
 MAX_LINEAR_INPUTS = 2_400  # the linear map's solve grows as inputs^3: ~10 s here at 2 400

@@ -1,7 +1,7 @@
 """The library computes the same numbers as straightforward implementations of the spec and of the
 published code.
 
-`benchmarks/straightforward.py` shares the library's EBM weights but does everything the plain way
+`tests/straightforward.py` shares the library's EBM weights but does everything the plain way
 (time MLP per sample, fc1 on cat([x, y]), autograd with create_graph=True, a separate energy forward
 for each rejection test). Both paths get the same inputs, t and noises (the same generator seed), so
 losses, parameter gradients, mined negatives, opt_step results and samples must agree to float32
@@ -11,8 +11,8 @@ out below, in float64, and must agree too.
 import pytest
 import torch
 
+import straightforward as plain
 import train
-from benchmarks import straightforward as plain
 from conftest import ROOT
 from diffusion_lib import EBM, EnergyDenoiser, GaussianDiffusion1D
 from diffusion_lib.config import config_from_file

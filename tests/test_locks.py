@@ -1,6 +1,8 @@
 """One writer per run folder (class 2 of the robustness issue): a lock, refused in one line naming the
 holder, taken over when its holder died."""
+import gc
 import os
+import socket
 import subprocess
 import sys
 
@@ -8,6 +10,7 @@ import pytest
 
 import train
 from conftest import ROOT
+from diffusion_lib.config import ConfigError
 from diffusion_lib.results import RunDir, RunLocked
 from test_study import TINY_STUDY, main as study_main
 
@@ -22,7 +25,7 @@ def one_line(capsys):
 def test_a_second_writer_is_refused_naming_the_folder_and_the_holder(tiny_args, tmp_path, capsys):
     run = tmp_path / "run"
     with RunDir(run).lock():
-        assert train.main(tiny_args("--train-steps", "5")) == 2
+        assert train.main(tiny_args("--train-steps", "5")) == 75  # EX_TEMPFAIL (README), not bad input's 2
         err = one_line(capsys)
         assert f"run folder '{run}' is in use by process {os.getpid()}" in err
         assert not RunDir(run).metrics.exists() and not RunDir(run).config.exists()
@@ -31,7 +34,7 @@ def test_a_second_writer_is_refused_naming_the_folder_and_the_holder(tiny_args, 
     assert not (run / ".lock").exists()  # released when the run ended
     capsys.readouterr()
     with RunDir(run).lock():
-        assert train.main(tiny_args("--train-steps", "5", "--evaluate")) == 2
+        assert train.main(tiny_args("--train-steps", "5", "--evaluate")) == 75
         assert "is in use by process" in one_line(capsys)
 
 
@@ -45,8 +48,9 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunLocked, match=f"in use by process {holder.pid} on "):
+        with pytest.raises(RunLocked, match=f"in use by process {holder.pid} on ") as refusal:
             RunDir(run).lock()
+        assert not isinstance(refusal.value, ConfigError)  # not "bad input": the same command works later
     finally:
         holder.kill()
         holder.wait()
@@ -69,6 +73,23 @@ def test_a_study_refuses_a_run_that_another_process_holds(tmp_path, capsys, extr
     metrics = run.metrics.read_text()
     capsys.readouterr()
     with run.lock():
-        assert study_main("--config", study_file, "--output", out, "--seeds", "0", "--strategies", "none", *extra) == 2
+        assert study_main("--config", study_file, "--output", out, "--seeds", "0", "--strategies", "none", *extra) == 75
         assert f"run folder '{run.root}' is in use by process {os.getpid()}" in one_line(capsys)
     assert run.metrics.read_text() == metrics
+
+
+# the holder's PID/host line survives a refused contender (filelock opens without truncating), and a lock
+# dropped without release() (a trainer built only to time a few steps) is freed with its object
+def test_a_refused_contender_leaves_the_holders_line_and_an_abandoned_lock_is_freed(tmp_path):
+    run = tmp_path / "run"
+    holder = RunDir(run).lock()
+    line = (run / ".lock").read_text()
+    assert line.split() == [str(os.getpid()), socket.gethostname()]
+    for _ in range(2):
+        with pytest.raises(RunLocked, match=f"in use by process {os.getpid()} on {socket.gethostname()},"):
+            RunDir(run).lock()
+        assert (run / ".lock").read_text() == line
+    del holder
+    gc.collect()
+    RunDir(run).lock().release()  # would be refused if the dropped lock still held the folder
+    assert not (run / ".lock").exists()

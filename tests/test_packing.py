@@ -14,7 +14,7 @@ from conftest import ROOT
 from diffusion_lib.results import RunDir
 from diffusion_lib.tasks import InverseTask
 from diffusion_lib.trainer import Trainer1D
-from diffusion_lib.utils import mix_seed
+from diffusion_lib.seeds import mix_seed
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import matrix_inversion_mining_comparison as comparison  # noqa: E402

@@ -4,7 +4,6 @@ import csv
 import json
 import math
 import re
-import sys
 
 import pytest
 
@@ -13,10 +12,8 @@ from diffusion_lib.report import fmt, pm, write_report
 from diffusion_lib.results import RunRecord
 from conftest import ROOT
 from diffusion_lib.study import expand, load_study, select
+from diffusion_lib.study_report import describe
 from test_analysis import make_metrics, make_run
-
-sys.path.insert(0, str(ROOT / "experiments"))
-import matrix_inversion_mining_comparison as comparison  # noqa: E402
 
 PLOTS = ("val_mse_vs_step.png", "val_mse_vs_flops.png", "val_mse_vs_seconds.png", "final_mse.png",
          "training_curves.png", "mse_vs_inference_steps.png")  # fmt: skip
@@ -185,7 +182,7 @@ def test_degenerate_studies_do_not_crash(tmp_path):
 def test_description_lists_the_strategies_actually_run(tmp_path):
     study = select(load_study(ROOT / "configs" / "matrix_inversion_mining.yaml"), ["random", "adversarial"], [0, 1])
     expand(study, tmp_path)
-    text = comparison.describe(study)
+    text = describe(study)
     # the file's own description names 'none', which this study no longer runs
     assert "no energy supervision (none)" not in text and "it names none, which this study does not run" in text
     assert "Strategies (2): `random: {strategy: random}`; `adversarial: {strategy: adversarial, opt_steps: 2, " \
@@ -193,4 +190,4 @@ def test_description_lists_the_strategies_actually_run(tmp_path):
     assert "rank 20; 100000 steps of batch 2048, lr 0.0001" in text and "hidden 512" in text and "seeds 0, 1." in text
     whole = load_study(ROOT / "configs" / "matrix_inversion_mining.yaml")
     expand(whole, tmp_path)
-    assert comparison.describe(whole).startswith("Matrix inversion (rank 20) with energy diffusion, comparing no energy")
+    assert describe(whole).startswith("Matrix inversion (rank 20) with energy diffusion, comparing no energy")

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from diffusion_lib import launch
 from diffusion_lib.config import ConfigError
 from diffusion_lib.results import RunDir
 from diffusion_lib.study import StudyDir, load_study, select
@@ -102,13 +103,13 @@ def test_resume_after_an_interrupted_study_redoes_nothing_finished(tmp_path, stu
     assert "pass --resume" in capsys.readouterr().err
 
     spy = []
-    real = comparison.run_in_process
+    real = launch.run_in_process
 
-    def recording(pack, resume, label=""):
+    def recording(pack, resume, *rest):
         spy.extend((run.run_id, resume) for run in pack)
-        return real(pack, resume, label)
+        return real(pack, resume, *rest)
 
-    monkeypatch.setattr(comparison, "run_in_process", recording)
+    monkeypatch.setattr(launch, "run_in_process", recording)
     assert main("--config", study_file, "--output", out, "--resume") == 0
     assert [run_id for run_id, _ in spy] == RUN_IDS[2:]  # finished runs are kept, the rest continue or start
     steps = [r["step"] for r in RunDir(out / "runs" / RUN_IDS[2]).read_metrics() if r["kind"] == "train"]

@@ -11,8 +11,8 @@ would, on unpacked [B, dim] tensors:
   for the rejection test;
 - training data come from a per-sample numpy generator in a torch DataLoader.
 
-Nothing here is imported by the library; `tests/test_equivalence.py` checks that both paths compute
-the same numbers, and `benchmarks/throughput.py` times them side by side.
+Nothing here is imported by the library: it is the tests' oracle. `tests/test_equivalence.py` checks that
+both paths compute the same numbers, and `benchmarks/throughput.py` times them side by side.
 """
 from __future__ import annotations
 

@@ -1,0 +1,48 @@
+"""A study's report: its description (what the study file says and what was actually run) and report.md."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from .mining import STRATEGIES
+from .study import Study
+
+
+def describe(study: Study) -> str:
+    """The report's description: the study file's text (unless it names strategies this study does not
+    run, e.g. after --strategies), then what was actually run, from the first run's resolved config."""
+    config = study.runs[0].config
+    run_strategies = set(study.strategies) | {m.get("strategy") for m in study.strategies.values()}
+    absent = [name for name in STRATEGIES if name not in run_strategies
+              and re.search(rf"\b{re.escape(name)}\b", study.description)]  # fmt: skip
+    text = study.description.strip()
+    if absent:  # the file's description was written for its full set of strategies
+        text = (f"(The study file's description is left out: it names {', '.join(absent)}, which this study does "
+                "not run.)")
+    budget = config.train.budget_flops  # 0: the runs trained train.steps
+    length = f"a budget of {budget:.3g} training FLOPs" if budget else f"{config.train.steps} steps"
+    flow = {label: yaml.safe_dump(mining, default_flow_style=True, sort_keys=False, width=10**6).strip()
+            for label, mining in study.strategies.items()}  # fmt: skip
+    lines = [
+        text,
+        f"Strategies ({len(flow)}): " + "; ".join(f"`{label}: {mining}`" for label, mining in flow.items()) + ".",
+        f"Task: {config.task.dataset}, rank {config.task.rank}{' (trained on ood)' if config.task.ood else ''}; "
+        f"{length} of batch {config.train.batch_size}, lr {config.train.lr}, "
+        f"{config.diffusion.timesteps} diffusion steps, hidden {config.model.hidden_dim}; "
+        f"held-out sets of {config.eval.num_samples} problems; seeds {', '.join(map(str, study.seeds))}.",
+    ]
+    if study.sweep:
+        lines.append("Sweep: " + "; ".join(f"{key} in {values}" for key, values in study.sweep.items()) + ".")
+    return "\n\n".join(line for line in lines if line)
+
+
+def report(study: Study, study_dir: Path) -> None:
+    """Write the study's report.md (tables and plots) from its runs' records, and say where."""
+    from .report import write_report
+
+    records = [run.record() for run in study.runs]
+    write_report(study_dir, records, title=f"Negative mining on matrix inversion: study '{study.name}'",
+                 description=describe(study), primary=study.primary)
+    print(f"report: {study_dir / 'report.md'}")
