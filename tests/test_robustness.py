@@ -1,0 +1,67 @@
+"""Hostile and careless input (issue 18): each case ends in one line and the promised exit code, and
+nothing the user keeps is deleted or decided by a damaged file."""
+import sys
+
+import pytest
+
+import train
+from conftest import ROOT
+from diffusion_lib.config import ConfigError, build_config
+from diffusion_lib.mining import resolve_mining_config
+
+sys.path.insert(0, str(ROOT / "experiments"))
+import matrix_inversion_mining_comparison as comparison  # noqa: E402
+
+STUDY = """
+name: tiny
+seeds: [0]
+strategies:
+  none: {strategy: none}
+  random: {strategy: random}
+task: {dataset: inverse, rank: 2}
+model: {hidden_dim: 16}
+train: {steps: 4, batch_size: 16, log_every: 2, save_every: 2}
+eval: {every: 2, num_samples: 16, batch_size: 16}
+device: cpu
+"""
+
+
+def one_line_error(capsys, *fragments):
+    """The single stderr line of a refused command, checked for `fragments`."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err
+
+
+def study(tmp_path, text=STUDY, name="tiny.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def compare(*args):
+    return comparison.main([str(a) for a in args])
+
+
+# -- item 4: mining.strategy given a list or a mapping --------------------------------------------------
+@pytest.mark.parametrize("value", [["random"], {"a": 1}])
+def test_a_mining_strategy_that_is_a_list_or_mapping_is_refused(value):
+    with pytest.raises(ValueError, match=r"mining_config\['strategy'\] = .* must be one strategy name; allowed: none, random"):
+        resolve_mining_config({"strategy": value})
+    with pytest.raises(ConfigError, match="mining_config"):
+        build_config({"mining.strategy": value})
+
+
+@pytest.mark.parametrize("value", ["[random]", "{a: 1}"])
+def test_a_mining_strategy_list_on_the_command_line_is_one_line_and_exit_2(tiny_args, capsys, value):
+    assert train.main(tiny_args(f"mining.strategy={value}")) == 2
+    one_line_error(capsys, "mining_config['strategy']", "allowed: none, random")
+
+
+def test_a_study_strategy_that_is_a_list_is_one_line_and_exit_2(tmp_path, capsys):
+    path = study(tmp_path, STUDY.replace("random: {strategy: random}", "random: {strategy: [random]}"))
+    assert compare("--config", path, "--output", tmp_path / "out", "--dry-run") == 2
+    one_line_error(capsys, "run random__seed0", "mining_config['strategy']")
