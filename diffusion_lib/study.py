@@ -134,8 +134,10 @@ def parse_study(data: dict[str, Any], source: str, overrides: dict[str, Any] | N
     base.pop("results_dir", None)  # every run's folder is set by the study
 
     name = study.get("name", Path(source).stem)
-    _require(isinstance(name, str) and re.fullmatch(r"[\w.-]+", name) is not None,
-             f"study key 'name' = {brief_repr(name)} in {source} must be a folder name (letters, digits, _ . -)")
+    # '.' and '..' are no folder of their own: results/.. is the repository, which --overwrite would clear
+    _require(isinstance(name, str) and re.fullmatch(r"[\w.-]+", name) is not None and name not in (".", ".."),
+             f"study key 'name' = {brief_repr(name)} in {source} must be a folder name (letters, digits, _ . -; "
+             "not . or ..)")
     seeds = _check_seeds(study.get("seeds", [0]), f"study key 'seeds' in {source}")
     strategies = study.get("strategies", {"none": {"strategy": "none"}, "random": {"strategy": "random"},
                                           "adversarial": {"strategy": "adversarial"}})

@@ -8,6 +8,7 @@ import train
 from conftest import ROOT
 from diffusion_lib.config import ConfigError, build_config
 from diffusion_lib.mining import resolve_mining_config
+from diffusion_lib.study import load_study
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import matrix_inversion_mining_comparison as comparison  # noqa: E402
@@ -65,3 +66,26 @@ def test_a_study_strategy_that_is_a_list_is_one_line_and_exit_2(tmp_path, capsys
     path = study(tmp_path, STUDY.replace("random: {strategy: random}", "random: {strategy: [random]}"))
     assert compare("--config", path, "--output", tmp_path / "out", "--dry-run") == 2
     one_line_error(capsys, "run random__seed0", "mining_config['strategy']")
+
+
+# -- item 2: a study name of '.' or '..' --------------------------------------------------------------
+@pytest.mark.parametrize("name", [".", ".."])
+def test_a_study_named_dot_or_dot_dot_is_refused(tmp_path, capsys, name):
+    path = study(tmp_path, STUDY.replace("name: tiny", f"name: '{name}'"))
+    assert compare("--config", path, "--dry-run") == 2  # its folder would be results/ or the repository
+    one_line_error(capsys, "study key 'name'", "must be a folder name")
+
+
+def test_a_study_file_whose_stem_is_a_dot_is_refused(tmp_path):
+    path = study(tmp_path, STUDY.replace("name: tiny\n", ""), name="..yaml")  # Path('..yaml').stem == '.'
+    with pytest.raises(ConfigError, match="must be a folder name"):
+        load_study(path)
+
+
+# -- item 8: `seed:` in a study's base ------------------------------------------------------------------
+@pytest.mark.parametrize("line, option", [("seed: 3", "seeds"), ("results_dir: somewhere", "--output")])
+def test_keys_the_study_sets_per_run_are_refused_in_its_base(tmp_path, capsys, line, option):
+    path = study(tmp_path, STUDY + line + "\n")
+    assert compare("--config", path, "--output", tmp_path / "out", "--dry-run") == 2
+    one_line_error(capsys, f"'{line.split(':')[0]}'", "set per run by the study", f"'{option}'")
+    assert not (tmp_path / "out").exists()
