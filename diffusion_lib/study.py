@@ -131,7 +131,9 @@ def parse_study(data: dict[str, Any], source: str, overrides: dict[str, Any] | N
     study = {k: data[k] for k in STUDY_KEYS if k in data}
     base = flatten({k: v for k, v in data.items() if k not in STUDY_KEYS})
     check_keys(base, source)
-    base.pop("results_dir", None)  # every run's folder is set by the study
+    for key in ("seed", "results_dir"):  # set per run: a base value would be silently replaced
+        _require(key not in base, f"key '{key}' in {source} is set per run by the study; use its "
+                                  f"'{SET_BY_THE_STUDY[key]}' instead")
 
     name = study.get("name", Path(source).stem)
     # '.' and '..' are no folder of their own: results/.. is the repository, which --overwrite would clear
