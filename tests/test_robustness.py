@@ -89,3 +89,33 @@ def test_keys_the_study_sets_per_run_are_refused_in_its_base(tmp_path, capsys, l
     assert compare("--config", path, "--output", tmp_path / "out", "--dry-run") == 2
     one_line_error(capsys, f"'{line.split(':')[0]}'", "set per run by the study", f"'{option}'")
     assert not (tmp_path / "out").exists()
+
+
+# -- item 8: YAML 1.1 numbers nobody meant, and a repeated merge key --------------------------------------
+@pytest.mark.parametrize("value, fragment", [
+    ("1:30", "'1:30' reads as the base-60 number 90"),
+    ("1:30.5", "'1:30.5' reads as the base-60 number 90.5"),
+    ("010", "'010' reads as the octal number 8"),
+])
+def test_yaml_numbers_in_base_60_or_octal_are_refused(tiny_args, tmp_path, capsys, value, fragment):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  steps: {value}\n")
+    assert train.main(tiny_args("--config", str(path))) == 2
+    one_line_error(capsys, f"{path}:2", fragment, "quote it")
+
+
+@pytest.mark.parametrize("value, expected", [("'1:30'", "1:30"), ("0", 0), ("10", 10), ("0.5", 0.5), ("-3", -3),
+                                             ("0x10", 16), ("1_000", 1000)])
+def test_plain_yaml_numbers_and_quoted_text_still_read(tmp_path, value, expected):
+    from diffusion_lib.config import load_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"v: {value}\n")
+    assert load_yaml(path) == {"v": expected}
+
+
+def test_a_repeated_merge_key_is_refused(tiny_args, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  <<: {steps: 5}\n  <<: {steps: 7}\n")  # YAML would keep one, silently
+    assert train.main(tiny_args("--config", str(path))) == 2
+    one_line_error(capsys, f"{path}:3", "merge key '<<' first given at line 2")
