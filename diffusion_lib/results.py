@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .checkpoint import checkpoint_step, list_checkpoints
+from .checkpoint import newest_verified_step
 from .config import ConfigError, RunConfig, config_differences, config_from_file, flatten
 from .utils import (
     FolderBusy, FolderLock, append_line, atomic_write_json, atomic_write_text, make_folder, remove_temp_files, slug,
@@ -97,8 +97,9 @@ class RunDir:
         return self.evaluations / f"step-{step}__{'__'.join(changed) or 'as_trained'}.json"
 
     def reached_step(self) -> int:
-        """How far the run got: the step of its newest checkpoint (by file name) or of its final.json."""
-        steps = [checkpoint_step(path) for path in list_checkpoints(self.checkpoints)[:1]]
+        """How far the run got: the step of its newest checkpoint that verifies (a damaged file's name says
+        nothing) or of its final.json."""
+        steps = [newest_verified_step(self.checkpoints)]
         final = self.read_final()
         if isinstance(final, dict) and isinstance(final.get("step"), int):  # a damaged one says nothing
             steps.append(final["step"])

@@ -119,3 +119,19 @@ def test_a_repeated_merge_key_is_refused(tiny_args, tmp_path, capsys):
     path.write_text("train:\n  <<: {steps: 5}\n  <<: {steps: 7}\n")  # YAML would keep one, silently
     assert train.main(tiny_args("--config", str(path))) == 2
     one_line_error(capsys, f"{path}:3", "merge key '<<' first given at line 2")
+
+
+# -- item 6: only verified checkpoints count toward a run's progress -------------------------------------
+def test_a_damaged_checkpoint_file_does_not_decide_how_far_a_run_got(tmp_path):
+    from diffusion_lib.checkpoint import save_checkpoint
+    from diffusion_lib.results import RunDir
+
+    config = build_config({"results_dir": str(tmp_path / "run"), "train.steps": 25})
+    run = RunDir(config.results_dir)
+    run.prepare(config, overwrite=False)
+    save_checkpoint(run.checkpoints, 20, {"weights": [1.0]}, keep=2)
+    (run.checkpoints / "step-000000999.pt").write_bytes(b"not a checkpoint")  # a stray, unreadable file
+    assert run.reached_step() == 20
+    run.check(config, resume=True, overwrite=False)  # 25 >= 20: may resume
+    with pytest.raises(ConfigError, match="already reached step 20"):
+        run.check(build_config({"results_dir": config.results_dir, "train.steps": 10}), resume=True, overwrite=False)
