@@ -106,30 +106,35 @@ class RunDir:
         return max(steps, default=0)
 
     def check(
-        self, config: RunConfig, resume: bool, overwrite: bool, may_change: tuple[str, ...] = RESUMABLE_CHANGES
+        self, config: RunConfig, resume: bool, overwrite: bool, may_change: tuple[str, ...] = RESUMABLE_CHANGES,
+        start_over: str | None = "--overwrite",
     ) -> None:
-        """Refuse to clobber an existing run unless asked; only reads, so every process may call it."""
+        """Refuse to clobber an existing run unless asked; only reads, so every process may call it.
+        `start_over`: the option that starts this run over, or None where none does for it alone (in a study,
+        --overwrite starts every run over): then the advice is to move this run's folder away."""
         if not self._run_files() or overwrite:
             return
+        again = (f"{start_over} to start over" if start_over else
+                 f"move '{self.root}' away to train that run again (--overwrite would start every run over)")
         if not resume:
-            raise ConfigError(
-                f"results dir '{self.root}' already holds a run; pass --resume to continue it or --overwrite to start over"
-            )
+            raise ConfigError(f"results dir '{self.root}' already holds a run; pass --resume to continue it or {again}")
+        evaluating = set(SAMPLING_KEYS) <= set(may_change)  # --evaluate only reads the run: no start over
+        action = "evaluate" if evaluating else "resume"
         saved = self.saved_config()
         if saved is None:
-            raise ConfigError(f"cannot resume '{self.root}': it has no config.yaml; use --overwrite to start over")
+            raise ConfigError(f"cannot {action} '{self.root}': it has no config.yaml; restore it"
+                              + ("" if evaluating else f", or {again}"))
         changed = config_differences(saved, config, ignore=may_change)
         if changed:
-            raise ConfigError(
-                f"cannot resume '{self.root}': its config differs in {', '.join(changed)}; "
-                "use another results dir or --overwrite"
-            )
+            advice = (f"an evaluation may change only {', '.join(may_change)}" if evaluating
+                      else f"use another results dir or {again}")
+            raise ConfigError(f"cannot {action} '{self.root}': its config differs in {', '.join(changed)}; {advice}")
         reached = self.reached_step()
         # it would report the longer run as finished at the shorter length (a FLOP budget sets its own length)
-        if reached > config.train.steps and config.train.budget_flops == 0:
+        if reached > config.train.steps and config.train.budget_flops == 0 and not evaluating:
             raise ConfigError(
                 f"cannot resume '{self.root}' with train.steps = {config.train.steps}: the run already reached "
-                f"step {reached}; pass train.steps >= {reached}, or --overwrite to start over"
+                f"step {reached}; pass train.steps >= {reached}, or {again}"
             )
 
     def prepare(self, config: RunConfig, overwrite: bool) -> None:

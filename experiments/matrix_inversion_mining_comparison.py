@@ -373,7 +373,8 @@ def run(args: argparse.Namespace) -> int:
     folder = StudyDir(study_dir)
     folder.check(study, resume=args.resume, overwrite=args.overwrite, sharded=bool(args.shard))
     for run in selected:
-        RunDir(run.config.results_dir).check(run.config, resume=args.resume, overwrite=args.overwrite)
+        # the study's --overwrite would start every run over: the advice names the one run to fix
+        RunDir(run.config.results_dir).check(run.config, resume=args.resume, overwrite=args.overwrite, start_over=None)
     if args.dry_run:
         dry_run(selected, args, pack_size)
         return 0

@@ -135,3 +135,40 @@ def test_a_damaged_checkpoint_file_does_not_decide_how_far_a_run_got(tmp_path):
     run.check(config, resume=True, overwrite=False)  # 25 >= 20: may resume
     with pytest.raises(ConfigError, match="already reached step 20"):
         run.check(build_config({"results_dir": config.results_dir, "train.steps": 10}), resume=True, overwrite=False)
+
+
+# -- item 7: advice never points at a command that would delete good results ------------------------------
+def test_a_study_run_without_config_names_that_run_not_the_study_wide_overwrite(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "out"
+    finished = out / "runs" / "none__seed0"
+    finished.mkdir(parents=True)
+    (finished / "final.json").write_text(json.dumps({"status": "finished", "step": 4}))  # its config.yaml deleted
+    for flags in (["--resume"], []):
+        assert compare("--config", study(tmp_path), "--output", out, "--dry-run", *flags) == 2
+        err = one_line_error(capsys, f"'{finished}'", f"move '{finished}' away to train that run again")
+        assert "use --overwrite" not in err and "or --overwrite" not in err
+    assert (finished / "final.json").exists()
+
+
+def test_evaluate_advice_names_the_keys_it_may_change_not_overwrite(tmp_path):
+    from diffusion_lib.results import EVALUATION_CHANGES, SAMPLING_KEYS, RunDir
+
+    config = build_config({"results_dir": str(tmp_path / "run"), "train.steps": 25})
+    run = RunDir(config.results_dir)
+    run.prepare(config, overwrite=False)
+    changed = build_config({"results_dir": config.results_dir, "train.lr": 0.1})
+    with pytest.raises(ConfigError) as refused:
+        run.check(changed, resume=True, overwrite=False, may_change=EVALUATION_CHANGES)
+    message = str(refused.value)
+    assert "cannot evaluate" in message and "train.lr" in message and "--overwrite" not in message
+    assert all(key in message.split("may change only", 1)[1] for key in SAMPLING_KEYS)
+    # scoring a saved model trains nothing, so a shorter train.steps is no reason to refuse it
+    run.metrics.write_text('{"step": 40}\n')
+    (run.root / "final.json").write_text('{"status": "finished", "step": 40}')
+    run.check(build_config({"results_dir": config.results_dir, "train.steps": 25}), resume=True, overwrite=False,
+              may_change=EVALUATION_CHANGES)
+    run.config.unlink()
+    with pytest.raises(ConfigError, match="cannot evaluate .*: it has no config.yaml; restore it$"):
+        run.check(config, resume=True, overwrite=False, may_change=EVALUATION_CHANGES)
