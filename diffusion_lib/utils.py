@@ -82,10 +82,24 @@ def make_folder(path: str | Path) -> list[Path]:
     path = Path(path)
     missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
     with writing(path):
+        for folder in missing:  # mkdir would say "File exists" of a link that loops or points nowhere
+            if folder.is_symlink():
+                _refuse_broken_link(folder, path)
         if path.exists() and not path.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
         path.mkdir(parents=True, exist_ok=True)
     return missing
+
+
+def _refuse_broken_link(link: Path, path: Path) -> None:
+    """Raise the true reason a symbolic link on the way to `path` cannot be followed: a loop, or no target."""
+    name = "it" if link == path else f"'{link}'"
+    try:
+        os.stat(link)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{name} is a symbolic link loop", str(path)) from None
+    raise OSError(errno.ENOENT, f"{name} is a symbolic link to '{os.readlink(link)}', which does not exist", str(path))
 
 
 # atomic_write's temp files: '.<name>.' + mkstemp's 8 random characters + '.tmp'

@@ -172,3 +172,16 @@ def test_evaluate_advice_names_the_keys_it_may_change_not_overwrite(tmp_path):
     run.config.unlink()
     with pytest.raises(ConfigError, match="cannot evaluate .*: it has no config.yaml; restore it$"):
         run.check(config, resume=True, overwrite=False, may_change=EVALUATION_CHANGES)
+
+
+# -- item 8: an output folder that is a symlink loop or a dangling link -----------------------------------
+@pytest.mark.parametrize("target, fragment", [("self", "is a symbolic link loop"),
+                                              ("missing", "is a symbolic link to 'missing', which does not exist")])
+def test_an_output_on_a_broken_symlink_says_so(tmp_path, capsys, target, fragment):
+    link = tmp_path / "out"
+    link.symlink_to("out" if target == "self" else target)
+    assert compare("--config", study(tmp_path), "--output", link) == 1
+    one_line_error(capsys, f"cannot write '{link}'", fragment)
+    assert train.main(["--results-dir", str(link / "run"), "--device", "cpu", "train.steps=1"]) == 1
+    one_line_error(capsys, f"cannot write '{link / 'run'}': '{link}' {fragment}")
+    assert link.is_symlink() and not (tmp_path / "missing").exists()
