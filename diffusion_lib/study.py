@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -226,6 +227,30 @@ class _Claim:
         return f"seeds {self.seed} and {other.seed} of strategy {self.label!r}"
 
 
+def _name_limits(folder: Path) -> tuple[int, int]:
+    """(longest file name, longest path), in bytes, on the file system that holds or will hold `folder`."""
+    existing = next((p for p in (folder, *folder.parents) if os.path.isdir(p)), Path.cwd())  # False on errors
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):  # a file system that does not say: the common limits
+        return 255, 4096
+
+
+# the longest path a run writes below its folder: an atomic write's temp file for a checkpoint
+_LONGEST_INSIDE_A_RUN = "/checkpoints/.step-000000000.pt.abcdefgh.tmp"
+
+
+def _check_folder_length(folder: Path, limits: tuple[int, int], what: str) -> None:
+    """Refuse, before anything trains, a folder the file system would refuse ('File name too long')."""
+    name_max, path_max = limits
+    for part in folder.parts:
+        _require(len(part.encode()) <= name_max, f"{what}: the folder name {brief_repr(part)} is "
+                 f"{len(part.encode())} bytes, longer than the file system allows ({name_max})")
+    length = len(str(folder.absolute()).encode()) + len(_LONGEST_INSIDE_A_RUN)
+    _require(length <= path_max, f"{what}: paths in its folder {brief_repr(str(folder))} would be {length} bytes, "
+                                 f"longer than the file system allows ({path_max})")
+
+
 def expand(study: Study, study_dir: Path) -> list[StudyRun]:
     """Every (seed, sweep point, strategy) run, with its validated config; seed-major, so early runs
     already give one seed of every comparison. Refuses two runs that would share a folder, or two sweep
@@ -235,6 +260,7 @@ def expand(study: Study, study_dir: Path) -> list[StudyRun]:
     base_mining = {k.split(".", 1)[1]: v for k, v in study.base.items() if k.startswith("mining.")}
     base = {k: v for k, v in study.base.items() if not k.startswith("mining.")}
     keys = list(study.sweep)
+    limits = _name_limits(study_dir)
     runs = []
     folders: dict[str, _Claim] = {}  # run folder, case-folded (some file systems ignore case) -> its run
     settings: dict[str, _Claim] = {}  # resolved config, folder aside -> its run
@@ -244,6 +270,8 @@ def expand(study: Study, study_dir: Path) -> list[StudyRun]:
             for label, mining in study.strategies.items():
                 run_id = "__".join([slug(label), *(f"{k}={slug(v)}" for k, v in point.items()), f"seed{seed}"])
                 claim = _Claim(label, seed, index, point)
+                _check_folder_length(study_dir / "runs" / run_id, limits,
+                                     f"{study.source}, run {brief_repr(run_id)} (shorten its strategy label or sweep values)")
                 other = folders.setdefault(run_id.casefold(), claim)
                 if other != claim:
                     raise ConfigError(

@@ -185,3 +185,20 @@ def test_an_output_on_a_broken_symlink_says_so(tmp_path, capsys, target, fragmen
     assert train.main(["--results-dir", str(link / "run"), "--device", "cpu", "train.steps=1"]) == 1
     one_line_error(capsys, f"cannot write '{link / 'run'}': '{link}' {fragment}")
     assert link.is_symlink() and not (tmp_path / "missing").exists()
+
+
+# -- item 3: run folder names longer than the file system allows -----------------------------------------
+def test_a_run_folder_name_too_long_for_the_file_system_is_refused_by_the_dry_run(tmp_path, capsys):
+    label = "x" * 300
+    path = study(tmp_path, STUDY.replace("random: {strategy: random}", f"{label}: {{strategy: random}}"))
+    assert compare("--config", path, "--output", tmp_path / "out", "--dry-run") == 2
+    one_line_error(capsys, "shorten its strategy label or sweep values", "bytes, longer than the file system allows")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_study_folder_path_too_long_for_the_file_system_is_refused(tmp_path, capsys):
+    deep = tmp_path / "d"
+    while len(str(deep)) < 4050:  # every name fits, and the study folder's path; its runs' files do not
+        deep /= "d" * min(200, 4050 - len(str(deep)))
+    assert compare("--config", study(tmp_path), "--output", deep, "--dry-run") == 2
+    one_line_error(capsys, "paths in its folder", "longer than the file system allows")
