@@ -202,3 +202,46 @@ def test_a_study_folder_path_too_long_for_the_file_system_is_refused(tmp_path, c
         deep /= "d" * min(200, 4050 - len(str(deep)))
     assert compare("--config", study(tmp_path), "--output", deep, "--dry-run") == 2
     one_line_error(capsys, "paths in its folder", "longer than the file system allows")
+
+
+# -- item 5: memory running out while torch loads or a checkpoint is written -----------------------------
+FAIL_TORCH_IMPORT = """
+import sys
+class NoMemoryForTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise {error}
+sys.meta_path.insert(0, NoMemoryForTorch())
+sys.argv[1:] = {argv!r}
+import train
+sys.exit(train.main())
+"""
+
+
+@pytest.mark.parametrize("error", ["MemoryError()",
+                                   "ImportError('libtorch_cpu.so: failed to map segment from shared object')"])
+def test_memory_running_out_while_torch_loads_is_one_line_and_exit_1(tmp_path, error):
+    import subprocess
+
+    argv = ["--results-dir", str(tmp_path / "run"), "--device", "cpu", "train.steps=1"]
+    done = subprocess.run([sys.executable, "-c", FAIL_TORCH_IMPORT.format(error=error, argv=argv)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    err = done.stderr.strip()
+    assert done.returncode == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: out of memory while loading Python modules") and "ulimit -v" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_memory_running_out_while_a_checkpoint_is_written_is_one_line_and_leaves_no_file(tiny_args, tmp_path,
+                                                                                         capsys, monkeypatch):
+    import torch
+
+    def save_without_memory(obj, buffer, *args, **kwargs):
+        buffer.write(b"PK\x03\x04 partial")  # what torch.save had written when the buffer could not grow
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", save_without_memory)
+    assert train.main(tiny_args("train.save_every=2", "train.steps=2")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert err.startswith("error: out of memory (while writing the checkpoint ") and "step-000000002.pt" in err, err
+    assert not list((tmp_path / "run" / "checkpoints").glob("*"))  # no checkpoint, no temp file
