@@ -194,6 +194,10 @@ def _yardstick_sentence(a: StudyAnalysis) -> str:
 
 
 def _verdict_section(a: StudyAnalysis) -> list[str]:
+    if not a.tally.get("finished"):  # then every sentence below would be vacuously true ("no disagreements")
+        tally = ", ".join(f"{n} {status}" for status, n in a.tally.items() if n)
+        return ["## Verdict", "", f"**No run finished** ({tally or 'no runs'}): there is nothing to compare; "
+                "see Problems for what happened to each run.", ""]
     return [
         "## Verdict", "",
         *_primary_paragraph(a), *_disagreement_paragraph(a),

@@ -314,13 +314,19 @@ def probe_steps(pack: list[StudyRun], steps: int = 3) -> tuple[float, float]:
         return trainer.flops_per_step, statistics.median(times[1:]) / len(pack)
 
 
-def report(study: Study, study_dir: Path) -> None:
+def report(study: Study, study_dir: Path) -> int:
+    """Write the study's report; the exit code: 1 when no run finished (the report has no result)."""
     from diffusion_lib.report import write_report
 
     records = [run.record() for run in study.runs]
     write_report(study_dir, records, title=f"Negative mining on matrix inversion: study '{study.name}'",
                  description=describe(study), primary=study.primary)
     print(f"report: {study_dir / 'report.md'}")
+    if not any(record.finished for record in records):
+        print(f"error: no run of the study finished ({', '.join(sorted({r.status for r in records}))}); "
+              f"see {study_dir / 'report.md'}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,8 +353,7 @@ def run(args: argparse.Namespace) -> int:
         study_dir = Path(args.report_only or args.output or ROOT / "results" / load_study(args.config).name)
         study = StudyDir(study_dir).load()
         with StudyDir(study_dir).lock():  # one writer of the study's own files at a time
-            report(study, study_dir)
-        return 0
+            return report(study, study_dir)
     if args.num_processes < 1:
         raise ConfigError(f"--num-processes {args.num_processes} must be >= 1")
     if args.launcher != "accelerate" and args.num_processes != 1:
@@ -385,8 +390,7 @@ def run(args: argparse.Namespace) -> int:
               f"python experiments/matrix_inversion_mining_comparison.py --report-only {shlex.quote(str(study_dir))}")
         return 0
     with folder.lock():
-        report(study, study_dir)
-    return 0
+        return report(study, study_dir)
 
 
 if __name__ == "__main__":

@@ -245,3 +245,20 @@ def test_memory_running_out_while_a_checkpoint_is_written_is_one_line_and_leaves
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert err.startswith("error: out of memory (while writing the checkpoint ") and "step-000000002.pt" in err, err
     assert not list((tmp_path / "run" / "checkpoints").glob("*"))  # no checkpoint, no temp file
+
+
+# -- item 8: a study in which every run failed ------------------------------------------------------------
+def test_a_study_in_which_every_run_failed_says_so_and_exits_non_zero(tmp_path, capsys, monkeypatch):
+    from diffusion_lib.tasks import InverseTask
+
+    original = InverseTask.sample
+    monkeypatch.setattr(InverseTask, "sample", lambda self, *a: (original(self, *a)[0] * float("nan"), original(self, *a)[1]))
+    out = tmp_path / "out"
+    assert compare("--config", study(tmp_path), "--output", out) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: no run of the study finished (failed)"), err
+    verdict = (out / "report.md").read_text().split("## Verdict", 1)[1].split("\n## ", 1)[0]
+    assert "**No run finished** (2 failed)" in verdict and "No disagreements" not in verdict
+    capsys.readouterr()
+    assert compare("--report-only", out) == 1  # rebuilding the report says it again
+    assert "no run of the study finished" in capsys.readouterr().err
