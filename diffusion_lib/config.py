@@ -169,7 +169,7 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if dotted in _SECTIONS and value is None:  # an empty section in a YAML file
+        if dotted in (*_SECTIONS, "mining") and value is None:  # an empty section in a YAML file
             continue
         if isinstance(value, Mapping) and dotted in _SECTIONS:
             flat.update(flatten(value, dotted + "."))
@@ -186,6 +186,9 @@ def check_keys(flat: Mapping[str, Any], source: str) -> None:
     for key in flat:
         if key.startswith("mining.") or key in allowed:
             continue
+        if key in _SECTIONS or key == "mining":  # `train: 5`, `mining: random`: a section given a value
+            raise ConfigError(f"config key '{key}' in {source} is a section: give it a mapping of its keys, "
+                              f"or set one key as {key}.<key>")
         raise ConfigError(f"unknown config key '{key}' in {source}{suggest(key, allowed)}")
 
 

@@ -262,3 +262,23 @@ def test_a_study_in_which_every_run_failed_says_so_and_exits_non_zero(tmp_path, 
     capsys.readouterr()
     assert compare("--report-only", out) == 1  # rebuilding the report says it again
     assert "no run of the study finished" in capsys.readouterr().err
+
+
+# -- beyond the issue: a section given a value, not a mapping ---------------------------------------------
+@pytest.mark.parametrize("text", ["train: 5\n", "mining: random\n", "task: [inverse, 3]\n"])
+def test_a_section_given_a_value_is_named_as_a_section(tmp_path, text):
+    from diffusion_lib.config import config_from_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    section = text.split(":")[0]
+    with pytest.raises(ConfigError, match=f"config key '{section}' in .* is a section: give it a mapping of its keys"):
+        config_from_file(path)
+
+
+def test_an_empty_mining_section_is_an_empty_section(tmp_path):
+    from diffusion_lib.config import config_from_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text("mining:\ntrain:\n")
+    assert config_from_file(path).mining["strategy"] == "adversarial"
