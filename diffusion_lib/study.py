@@ -22,7 +22,7 @@ import yaml
 
 from .config import PER_RUN_KEYS, ConfigError, RunConfig, flatten, build_config, check_keys, load_yaml
 from .results import RunDir, RunRecord
-from .utils import FolderLock, atomic_write_text, brief_repr, remove_temp_files, slug, writing
+from .utils import FolderLock, atomic_write_text, brief_repr, check_folder, remove_temp_files, slug, writing
 
 STUDY_KEYS = ("name", "description", "seeds", "strategies", "sweep", "primary")
 PRIMARY_METRICS = ("mse_id", "mse_ood")
@@ -369,7 +369,9 @@ class StudyDir:
         return study
 
     def check(self, study: Study, *, resume: bool, overwrite: bool, sharded: bool) -> None:
-        """Refuse to mix two different studies in one folder, or to redo one without --resume."""
+        """Refuse to mix two different studies in one folder, or to redo one without --resume; and a folder
+        that cannot be made (a file or a broken link in the way), so that a dry run refuses it too."""
+        check_folder(self.root)
         saved = self.saved()
         if saved is None or overwrite:
             return

@@ -77,17 +77,27 @@ def describe_os_error(error: OSError) -> str:
     return f"cannot {getattr(error, 'action', 'access')} '{error.filename}': {reason}"
 
 
-def make_folder(path: str | Path) -> list[Path]:
-    """mkdir -p that names a path which is a file as such; returns the folders it created, outermost first."""
+def check_folder(path: str | Path) -> list[Path]:
+    """What `make_folder(path)` would run into, found without creating anything (a dry run asks this):
+    raises its OSError, naming `path`, for a file or a broken symbolic link in the way; returns the
+    folders it would create, outermost first."""
     path = Path(path)
     missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
     with writing(path):
         for folder in missing:  # mkdir would say "File exists" of a link that loops or points nowhere
             if folder.is_symlink():
                 _refuse_broken_link(folder, path)
-        if path.exists() and not path.is_dir():
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
-        path.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def make_folder(path: str | Path) -> list[Path]:
+    """mkdir -p that names a path which is a file as such; returns the folders it created, outermost first."""
+    missing = check_folder(path)
+    with writing(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
     return missing
 
 

@@ -282,3 +282,15 @@ def test_an_empty_mining_section_is_an_empty_section(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("mining:\ntrain:\n")
     assert config_from_file(path).mining["strategy"] == "adversarial"
+
+
+# -- beyond the issue: the dry run refuses an output the real run cannot make -----------------------------
+@pytest.mark.parametrize("output", ["a_file", "a_file/study", "loop", "dangling/study"])
+def test_the_dry_run_refuses_an_output_that_cannot_be_made(tmp_path, capsys, output):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "dangling").symlink_to("missing")
+    for dry in (["--dry-run"], []):
+        assert compare("--config", study(tmp_path), "--output", tmp_path / output, *dry) == 1
+        one_line_error(capsys, f"cannot write '{tmp_path / output}'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "dangling", "loop", "tiny.yaml"]
