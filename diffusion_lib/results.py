@@ -153,20 +153,24 @@ class RunDir:
         append_line(self.metrics, json.dumps(record))
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl: JSON objects with an int `step`, as the trainer writes them; a
+        torn or foreign line (garbage, a list, a step of another type) is skipped."""
         if not self.metrics.exists():
             return []
         records = []
         for line in self.metrics.read_text().splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
+                records.append(record)
         return records
 
     def truncate_metrics(self, step: int) -> None:
         """Drop records logged after `step` (the checkpoint a resumed run restarts from)."""
         if self.metrics.exists():
-            kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+            kept = [r for r in self.read_metrics() if r["step"] <= step]
             atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     # -- final results -------------------------------------------------------------------------------

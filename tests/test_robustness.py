@@ -1,5 +1,6 @@
 """Hostile and careless input (issue 18): each case ends in one line and the promised exit code, and
 nothing the user keeps is deleted or decided by a damaged file."""
+import json
 import sys
 
 import pytest
@@ -206,6 +207,7 @@ def test_a_study_folder_path_too_long_for_the_file_system_is_refused(tmp_path, c
 
 # -- item 5: memory running out while torch loads or a checkpoint is written -----------------------------
 FAIL_TORCH_IMPORT = """
+import json
 import sys
 class NoMemoryForTorch:
     def find_spec(self, name, path=None, target=None):
@@ -294,3 +296,17 @@ def test_the_dry_run_refuses_an_output_that_cannot_be_made(tmp_path, capsys, out
         assert compare("--config", study(tmp_path), "--output", tmp_path / output, *dry) == 1
         one_line_error(capsys, f"cannot write '{tmp_path / output}'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "dangling", "loop", "tiny.yaml"]
+
+
+# -- beyond the issue: foreign lines in metrics.jsonl ------------------------------------------------------
+def test_metrics_lines_that_are_not_records_are_skipped_and_dropped_on_resume(tmp_path):
+    from diffusion_lib.results import RunDir
+
+    run = RunDir(tmp_path)
+    good = [{"kind": "train", "step": 2}, {"kind": "val", "step": 4}]
+    lines = [json.dumps(good[0]), "junk", "[1]", '"s"', '{"step": "x"}', '{"kind": "val"}', '{"step": true}',
+             json.dumps(good[1]), '{"kind": "train", "step": 6}']
+    run.metrics.write_text("\n".join(lines) + "\n")
+    assert run.read_metrics() == [*good, {"kind": "train", "step": 6}]
+    run.truncate_metrics(4)  # a resume from step 4
+    assert run.read_metrics() == good and run.metrics.read_text() == "".join(json.dumps(r) + "\n" for r in good)
