@@ -19,7 +19,7 @@ from . import analysis as an
 from .analysis import ALPHA, BASES, SETS, YARDSTICKS, Comparison, Estimate, Metric, StudyAnalysis
 from .plots import write_plots
 from .results import RunRecord, is_number
-from .utils import atomic_write_json, atomic_write_text
+from .utils import atomic_write_json, atomic_write_text, make_folder
 
 AXIS_TITLES = {"flops": ("Matched FLOPs", "training FLOPs"), "train_seconds": ("Matched wall-clock", "training seconds")}
 EMA_LAG = ("Caveat: an EMA model read mid-training lags its raw model (the EMA decay warms up over thousands of "
@@ -436,7 +436,7 @@ def write_report(
     `primary`: study.yaml's `{"compare": [A, B], "metric": "mse_id" | "mse_ood"}` (strategy labels), or None.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     a = an.analyse(runs, primary)
     plots = write_plots(out_dir / "plots", an.group_runs(runs), a)
     rows = an.summary_rows(runs)

@@ -310,3 +310,13 @@ def test_metrics_lines_that_are_not_records_are_skipped_and_dropped_on_resume(tm
     assert run.read_metrics() == [*good, {"kind": "train", "step": 6}]
     run.truncate_metrics(4)  # a resume from step 4
     assert run.read_metrics() == good and run.metrics.read_text() == "".join(json.dumps(r) + "\n" for r in good)
+
+
+# -- beyond the issue: a file where the report's plots folder goes -----------------------------------------
+def test_a_file_in_place_of_the_plots_folder_is_named_as_such(tmp_path):
+    from diffusion_lib.report import write_report
+
+    (tmp_path / "plots").write_text("x")
+    with pytest.raises(NotADirectoryError) as refused:
+        write_report(tmp_path, [], title="t")
+    assert refused.value.filename == str(tmp_path / "plots")
