@@ -1,6 +1,7 @@
 """What a run writes and where: resolved config, metrics log, checkpoints, final results."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -26,6 +27,9 @@ RESUMABLE_CHANGES = ("device", "results_dir", "train.steps")
 SAMPLING_KEYS = ("diffusion.inference_steps", "diffusion.inference_step_scale", "diffusion.inference_step_schedule",
                  "diffusion.answer", "eval.num_samples", "eval.inference_steps_sweep")
 EVALUATION_CHANGES = (*RESUMABLE_CHANGES, *SAMPLING_KEYS, "eval.every", "eval.batch_size")
+
+
+MAX_EVALUATION_NAME = 200  # characters of changed settings in an evaluation's file name (file systems allow 255 bytes)
 
 
 def sampling_settings(config: RunConfig) -> dict[str, Any]:
@@ -89,12 +93,15 @@ class RunDir:
     def evaluation_file(self, config: RunConfig, step: int) -> Path:
         """Where an --evaluate of the checkpoint at `step` with `config` writes:
         `evaluations/step-<step>__<the sampling settings that differ from training's>.json` (`as_trained`
-        when none does), so the evaluation of every checkpoint and setting is kept."""
+        when none does), so the evaluation of every checkpoint and setting is kept. Settings too long for a
+        file name (a long sweep) are named by their digest instead; the file records them in full."""
         saved = self.saved_config()
         trained = sampling_settings(saved) if saved is not None else {}
-        changed = [f"{key.rsplit('.', 1)[1]}={slug('-'.join(map(str, value)) if isinstance(value, list) else value)}"
-                   for key, value in sampling_settings(config).items() if trained.get(key) != value]
-        return self.evaluations / f"step-{step}__{'__'.join(changed) or 'as_trained'}.json"
+        changed = "__".join(f"{key.rsplit('.', 1)[1]}={slug('-'.join(map(str, value)) if isinstance(value, list) else value)}"
+                            for key, value in sampling_settings(config).items() if trained.get(key) != value)
+        if len(changed) > MAX_EVALUATION_NAME:
+            changed = "settings-" + hashlib.sha256(changed.encode()).hexdigest()[:16]
+        return self.evaluations / f"step-{step}__{changed or 'as_trained'}.json"
 
     def reached_step(self) -> int:
         """How far the run got: the step of its newest checkpoint that verifies (a damaged file's name says

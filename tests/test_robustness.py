@@ -320,3 +320,19 @@ def test_a_file_in_place_of_the_plots_folder_is_named_as_such(tmp_path):
     with pytest.raises(NotADirectoryError) as refused:
         write_report(tmp_path, [], title="t")
     assert refused.value.filename == str(tmp_path / "plots")
+
+
+# -- beyond the issue: an evaluation whose settings are too long for a file name -------------------------
+def test_an_evaluation_of_a_long_sweep_gets_a_file_name_the_file_system_takes(tmp_path):
+    from diffusion_lib.results import RunDir
+
+    config = build_config({"results_dir": str(tmp_path / "run")})
+    run = RunDir(config.results_dir)
+    run.prepare(config, overwrite=False)
+    sweeps = [list(range(1000 - n, 1000)) for n in (100, 99)]
+    names = [run.evaluation_file(build_config({"results_dir": config.results_dir, "eval.inference_steps_sweep": s}), 7)
+             for s in sweeps]
+    assert all(len(name.name.encode()) <= 255 and name.name.startswith("step-7__settings-") for name in names)
+    assert names[0] != names[1]  # each setting keeps its own file
+    short = build_config({"results_dir": config.results_dir, "eval.inference_steps_sweep": [0, 3]})
+    assert run.evaluation_file(short, 7).name == "step-7__inference_steps_sweep=0-3.json"
