@@ -206,10 +206,30 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
 
 
 def out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is the allocator giving up (CUDA's OutOfMemoryError, or the CPU allocator's)."""
-    import torch
+    """Whether `error` is the allocator giving up (CUDA's OutOfMemoryError, the CPU allocator's, or the
+    dynamic loader failing to map a library)."""
+    torch = sys.modules.get("torch")  # not imported here: loading torch may be what ran out of memory
+    kinds = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
+    return isinstance(error, kinds) or any(text in str(error) for text in ("can't allocate memory", "failed to map segment"))
 
-    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+
+def _while_importing(error: BaseException) -> bool:
+    """Whether `error` was raised while Python loaded a module (its traceback passes through importlib)."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        tb = tb.tb_next
+    return isinstance(error, ImportError)
+
+
+def _memory_advice(error: BaseException) -> str:
+    """The one line for memory running out: what ran out, while doing what, and what to change."""
+    what = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    if _while_importing(error):
+        return (f"out of memory while loading Python modules ({type(error).__name__}: {what}); this process may not "
+                "use enough memory to load torch: raise its limit (ulimit -v) or free memory")
+    return f"out of memory ({what}); lower model.hidden_dim, train.batch_size or eval.batch_size"
 
 
 def run_explaining_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -228,12 +248,10 @@ def run_explaining_errors(run: Callable[[argparse.Namespace], int], args: argpar
             raise
         print(f"error: {describe_os_error(error)}", file=sys.stderr)
         return 1
-    except (MemoryError, RuntimeError) as error:
+    except (MemoryError, RuntimeError, ImportError) as error:
         if args.debug or not out_of_memory(error):
             raise
-        what = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        print(f"error: out of memory ({what}); lower model.hidden_dim, train.batch_size or eval.batch_size",
-              file=sys.stderr)
+        print(f"error: {_memory_advice(error)}", file=sys.stderr)
         return 1
 
 

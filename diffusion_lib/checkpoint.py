@@ -59,11 +59,16 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -
     buffer = io.BytesIO()
     import torch  # here, not at the top: naming and listing checkpoints must not load torch (--help)
 
-    torch.save({"step": step, **state}, buffer)  # in memory first: a full disk fails in our write, by name
-    with zipfile.ZipFile(buffer, "a") as archive:
-        _, digest = _digests(archive)
-        archive.writestr(f"{_prefix(archive)}/{DIGEST_MEMBER}", digest)
     path = checkpoint_path(folder, step)
+    try:
+        torch.save({"step": step, **state}, buffer)  # in memory first: a full disk fails in our write, by name
+        with zipfile.ZipFile(buffer, "a") as archive:
+            _, digest = _digests(archive)
+            archive.writestr(f"{_prefix(archive)}/{DIGEST_MEMBER}", digest)
+    except (MemoryError, RuntimeError) as error:
+        # the in-memory buffer could not grow: torch.save reports that as a RuntimeError ("unexpected pos");
+        # nothing is on disk yet, and the older checkpoints stay
+        raise MemoryError(f"while writing the checkpoint {path}") from error
     atomic_write_bytes(path, buffer.getbuffer())
     problem = _problem(path)
     if problem is not None:  # read back (from the page cache): the write went wrong; keep the older ones

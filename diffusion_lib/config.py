@@ -13,7 +13,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -169,7 +169,7 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if dotted in _SECTIONS and value is None:  # an empty section in a YAML file
+        if dotted in (*_SECTIONS, "mining") and value is None:  # an empty section in a YAML file
             continue
         if isinstance(value, Mapping) and dotted in _SECTIONS:
             flat.update(flatten(value, dotted + "."))
@@ -186,6 +186,9 @@ def check_keys(flat: Mapping[str, Any], source: str) -> None:
     for key in flat:
         if key.startswith("mining.") or key in allowed:
             continue
+        if key in _SECTIONS or key == "mining":  # `train: 5`, `mining: random`: a section given a value
+            raise ConfigError(f"config key '{key}' in {source} is a section: give it a mapping of its keys, "
+                              f"or set one key as {key}.<key>")
         raise ConfigError(f"unknown config key '{key}' in {source}{suggest(key, allowed)}")
 
 
@@ -199,6 +202,9 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
             first: dict[Any, yaml.Node] = {}
+            merges = [key_node for key_node, _ in node.value if key_node.tag == "tag:yaml.org,2002:merge"]
+            if len(merges) > 1:  # YAML keeps one of them, silently; several merge as `<<: [*a, *b]`
+                raise _DuplicateKey("merge key '<<' first given", merges[0].start_mark, "given again", merges[1].start_mark)
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":  # '<<' merges may override: that is their point
                     continue
@@ -212,6 +218,27 @@ class _StrictLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: SafeLoader says so itself
                     continue
         return super().construct_mapping(node, deep=deep)
+
+
+def _plain_number(construct: Callable[[yaml.SafeLoader, yaml.Node], Any]) -> Callable[[yaml.SafeLoader, yaml.Node], Any]:
+    """A YAML 1.1 number constructor that refuses the base-60 (`1:30` = 90) and octal (`010` = 8) forms,
+    which read as numbers nobody meant."""
+
+    def constructed(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        value = construct(loader, node)
+        text = node.value.replace("_", "").lstrip("+-")
+        base = "base-60" if ":" in text else "octal" if re.fullmatch(r"0[0-7]+", text) else None
+        if base is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} reads as the {base} number {value} in YAML 1.1; quote it if it is "
+                f"text, or write {value}", node.start_mark)
+        return value
+
+    return constructed
+
+
+for _tag, _construct in (("int", yaml.SafeLoader.construct_yaml_int), ("float", yaml.SafeLoader.construct_yaml_float)):
+    _StrictLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _plain_number(_construct))
 
 
 def _kind_of(mode: int) -> str:

@@ -39,15 +39,39 @@ def describe_os_error(error: OSError) -> str:
     return f"cannot {getattr(error, 'action', 'access')} '{error.filename}': {reason}"
 
 
-def make_folder(path: str | Path) -> list[Path]:
-    """mkdir -p that names a path which is a file as such; returns the folders it created, outermost first."""
+def check_folder(path: str | Path) -> list[Path]:
+    """What `make_folder(path)` would run into, found without creating anything (a dry run asks this):
+    raises its OSError, naming `path`, for a file or a broken symbolic link in the way; returns the
+    folders it would create, outermost first."""
     path = Path(path)
     missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
     with writing(path):
-        if path.exists() and not path.is_dir():
+        for folder in missing:  # mkdir would say "File exists" of a link that loops or points nowhere
+            if folder.is_symlink():
+                _refuse_broken_link(folder, path)
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
-        path.mkdir(parents=True, exist_ok=True)
     return missing
+
+
+def make_folder(path: str | Path) -> list[Path]:
+    """mkdir -p that names a path which is a file as such; returns the folders it created, outermost first."""
+    missing = check_folder(path)
+    with writing(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _refuse_broken_link(link: Path, path: Path) -> None:
+    """Raise the true reason a symbolic link on the way to `path` cannot be followed: a loop, or no target."""
+    name = "it" if link == path else f"'{link}'"
+    try:
+        os.stat(link)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{name} is a symbolic link loop", str(path)) from None
+    raise OSError(errno.ENOENT, f"{name} is a symbolic link to '{os.readlink(link)}', which does not exist", str(path))
 
 
 # atomic_write's temp files: '.<name>.' + mkstemp's 8 random characters + '.tmp'

@@ -174,9 +174,12 @@ def resolve_mining_config(
     if not isinstance(mining_config, Mapping):
         raise ValueError(f"mining_config must be a dict, got {type(mining_config).__name__}")
     name = mining_config.get("strategy", "adversarial")
+    if not isinstance(name, str):  # a list or a mapping (not even hashable) is no strategy name
+        raise ValueError(f"mining_config['strategy'] = {brief_repr(name)} must be one strategy name; "
+                         f"allowed: {', '.join(STRATEGIES)}")
     if name not in STRATEGIES:
         raise ValueError(
-            f"mining_config['strategy'] = {name!r} is unknown{suggest(str(name), list(STRATEGIES))}; "
+            f"mining_config['strategy'] = {name!r} is unknown{suggest(name, list(STRATEGIES))}; "
             f"allowed: {', '.join(STRATEGIES)}"
         )
     options = {**COMMON_OPTIONS, **STRATEGIES[name].options}
@@ -187,7 +190,7 @@ def resolve_mining_config(
         if key not in options:
             allowed = ["strategy", *options]
             raise ValueError(
-                f"mining_config has unknown key '{key}' for strategy '{name}'{suggest(key, allowed)}; "
+                f"mining_config has unknown key {brief_repr(key)} for strategy '{name}'{suggest(str(key), allowed)}; "
                 f"allowed: {', '.join(allowed)}"
             )
         resolved[key] = _check_option(key, options[key], value)

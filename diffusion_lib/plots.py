@@ -23,7 +23,7 @@ from .analysis import (  # noqa: E402
     mean_on_shared_range, run_curves, seed_band,
 )
 from .results import RunRecord  # noqa: E402
-from .files import atomic_write  # noqa: E402
+from .files import atomic_write, make_folder  # noqa: E402
 
 Groups = Mapping[str, Sequence[RunRecord]]
 YARDSTICK_STYLES = {"zeros": ":", "train_mean": "-.", "linear": "--", "clamp_floor": (0, (1, 3))}
@@ -227,7 +227,7 @@ def _inference_steps(path: Path, groups: Groups, colors: dict[str, Any], analysi
 
 def write_plots(plot_dir: Path, groups: Groups, analysis: StudyAnalysis) -> list[tuple[str, str]]:
     """Draw every plot the data allow; returns (file name, caption) of those written."""
-    plot_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(plot_dir)  # names a file in the way as such (mkdir says "File exists")
     colors = {group: plt.get_cmap("tab10")(i % 10) for i, group in enumerate(groups)}
     plots = [
         ("val_mse_vs_step.png", "Validation MSE (EMA and raw) vs training step, with yardsticks",

@@ -19,7 +19,7 @@ from . import analysis as an
 from .analysis import ALPHA, BASES, SETS, YARDSTICKS, Comparison, Estimate, Metric, StudyAnalysis
 from .plots import write_plots
 from .results import RunRecord, is_number
-from .files import atomic_write_json, atomic_write_text
+from .files import atomic_write_json, atomic_write_text, make_folder
 
 AXIS_TITLES = {"flops": ("Matched FLOPs", "training FLOPs"), "train_seconds": ("Matched wall-clock", "training seconds")}
 EMA_LAG = ("Caveat: an EMA model read mid-training lags its raw model (the EMA decay warms up over thousands of "
@@ -194,6 +194,10 @@ def _yardstick_sentence(a: StudyAnalysis) -> str:
 
 
 def _verdict_section(a: StudyAnalysis) -> list[str]:
+    if not a.tally.get("finished"):  # then every sentence below would be vacuously true ("no disagreements")
+        tally = ", ".join(f"{n} {status}" for status, n in a.tally.items() if n)
+        return ["## Verdict", "", f"**No run finished** ({tally or 'no runs'}): there is nothing to compare; "
+                "see Problems for what happened to each run.", ""]
     return [
         "## Verdict", "",
         *_primary_paragraph(a), *_disagreement_paragraph(a),
@@ -432,7 +436,7 @@ def write_report(
     `primary`: study.yaml's `{"compare": [A, B], "metric": "mse_id" | "mse_ood"}` (strategy labels), or None.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     a = an.analyse(runs, primary)
     plots = write_plots(out_dir / "plots", an.group_runs(runs), a)
     rows = an.summary_rows(runs)

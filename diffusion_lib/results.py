@@ -1,6 +1,7 @@
 """What a run writes and where: resolved config, metrics log, checkpoints, final results."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .checkpoint import checkpoint_step, list_checkpoints
+from .checkpoint import newest_verified_step
 from .config import ConfigError, RunConfig, config_differences, config_from_file, flatten
 from .files import append_line, atomic_write_json, atomic_write_text, make_folder, remove_temp_files, writing
 from .locks import FolderBusy, FolderLock
@@ -26,6 +27,9 @@ RESUMABLE_CHANGES = ("device", "results_dir", "train.steps")
 SAMPLING_KEYS = ("diffusion.inference_steps", "diffusion.inference_step_scale", "diffusion.inference_step_schedule",
                  "diffusion.answer", "eval.num_samples", "eval.inference_steps_sweep")
 EVALUATION_CHANGES = (*RESUMABLE_CHANGES, *SAMPLING_KEYS, "eval.every", "eval.batch_size")
+
+
+MAX_EVALUATION_NAME = 200  # characters of changed settings in an evaluation's file name (file systems allow 255 bytes)
 
 
 def sampling_settings(config: RunConfig) -> dict[str, Any]:
@@ -89,46 +93,55 @@ class RunDir:
     def evaluation_file(self, config: RunConfig, step: int) -> Path:
         """Where an --evaluate of the checkpoint at `step` with `config` writes:
         `evaluations/step-<step>__<the sampling settings that differ from training's>.json` (`as_trained`
-        when none does), so the evaluation of every checkpoint and setting is kept."""
+        when none does), so the evaluation of every checkpoint and setting is kept. Settings too long for a
+        file name (a long sweep) are named by their digest instead; the file records them in full."""
         saved = self.saved_config()
         trained = sampling_settings(saved) if saved is not None else {}
-        changed = [f"{key.rsplit('.', 1)[1]}={slug('-'.join(map(str, value)) if isinstance(value, list) else value)}"
-                   for key, value in sampling_settings(config).items() if trained.get(key) != value]
-        return self.evaluations / f"step-{step}__{'__'.join(changed) or 'as_trained'}.json"
+        changed = "__".join(f"{key.rsplit('.', 1)[1]}={slug('-'.join(map(str, value)) if isinstance(value, list) else value)}"
+                            for key, value in sampling_settings(config).items() if trained.get(key) != value)
+        if len(changed) > MAX_EVALUATION_NAME:
+            changed = "settings-" + hashlib.sha256(changed.encode()).hexdigest()[:16]
+        return self.evaluations / f"step-{step}__{changed or 'as_trained'}.json"
 
     def reached_step(self) -> int:
-        """How far the run got: the step of its newest checkpoint (by file name) or of its final.json."""
-        steps = [checkpoint_step(path) for path in list_checkpoints(self.checkpoints)[:1]]
+        """How far the run got: the step of its newest checkpoint that verifies (a damaged file's name says
+        nothing) or of its final.json."""
+        steps = [newest_verified_step(self.checkpoints)]
         final = self.read_final()
         if isinstance(final, dict) and isinstance(final.get("step"), int):  # a damaged one says nothing
             steps.append(final["step"])
         return max(steps, default=0)
 
     def check(
-        self, config: RunConfig, resume: bool, overwrite: bool, may_change: tuple[str, ...] = RESUMABLE_CHANGES
+        self, config: RunConfig, resume: bool, overwrite: bool, may_change: tuple[str, ...] = RESUMABLE_CHANGES,
+        start_over: str | None = "--overwrite",
     ) -> None:
-        """Refuse to clobber an existing run unless asked; only reads, so every process may call it."""
+        """Refuse to clobber an existing run unless asked; only reads, so every process may call it.
+        `start_over`: the option that starts this run over, or None where none does for it alone (in a study,
+        --overwrite starts every run over): then the advice is to move this run's folder away."""
         if not self._run_files() or overwrite:
             return
+        again = (f"{start_over} to start over" if start_over else
+                 f"move '{self.root}' away to train that run again (--overwrite would start every run over)")
         if not resume:
-            raise ConfigError(
-                f"results dir '{self.root}' already holds a run; pass --resume to continue it or --overwrite to start over"
-            )
+            raise ConfigError(f"results dir '{self.root}' already holds a run; pass --resume to continue it or {again}")
+        evaluating = set(SAMPLING_KEYS) <= set(may_change)  # --evaluate only reads the run: no start over
+        action = "evaluate" if evaluating else "resume"
         saved = self.saved_config()
         if saved is None:
-            raise ConfigError(f"cannot resume '{self.root}': it has no config.yaml; use --overwrite to start over")
+            raise ConfigError(f"cannot {action} '{self.root}': it has no config.yaml; restore it"
+                              + ("" if evaluating else f", or {again}"))
         changed = config_differences(saved, config, ignore=may_change)
         if changed:
-            raise ConfigError(
-                f"cannot resume '{self.root}': its config differs in {', '.join(changed)}; "
-                "use another results dir or --overwrite"
-            )
+            advice = (f"an evaluation may change only {', '.join(may_change)}" if evaluating
+                      else f"use another results dir or {again}")
+            raise ConfigError(f"cannot {action} '{self.root}': its config differs in {', '.join(changed)}; {advice}")
         reached = self.reached_step()
         # it would report the longer run as finished at the shorter length (a FLOP budget sets its own length)
-        if reached > config.train.steps and config.train.budget_flops == 0:
+        if reached > config.train.steps and config.train.budget_flops == 0 and not evaluating:
             raise ConfigError(
                 f"cannot resume '{self.root}' with train.steps = {config.train.steps}: the run already reached "
-                f"step {reached}; pass train.steps >= {reached}, or --overwrite to start over"
+                f"step {reached}; pass train.steps >= {reached}, or {again}"
             )
 
     def prepare(self, config: RunConfig, overwrite: bool, code: dict[str, Any] | None = None) -> None:
@@ -148,20 +161,24 @@ class RunDir:
         append_line(self.metrics, json.dumps(record))
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl: JSON objects with an int `step`, as the trainer writes them; a
+        torn or foreign line (garbage, a list, a step of another type) is skipped."""
         if not self.metrics.exists():
             return []
         records = []
         for line in self.metrics.read_text().splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
+                records.append(record)
         return records
 
     def truncate_metrics(self, step: int) -> None:
         """Drop records logged after `step` (the checkpoint a resumed run restarts from)."""
         if self.metrics.exists():
-            kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+            kept = [r for r in self.read_metrics() if r["step"] <= step]
             atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     # -- final results -------------------------------------------------------------------------------

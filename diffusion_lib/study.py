@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any, Callable
 import yaml
 
 from .config import PER_RUN_KEYS, ConfigError, RunConfig, flatten, build_config, check_keys, load_yaml
-from .files import atomic_write_text, remove_temp_files, writing
+from .files import atomic_write_text, check_folder, remove_temp_files, writing
 from .locks import FolderLock
 from .results import RunDir, RunRecord
 from .text import brief_repr, slug
@@ -133,11 +134,15 @@ def parse_study(data: dict[str, Any], source: str, overrides: dict[str, Any] | N
     study = {k: data[k] for k in STUDY_KEYS if k in data}
     base = flatten({k: v for k, v in data.items() if k not in STUDY_KEYS})
     check_keys(base, source)
-    base.pop("results_dir", None)  # every run's folder is set by the study
+    for key in ("seed", "results_dir"):  # set per run: a base value would be silently replaced
+        _require(key not in base, f"key '{key}' in {source} is set per run by the study; use its "
+                                  f"'{SET_BY_THE_STUDY[key]}' instead")
 
     name = study.get("name", Path(source).stem)
-    _require(isinstance(name, str) and re.fullmatch(r"[\w.-]+", name) is not None,
-             f"study key 'name' = {brief_repr(name)} in {source} must be a folder name (letters, digits, _ . -)")
+    # '.' and '..' are no folder of their own: results/.. is the repository, which --overwrite would clear
+    _require(isinstance(name, str) and re.fullmatch(r"[\w.-]+", name) is not None and name not in (".", ".."),
+             f"study key 'name' = {brief_repr(name)} in {source} must be a folder name (letters, digits, _ . -; "
+             "not . or ..)")
     seeds = _check_seeds(study.get("seeds", [0]), f"study key 'seeds' in {source}")
     strategies = study.get("strategies", {"none": {"strategy": "none"}, "random": {"strategy": "random"},
                                           "adversarial": {"strategy": "adversarial"}})
@@ -224,6 +229,30 @@ class _Claim:
         return f"seeds {self.seed} and {other.seed} of strategy {self.label!r}"
 
 
+def _name_limits(folder: Path) -> tuple[int, int]:
+    """(longest file name, longest path), in bytes, on the file system that holds or will hold `folder`."""
+    existing = next((p for p in (folder, *folder.parents) if os.path.isdir(p)), Path.cwd())  # False on errors
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):  # a file system that does not say: the common limits
+        return 255, 4096
+
+
+# the longest path a run writes below its folder: an atomic write's temp file for a checkpoint
+_LONGEST_INSIDE_A_RUN = "/checkpoints/.step-000000000.pt.abcdefgh.tmp"
+
+
+def _check_folder_length(folder: Path, limits: tuple[int, int], what: str) -> None:
+    """Refuse, before anything trains, a folder the file system would refuse ('File name too long')."""
+    name_max, path_max = limits
+    for part in folder.parts:
+        _require(len(part.encode()) <= name_max, f"{what}: the folder name {brief_repr(part)} is "
+                 f"{len(part.encode())} bytes, longer than the file system allows ({name_max})")
+    length = len(str(folder.absolute()).encode()) + len(_LONGEST_INSIDE_A_RUN)
+    _require(length <= path_max, f"{what}: paths in its folder {brief_repr(str(folder))} would be {length} bytes, "
+                                 f"longer than the file system allows ({path_max})")
+
+
 def expand(study: Study, study_dir: Path) -> list[StudyRun]:
     """Every (seed, sweep point, strategy) run, with its validated config; seed-major, so early runs
     already give one seed of every comparison. Refuses two runs that would share a folder, or two sweep
@@ -233,6 +262,7 @@ def expand(study: Study, study_dir: Path) -> list[StudyRun]:
     base_mining = {k.split(".", 1)[1]: v for k, v in study.base.items() if k.startswith("mining.")}
     base = {k: v for k, v in study.base.items() if not k.startswith("mining.")}
     keys = list(study.sweep)
+    limits = _name_limits(study_dir)
     runs = []
     folders: dict[str, _Claim] = {}  # run folder, case-folded (some file systems ignore case) -> its run
     settings: dict[str, _Claim] = {}  # resolved config, folder aside -> its run
@@ -242,6 +272,8 @@ def expand(study: Study, study_dir: Path) -> list[StudyRun]:
             for label, mining in study.strategies.items():
                 run_id = "__".join([slug(label), *(f"{k}={slug(v)}" for k, v in point.items()), f"seed{seed}"])
                 claim = _Claim(label, seed, index, point)
+                _check_folder_length(study_dir / "runs" / run_id, limits,
+                                     f"{study.source}, run {brief_repr(run_id)} (shorten its strategy label or sweep values)")
                 other = folders.setdefault(run_id.casefold(), claim)
                 if other != claim:
                     raise ConfigError(
@@ -339,7 +371,9 @@ class StudyDir:
         return study
 
     def check(self, study: Study, *, resume: bool, overwrite: bool, sharded: bool) -> None:
-        """Refuse to mix two different studies in one folder, or to redo one without --resume."""
+        """Refuse to mix two different studies in one folder, or to redo one without --resume; and a folder
+        that cannot be made (a file or a broken link in the way), so that a dry run refuses it too."""
+        check_folder(self.root)
         saved = self.saved()
         if saved is None or overwrite:
             return

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -38,11 +39,17 @@ def describe(study: Study) -> str:
     return "\n\n".join(line for line in lines if line)
 
 
-def report(study: Study, study_dir: Path) -> None:
-    """Write the study's report.md (tables and plots) from its runs' records, and say where."""
+def report(study: Study, study_dir: Path) -> int:
+    """Write the study's report.md (tables and plots) from its runs' records, and say where; the exit
+    code: 1 when no run finished (the report then has no result)."""
     from .report import write_report
 
     records = [run.record() for run in study.runs]
     write_report(study_dir, records, title=f"Negative mining on matrix inversion: study '{study.name}'",
                  description=describe(study), primary=study.primary)
     print(f"report: {study_dir / 'report.md'}")
+    if not any(record.finished for record in records):
+        print(f"error: no run of the study finished ({', '.join(sorted({r.status for r in records}))}); "
+              f"see {study_dir / 'report.md'}", file=sys.stderr)
+        return 1
+    return 0

@@ -89,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
         study_dir = Path(args.report_only or args.output or ROOT / "results" / load_study(args.config).name)
         study = StudyDir(study_dir).load()
         with StudyDir(study_dir).lock():  # one writer of the study's own files at a time
-            report(study, study_dir)
-        return 0
+            return report(study, study_dir)
     study = select(load_study(args.config, parse_overrides(args.overrides)), args.strategies, args.seeds)
     study_dir = Path(args.output or ROOT / "results" / study.name)
     runs = expand(study, study_dir)
@@ -104,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     folder = StudyDir(study_dir)
     folder.check(study, resume=args.resume, overwrite=args.overwrite, sharded=bool(args.shard))
     for run in selected:
-        RunDir(run.config.results_dir).check(run.config, resume=args.resume, overwrite=args.overwrite)
+        # the study's --overwrite would start every run over: the advice names the one run to fix
+        RunDir(run.config.results_dir).check(run.config, resume=args.resume, overwrite=args.overwrite, start_over=None)
     if args.dry_run:
         dry_run(selected, pack_size, build_trainer, resume=args.resume, overwrite=args.overwrite)
         return 0
@@ -116,8 +116,7 @@ def run(args: argparse.Namespace) -> int:
               f"python experiments/matrix_inversion_mining_comparison.py --report-only {shlex.quote(str(study_dir))}")
         return 0
     with folder.lock():
-        report(study, study_dir)
-    return 0
+        return report(study, study_dir)
 
 
 if __name__ == "__main__":
