@@ -8,25 +8,17 @@ This module imports no torch at load time, so the command-line help can list the
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from .utils import brief_repr, suggest
+from .registry import Option, one_of, resolve_options
+from .utils import suggest
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from .diffusion import GaussianDiffusion1D, OptResult
     from .models import EnergyCondition
-
-
-@dataclass(frozen=True)
-class Option:
-    kind: type
-    default: Any
-    valid: Callable[[Any], bool]
-    requirement: str
 
 
 @dataclass
@@ -48,21 +40,18 @@ class Strategy:
     period: Callable[[dict], int] = lambda cfg: 1
 
 
-def _one_of(*choices: str) -> Option:
-    return Option(str, choices[0], lambda v: v in choices, "one of " + ", ".join(choices))
-
-
 STEP_SCHEDULES = ("constant", "reference")  # inner descent steps: eta_t * scale each, or the published x2 rule
 
 
 COMMON_OPTIONS: dict[str, Option] = {
-    "opt_steps": Option(int, 2, lambda v: v >= 1, "an int >= 1"),
+    # at most 1000: inner descent steps per negative, on every training step (more is a typo)
+    "opt_steps": Option(int, 2, lambda v: 1 <= v <= 1000, "an int >= 1, at most 1000"),
     "scale_factor": Option(float, 1.0, lambda v: v > 0, "a float > 0"),
     "noise_scale": Option(float, 3.0, lambda v: v > 0, "a float > 0"),
     "loss_scale": Option(float, 0.5, lambda v: v >= 0, "a float >= 0"),
     # the published code's mining quirks, on request (README: "Where the published code differs")
-    "step_schedule": _one_of(*STEP_SCHEDULES),
-    "clamp_bound": _one_of("per_sample", "first_sample"),
+    "step_schedule": one_of(*STEP_SCHEDULES),
+    "clamp_bound": one_of("per_sample", "first_sample"),
 }
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -148,20 +137,6 @@ def mine_mixed(
     return Negatives(y, mined.stats, grad_evals=mined.grad_evals * k / batch)
 
 
-def _check_option(name: str, option: Option, value: Any) -> Any:
-    ok_type = isinstance(value, option.kind) and not isinstance(value, bool)
-    if option.kind is float and isinstance(value, int) and not isinstance(value, bool):
-        try:
-            value, ok_type = float(value), True
-        except OverflowError:  # an int beyond any float
-            value, ok_type = math.inf, True
-    if ok_type and option.kind is float and not math.isfinite(value):  # inf and nan pass `v > 0` checks
-        raise ValueError(f"mining_config['{name}'] = {value} is invalid: must be a finite number")
-    if not ok_type or not option.valid(value):
-        raise ValueError(f"mining_config['{name}'] = {brief_repr(value)} is invalid: must be {option.requirement}")
-    return value
-
-
 def resolve_mining_config(
     mining_config: Mapping[str, Any] | None = None, supervise_energy_landscape: bool = True
 ) -> dict[str, Any]:
@@ -180,20 +155,8 @@ def resolve_mining_config(
             f"allowed: {', '.join(STRATEGIES)}"
         )
     options = {**COMMON_OPTIONS, **STRATEGIES[name].options}
-    resolved: dict[str, Any] = {"strategy": name}
-    for key, value in mining_config.items():
-        if key == "strategy":
-            continue
-        if key not in options:
-            allowed = ["strategy", *options]
-            raise ValueError(
-                f"mining_config has unknown key '{key}' for strategy '{name}'{suggest(key, allowed)}; "
-                f"allowed: {', '.join(allowed)}"
-            )
-        resolved[key] = _check_option(key, options[key], value)
-    for key, option in options.items():
-        resolved.setdefault(key, option.default)
-    return resolved
+    given = {k: v for k, v in mining_config.items() if k != "strategy"}
+    return {"strategy": name, **resolve_options("mining_config", given, options, f" for strategy '{name}'")}
 
 
 def mining_strategy(mining_config: Mapping[str, Any]) -> Strategy:
