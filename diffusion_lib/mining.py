@@ -17,8 +17,7 @@ from .utils import suggest
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from .diffusion import GaussianDiffusion1D, OptResult
-    from .models import EnergyCondition
+    from .diffusion import GaussianDiffusion1D, Given, OptResult
 
 
 @dataclass
@@ -28,7 +27,9 @@ class Negatives:
     grad_evals: float = 0.0  # energy-gradient evaluations per sample spent mining
 
 
-MineFn = Callable[["GaussianDiffusion1D", "EnergyCondition", "Tensor", "Tensor", "Tensor", dict, int], Negatives]
+# (diffusion, condition, y0, t, eps', mining config, step, given entries or None) -> negatives; a strategy holds
+# the given entries of what it forms (diffusion.hold_given; opt_step(..., given=given) does it per step)
+MineFn = Callable[["GaussianDiffusion1D", Any, "Tensor", "Tensor", "Tensor", dict, int, "Given | None"], Negatives]
 
 
 @dataclass(frozen=True)
@@ -89,18 +90,20 @@ register("none", description="no energy supervision: score loss only")(None)
 
 @register("random", description="the positive's noise scaled by noise_scale")
 def mine_random(
-    diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
+    diffusion: GaussianDiffusion1D, cond: Any, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int,
+    given: Given | None = None,
 ) -> Negatives:
-    return Negatives(diffusion.q_sample(y0, t, cfg["noise_scale"] * noise))
+    return Negatives(diffusion.hold_given(diffusion.q_sample(y0, t, cfg["noise_scale"] * noise), t, given))
 
 
 @register("adversarial", description="random start, then opt_steps of energy descent")
 def mine_adversarial(
-    diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
+    diffusion: GaussianDiffusion1D, cond: Any, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int,
+    given: Given | None = None,
 ) -> Negatives:
-    start = mine_random(diffusion, cond, y0, t, noise, cfg, step).y
+    start = mine_random(diffusion, cond, y0, t, noise, cfg, step, given).y
     result = diffusion.opt_step(cond, start, t, steps=cfg["opt_steps"], scale=cfg["scale_factor"],
-                                schedule=cfg["step_schedule"], clamp_bound=cfg["clamp_bound"])
+                                schedule=cfg["step_schedule"], clamp_bound=cfg["clamp_bound"], given=given)
     return Negatives(result.y, descent_stats(start, result), grad_evals=float(cfg["opt_steps"]))
 
 
@@ -111,10 +114,11 @@ def mine_adversarial(
     period=lambda cfg: cfg["every"],
 )
 def mine_periodic(
-    diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
+    diffusion: GaussianDiffusion1D, cond: Any, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int,
+    given: Given | None = None,
 ) -> Negatives:
     mine = mine_adversarial if step % cfg["every"] == 0 else mine_random
-    return mine(diffusion, cond, y0, t, noise, cfg, step)
+    return mine(diffusion, cond, y0, t, noise, cfg, step, given)
 
 
 @register(
@@ -123,15 +127,17 @@ def mine_periodic(
     description="a `fraction` of each batch adversarial, the rest random",
 )
 def mine_mixed(
-    diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
+    diffusion: GaussianDiffusion1D, cond: Any, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int,
+    given: Given | None = None,
 ) -> Negatives:
-    negatives = mine_random(diffusion, cond, y0, t, noise, cfg, step)
+    negatives = mine_random(diffusion, cond, y0, t, noise, cfg, step, given)
     batch = y0.shape[1]
     k = round(cfg["fraction"] * batch)
     if k == 0:
         return negatives
     head = slice(0, k)  # samples are i.i.d., so the first k are as good a subset as any
-    mined = mine_adversarial(diffusion, cond.select(head), y0[:, head], t[:, head], noise[:, head], cfg, step)
+    head_given = None if given is None else (given[0][:, head], given[1][:, head])
+    mined = mine_adversarial(diffusion, cond.select(head), y0[:, head], t[:, head], noise[:, head], cfg, step, head_given)
     y = negatives.y.clone()
     y[:, head] = mined.y
     return Negatives(y, mined.stats, grad_evals=mined.grad_evals * k / batch)
