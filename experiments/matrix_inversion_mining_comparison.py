@@ -88,9 +88,9 @@ def describe(study: Study) -> str:
     lines = [
         text,
         f"Strategies ({len(flow)}): " + "; ".join(f"`{label}: {mining}`" for label, mining in flow.items()) + ".",
-        f"Task: {config.task.dataset}, rank {config.task.rank}{' (trained on ood)' if config.task.ood else ''}; "
+        f"Task: {config.task['dataset']}, rank {config.task.get('rank')}{' (trained on ood)' if config.task.get('ood') else ''}; "
         f"{length} of batch {config.train.batch_size}, lr {config.train.lr}, "
-        f"{config.diffusion.timesteps} diffusion steps, hidden {config.model.hidden_dim}; "
+        f"{config.diffusion.timesteps} diffusion steps, hidden {config.model.get('hidden_dim')}; "
         f"held-out sets of {config.eval.num_samples} problems; seeds {', '.join(map(str, study.seeds))}.",
     ]
     if study.sweep:
@@ -134,12 +134,24 @@ def pack_label(pack: list[StudyRun]) -> str:
 def default_pack_size(study: Study, runs: list[StudyRun], launcher: str) -> int:
     """Every seed of a group in one pack on a GPU (launch overheads dominate a lone run there); one run at
     a time on a CPU (packing gains nothing there and a run's bar is easier to follow)."""
-    if launcher != "inprocess":
+    from diffusion_lib.models import model_packs
+
+    if launcher != "inprocess" or not model_packs(runs[0].config.model):
         return 1
     import torch
 
     on_gpu = any(r.config.device == "cuda" or (r.config.device == "auto" and torch.cuda.is_available()) for r in runs)
     return len(study.seeds) if on_gpu else 1
+
+
+def check_model_packs(runs: list[StudyRun], pack_size: int) -> None:
+    """A model that holds one run at a time trains with pack 1; asking for more is refused in one line."""
+    from diffusion_lib.models import check_packs
+
+    try:
+        check_packs(runs[0].config.model, pack_size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 class RunCrashed(RuntimeError):
@@ -263,8 +275,10 @@ def train_all(runs: list[StudyRun], args: argparse.Namespace, pack_size: int) ->
         left -= len(pack)
         for run, final in zip(pack, finals):  # a failed run is marked so in its final.json; the study goes on
             if final.get("status") == "finished":
-                print(f"{tag}: {run.run_id} done in {format_seconds(seconds)}: MSE (EMA) in-dist "
-                      f"{final['mse_id']:.3g}, ood {final['mse_ood']:.3g}", flush=True)
+                metric = next(iter(final["metrics"]))  # the task's headline metric, on each held-out set
+                scores = ", ".join(f"{name} {final[f'{metric}_{name}']:.3g}" for name in final["sets"])
+                print(f"{tag}: {run.run_id} done in {format_seconds(seconds)}: {final['metric_labels'][metric]} (EMA) "
+                      f"{scores}", flush=True)
             else:
                 print(f"{tag}: {run.run_id} FAILED: {final.get('error')}", flush=True)
 
@@ -366,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
     if args.launcher == "inprocess" and len({run.config.device for run in runs}) > 1:
         raise ConfigError("runs on different devices need --launcher accelerate (one device per process)")
     pack_size = args.pack or default_pack_size(study, runs, args.launcher)
+    check_model_packs(runs, pack_size)
     if not selected:
         print(f"shard {args.shard} has no runs (the study has {len(runs)})")
         return 0
