@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .registry import Option, one_of, resolve_options
 from .utils import suggest
@@ -195,6 +196,26 @@ def _reset_linear(layer: nn.Linear, generator: torch.Generator) -> None:
             layer.bias.uniform_(-bound, bound, generator=generator)
 
 
+class _RunSlot(nn.Module):
+    """Stores a parameter as [1, *shape], the leading run dim every packed parameter has, while the model
+    sees [*shape]: the trainer's per-run clipping, EMA, optimiser state and checkpoints then treat a model
+    that does not pack as a pack of one, unchanged."""
+
+    def forward(self, packed: Tensor) -> Tensor:
+        # without grad a view of a parameter still says requires_grad (with no grad_fn), which hooks such
+        # as FlopCounterMode's module tracker refuse; detached, it shares the storage all the same
+        return packed[0] if torch.is_grad_enabled() else packed[0].detach()
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        return value.unsqueeze(0)
+
+
+def _add_run_dim(model: nn.Module) -> None:
+    for module in list(model.modules()):
+        for name, _ in list(module.named_parameters(recurse=False)):
+            parametrize.register_parametrization(module, name, _RunSlot(), unsafe=True)
+
+
 # -- the registry -----------------------------------------------------------------------------------------
 MODELS: dict[str, type[EnergyModel]] = {}
 DTYPES = ("float32", "float64", "bfloat16")
@@ -244,6 +265,8 @@ def build_model(model_cfg: Mapping[str, Any], task: Any, runs: int = 1) -> Energ
     check_packs(resolved, runs)
     options = {k: v for k, v in resolved.items() if k not in ("name", *COMMON_OPTIONS)}
     model = MODELS[resolved["name"]](task, runs, **options)
+    if not model.packs:
+        _add_run_dim(model)
     for run in range(runs):
         model.init_run(run, run)
     return EnergyDenoiser(model)

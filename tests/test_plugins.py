@@ -97,12 +97,12 @@ def test_in_training_the_score_loss_differentiates_through_the_autograd_gradient
         return model.energy_and_grad(model.condition(x, t, 10), y)[1].pow(2).sum()
 
     loss().backward()
-    weight = model.ebm.hidden.weight
-    analytic, eps = weight.grad[2, 1].item(), 1e-6
+    weight = model.ebm.hidden.parametrizations.weight.original  # [1, out, in]: a pack of one run
+    analytic, eps = weight.grad[0, 2, 1].item(), 1e-6
     with torch.no_grad():
-        weight[2, 1] += eps
+        weight[0, 2, 1] += eps
         up = loss().item()
-        weight[2, 1] -= 2 * eps
+        weight[0, 2, 1] -= 2 * eps
         down = loss().item()
     assert analytic != 0 and analytic == pytest.approx((up - down) / (2 * eps), rel=1e-5)
 
@@ -280,6 +280,7 @@ def test_a_tiny_study_trains_the_new_energy_model(tmp_path, capsys):
     assert len(finals) == 4 and all(f["status"] == "finished" for f in finals.values()), capsys.readouterr()
     assert all(math.isfinite(f["mse_id"]) and math.isfinite(f["mse_ood_raw"]) for f in finals.values())
     assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
     code, _ = _study(tmp_path, "packed", "{dataset: inverse, rank: 2}", "{name: two_layer_test}", "--pack", 2)
     err = capsys.readouterr().err.strip()
     assert code == 2 and "model 'two_layer_test' trains one run at a time" in err and len(err.splitlines()) == 1
