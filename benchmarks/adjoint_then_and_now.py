@@ -61,15 +61,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     rank, batch = spec["rank"], spec["batch"]
-    ebm = EBM(rank * rank, rank * rank, hidden_dim=spec["hidden"])  # now a pack of one run, then unpacked
+    ebm = EBM(make_task({"dataset": "inverse", "rank": rank}), hidden_dim=spec["hidden"])  # now a pack of one run, then unpacked
     mining = {"strategy": spec["strategy"], "opt_steps": 2}
     diffusion = GaussianDiffusion1D(EnergyDenoiser(ebm), mining_config=mining)
     optimizer = torch.optim.Adam(diffusion.parameters(), lr=1e-4, betas=(0.9, 0.99))
-    task, generator = make_task("inverse", rank), torch.Generator().manual_seed(0)
+    task, generator = make_task({"dataset": "inverse", "rank": rank}), torch.Generator().manual_seed(0)
 
     def step() -> tuple[float, float]:
         start = time.perf_counter()
-        x, y = task.sample(batch, generator)
+        x, y, _ = task.sample(batch, generator)
         model_start = time.perf_counter()
         loss, _ = diffusion(x, y, generator=generator)
         loss.backward()
