@@ -27,42 +27,48 @@ from diffusion_lib.results import RunDir, TrainingInterrupted, sampling_settings
 
 if TYPE_CHECKING:
     from diffusion_lib.diffusion import GaussianDiffusion1D
-    from diffusion_lib.tasks import MatrixTask
+    from diffusion_lib.tasks import Task
     from diffusion_lib.trainer import Trainer1D
 
 
 # -- the helpers every script builds runs with ------------------------------------------------------
-def create_dataset(config: RunConfig) -> MatrixTask:
+def create_dataset(config: RunConfig) -> Task:
+    """The task `config.task` names (tasks.TASKS)."""
     from diffusion_lib.tasks import make_task
 
-    return make_task(config.task.dataset, rank=config.task.rank, ood=config.task.ood)
+    return make_task(config.task)
 
 
-def create_diffusion_model(config: RunConfig | Sequence[RunConfig], task: MatrixTask) -> GaussianDiffusion1D:
-    """The model for one run, or for a pack of runs (configs differing only in seed and folder)."""
+def create_diffusion_model(config: RunConfig | Sequence[RunConfig], task: Task) -> GaussianDiffusion1D:
+    """The model for one run, or for a pack of runs (configs differing only in seed and folder); a model
+    that does not pack refuses more than one run in one line."""
     from diffusion_lib.diffusion import GaussianDiffusion1D
-    from diffusion_lib.models import EBM, EnergyDenoiser
+    from diffusion_lib.models import build_model
 
     configs = [config] if isinstance(config, RunConfig) else list(config)
-    ebm = EBM(task.inp_dim, task.out_dim, hidden_dim=configs[0].model.hidden_dim, runs=len(configs))
+    try:
+        model = build_model(configs[0].model, task, runs=len(configs))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     for run, run_config in enumerate(configs):
-        ebm.init_run(run, run_config.seed)  # the seed fixes the initial weights
+        model.ebm.init_run(run, run_config.seed)  # the seed fixes the initial weights
     settings = configs[0].diffusion
     return GaussianDiffusion1D(
-        EnergyDenoiser(ebm),
+        model,
         timesteps=settings.timesteps,
         mining_config=configs[0].mining,
         inference_steps=settings.inference_steps,
         inference_step_scale=settings.inference_step_scale,
         inference_step_schedule=settings.inference_step_schedule,
         answer=settings.answer,
+        data_bound=task.answer_bound,
     )
 
 
 def create_trainer(
     config: RunConfig | Sequence[RunConfig],
     diffusion: GaussianDiffusion1D,
-    task: MatrixTask,
+    task: Task,
     *,
     resume: bool = False,
     overwrite: bool = False,

@@ -150,7 +150,7 @@ def measure_packs(base: dict[str, Any], packs: list[int], rounds: int, warmup: i
             print(f"round {r + 1}/{rounds}: " + ", ".join(
                 f"P={size} {sum(times[(size, s)][-1] for s in MIX):.3f} s" for size in packs), flush=True)
         device = first.accelerator.device
-        info = {"device": device_name(device), "dtype": first.config.model.dtype,
+        info = {"device": device_name(device), "dtype": first.config.model["dtype"],
                 "matmul_precision": torch.get_float32_matmul_precision(), "data_s": data_seconds(first)}
         accelerator = first.accelerator
         del first

@@ -100,15 +100,15 @@ class Setup:
 
 
 def make_setup(strategy: str, rank: int, batch: int, hidden: int, seed: int = 0) -> Setup:
-    ebm = EBM(rank * rank, rank * rank, hidden_dim=hidden)
+    task = make_task({"dataset": "inverse", "rank": rank})
+    ebm = EBM(task, hidden_dim=hidden)
     ebm.init_run(0, seed)
     mining = {"strategy": strategy, "opt_steps": TRAIN_OPT_STEPS}
     diffusion = GaussianDiffusion1D(EnergyDenoiser(ebm), mining_config=mining)
     optimizer = torch.optim.Adam(diffusion.parameters(), lr=1e-4, betas=(0.9, 0.99))
-    task = make_task("inverse", rank)
     generator = torch.Generator().manual_seed(seed)
     loader: Iterator = iter(plain.numpy_loader(rank, batch, seed))
-    return Setup(diffusion, optimizer, lambda: task.sample(batch, generator), lambda: next(loader), generator)
+    return Setup(diffusion, optimizer, lambda: task.sample(batch, generator)[:2], lambda: next(loader), generator)
 
 
 def data(setup: Setup, impl: str) -> Batch:

@@ -10,12 +10,23 @@ _PUBLIC = {
     "EBM": "models",
     "EnergyCondition": "models",
     "EnergyDenoiser": "models",
+    "EnergyModel": "models",
+    "MODELS": "models",
+    "build_model": "models",
+    "register_model": "models",
     "GaussianDiffusion1D": "diffusion",
     "Negatives": "mining",
     "STRATEGIES": "mining",
     "register": "mining",
     "resolve_mining_config": "mining",
+    "Option": "registry",
+    "resolve_options": "registry",
     "schedule_constants": "schedule",
+    "Metric": "tasks",
+    "TASKS": "tasks",
+    "Task": "tasks",
+    "make_task": "tasks",
+    "register_task": "tasks",
 }
 __all__ = list(_PUBLIC)
 

@@ -1,8 +1,10 @@
 """Run configuration: plain nested dataclasses, YAML files, dotted `key=value` overrides, validation.
 
-Resolution order: defaults < YAML file < command-line flags < `key=value` overrides. Every problem
-raises ConfigError with one line naming the key, value or file and what is allowed. Every float must be
-finite, and sizes have upper limits (LIMITS) so that a typo is refused instead of exhausting memory or time.
+Resolution order: defaults < the task's defaults < YAML file < command-line flags < `key=value` overrides.
+Every problem raises ConfigError with one line naming the key, value or file and what is allowed. Every
+float must be finite, and sizes have upper limits (LIMITS, or the registered option's check) so that a
+typo is refused instead of exhausting memory or time. `task`, `model` and `mining` are free-form maps,
+each validated once by its registry (tasks.py, models.py, mining.py) against its options.
 """
 from __future__ import annotations
 
@@ -34,8 +36,6 @@ def _positive_int(default: int) -> Any:
 
 
 PER_RUN_KEYS = ("seed", "results_dir")  # the keys in which runs of one pack (one batched model) may differ
-DATASETS = ("inverse", "addition", "lowrank")  # tasks.TASKS by name (kept here so a config loads without torch)
-DTYPES = ("float32", "float64", "bfloat16")
 ANSWERS = ("x0", "scaled")
 TRACKERS = ("none", "tensorboard", "wandb")
 
@@ -46,9 +46,8 @@ def _int_in(low: int, high: int, default: int) -> Any:
 
 # Upper limits on sizes: beyond them a run would exhaust memory or take days per step, so a larger value
 # is a typo; refused in one line rather than ending in an allocator traceback or minutes of silence.
+# (Limits of task, model and mining keys live in their registered options.)
 LIMITS: dict[str, tuple[int, str]] = {
-    "task.rank": (100, "n x n matrices: inputs and outputs have n^2 = 10,000 numbers at n = 100"),
-    "model.hidden_dim": (16384, "the first layer alone has (inputs + outputs) x hidden_dim weights"),
     "diffusion.timesteps": (1000, "every training step and every sample walks these"),
     "diffusion.inference_steps": (1000, "inner steps per timestep when sampling"),
     "train.steps": (10**9, "more than a lifetime of steps at any speed"),
@@ -56,7 +55,6 @@ LIMITS: dict[str, tuple[int, str]] = {
     "eval.num_samples": (2**20, "the held-out sets are built in memory when a run starts"),
     "eval.batch_size": (2**20, "one sampling batch is held in memory"),
     "eval.inference_steps_sweep": (1000, "each entry: inner steps per timestep in one extra evaluation"),
-    "mining.opt_steps": (1000, "inner descent steps per negative, on every training step"),
 }
 MAX_SWEEP_ENTRIES = 100  # eval.inference_steps_sweep: each entry is one more full evaluation at the end
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few lines; a bigger file is not one (or a device, read forever)
@@ -64,20 +62,6 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few lines; a bigger file is not one 
 
 def _limited(key: str, default: int, low: int = 1) -> Any:
     return _int_in(low, LIMITS[key][0], default)
-
-
-@dataclass
-class TaskConfig:
-    dataset: str = _check(lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}", default="inverse")
-    rank: int = _limited("task.rank", 20)
-    ood: bool = False  # train on the harder (ood) distribution; validation always scores both sets
-
-
-@dataclass
-class ModelConfig:
-    hidden_dim: int = _limited("model.hidden_dim", 512)
-    # compute dtype: float64 for exactness checks; bfloat16 = mixed precision (float32 weights, bf16 autocast)
-    dtype: str = _check(lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}", default="float32")
 
 
 @dataclass
@@ -133,8 +117,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 @dataclass
 class RunConfig:
-    task: TaskConfig = field(default_factory=TaskConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    task: dict = field(default_factory=lambda: {"dataset": "inverse"})  # see tasks.py
+    model: dict = field(default_factory=lambda: {"name": "mlp"})  # see models.py
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     mining: dict = field(default_factory=lambda: {"strategy": "adversarial"})  # see mining.py
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -151,7 +135,8 @@ class RunConfig:
 
 
 # -- reading and merging ------------------------------------------------------------------------------
-_SECTIONS = {"task": TaskConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig, "eval": EvalConfig}
+_SECTIONS = {"diffusion": DiffusionConfig, "train": TrainConfig, "eval": EvalConfig}
+MAPS = ("task", "model", "mining")  # free-form maps, each resolved by its registry
 
 
 def _known_keys() -> dict[str, dataclasses.Field]:
@@ -165,28 +150,28 @@ def _known_keys() -> dict[str, dataclasses.Field]:
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'train': {'steps': 5}} -> {'train.steps': 5}; the free-form `mining` map stays one level deeper."""
+    """{'train': {'steps': 5}} -> {'train.steps': 5}; a free-form map (MAPS) gives one level of keys."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if dotted in (*_SECTIONS, "mining") and value is None:  # an empty section in a YAML file
+        if (dotted in _SECTIONS or dotted in MAPS) and value is None:  # an empty section in a YAML file
             continue
         if isinstance(value, Mapping) and dotted in _SECTIONS:
             flat.update(flatten(value, dotted + "."))
-        elif isinstance(value, Mapping) and dotted == "mining":
-            flat.update({f"mining.{k}": v for k, v in value.items()})
+        elif isinstance(value, Mapping) and dotted in MAPS:
+            flat.update({f"{dotted}.{k}": v for k, v in value.items()})
         else:
             flat[dotted] = value
     return flat
 
 
 def check_keys(flat: Mapping[str, Any], source: str) -> None:
-    """Refuse unknown keys, naming the closest valid one. `mining.*` keys are checked by the registry."""
-    allowed = [k for k in _ALL_KEYS if k not in _SECTIONS and k != "mining"]
+    """Refuse unknown keys, naming the closest valid one. Keys of MAPS are checked by their registries."""
+    allowed = [k for k in _ALL_KEYS if k not in _SECTIONS and k not in MAPS]
     for key in flat:
-        if key.startswith("mining.") or key in allowed:
+        if key.partition(".")[0] in MAPS and "." in key or key in allowed:
             continue
-        if key in _SECTIONS or key == "mining":  # `train: 5`, `mining: random`: a section given a value
+        if key in _SECTIONS or key in MAPS:  # `train: 5`, `mining: random`: a section given a value
             raise ConfigError(f"config key '{key}' in {source} is a section: give it a mapping of its keys, "
                               f"or set one key as {key}.<key>")
         raise ConfigError(f"unknown config key '{key}' in {source}{suggest(key, allowed)}")
@@ -396,33 +381,51 @@ def _coerce_item(key: str, inner: str, value: Any, bad: ConfigError) -> Any:
 
 
 def build_config(*layers: Mapping[str, Any]) -> RunConfig:
-    """Merge layers (dotted or nested keys) over the defaults, validate every value, return a RunConfig."""
-    merged = flatten(RunConfig().to_dict())
-    merged = {k: v for k, v in merged.items() if not k.startswith("mining.")}
-    mining: dict[str, Any] = {}
+    """Merge layers (dotted or nested keys) over the defaults and the task's defaults, validate every value
+    (the maps through their registries), return a RunConfig."""
+    given: dict[str, Any] = {}
     for layer in layers:
         layer = flatten(layer)
         check_keys(layer, "the config")
-        for key, value in layer.items():
-            if key.startswith("mining."):
-                mining[key.split(".", 1)[1]] = value
-            else:
-                merged[key] = value
+        given.update(layer)
+    maps: dict[str, dict[str, Any]] = {name: {} for name in MAPS}
+    maps["mining"]["strategy"] = "adversarial"
+    merged = {k: v for k, v in flatten(RunConfig().to_dict()).items() if k.partition(".")[0] not in MAPS}
+    for key, value in {**_task_defaults(given), **given}.items():  # the task's defaults under the user's values
+        name, _, sub = key.partition(".")
+        if name in MAPS:
+            maps[name][sub] = value
+        else:
+            merged[key] = value
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     top: dict[str, Any] = {}
     for key, value in merged.items():
         value = _coerce(key, _ALL_KEYS[key], value)
         section, _, name = key.rpartition(".")
         (sections[section] if section else top)[name] = value
+    return RunConfig(**{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}, **_resolve_maps(maps), **top)
+
+
+def _task_defaults(given: Mapping[str, Any]) -> dict[str, Any]:
+    from .tasks import task_defaults
+
+    task = {k.partition(".")[2]: v for k, v in given.items() if k.startswith("task.")}
     try:
-        top["mining"] = resolve_mining_config({"strategy": "adversarial", **mining})
+        return task_defaults(task)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    for key, value in top["mining"].items():
-        limit = LIMITS.get(f"mining.{key}")
-        if limit is not None and value > limit[0]:
-            raise ConfigError(f"mining_config['{key}'] = {value} is invalid: must be at most {limit[0]}")
-    return RunConfig(**{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}, **top)
+
+
+def _resolve_maps(maps: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each map validated by its registry (imported here: tasks and models need torch, --help does not)."""
+    from .models import resolve_model_config
+    from .tasks import resolve_task_config
+
+    resolvers = {"task": resolve_task_config, "model": resolve_model_config, "mining": resolve_mining_config}
+    try:
+        return {name: resolvers[name](values) for name, values in maps.items()}
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def config_from_file(path: str | Path) -> RunConfig:

@@ -7,7 +7,7 @@ computes the same numbers whether it trains alone or in a pack.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,13 +15,17 @@ from torch import Tensor, nn
 
 from .config import ANSWERS
 from .mining import STEP_SCHEDULES, mining_strategy, resolve_mining_config
-from .models import EnergyCondition, EnergyDenoiser
+from .models import EnergyDenoiser
 from .schedule import schedule_constants
 
 
 def default(value: Any, fallback: Any) -> Any:
     """`value`, or `fallback` where it is None (an argument left to the model's setting)."""
     return fallback if value is None else value
+
+
+# Given answer entries: (mask bool [P, B, D] or [B, D], True = given; their clean values [P, B, D] or [B, D])
+Given = Tuple[Tensor, Tensor]
 
 
 @dataclass
@@ -106,27 +110,36 @@ class GaussianDiffusion1D(nn.Module):
     def x0_from_noise(self, y_t: Tensor, t: Tensor, noise: Tensor | float) -> Tensor:
         return self._at("sqrt_recip_alphas_cumprod", t) * y_t - self._at("sqrt_recipm1_alphas_cumprod", t) * noise
 
-    def condition(self, x: Tensor, t: Tensor) -> EnergyCondition:
+    def condition(self, x: Tensor, t: Tensor) -> Any:
         return self.model.condition(x, t, self.num_timesteps)
+
+    def hold_given(self, y: Tensor, t: Tensor, given: Given | None) -> Tensor:
+        """y with its given entries replaced by their value at noise level t, sqrt(abar_t) * value (the
+        value noised with zero noise); y unchanged when nothing is given."""
+        if given is None:
+            return y
+        mask, values = given
+        return torch.where(mask, self._at("sqrt_alphas_cumprod", t) * values, y)
 
     # -- inner optimiser, shared by mining and inference --------------------------------------------
     @torch.no_grad()
     def opt_step(
         self,
-        cond: EnergyCondition,
+        cond: Any,
         y: Tensor,
         t: Tensor,
         steps: int,
         scale: float = 1.0,
         schedule: str = "constant",
         clamp_bound: str = "per_sample",
+        given: Given | None = None,
     ) -> OptResult:
         """`steps` of gradient descent on the energy with per-sample rejection of energy-raising steps.
 
         Step i moves by eta_t * scale ('constant'); 'reference' scales steps after the first by 2, as the
         published code does on continuous tasks. Each proposal is clamped to data_bound * sqrt(abar_t),
         with each sample's own t ('per_sample') or, as the published code, the first sample's t for the
-        whole batch ('first_sample').
+        whole batch ('first_sample'). Given entries are held at their value after every step.
         """
         bound_t = t if clamp_bound == "per_sample" else t[..., :1]
         bound = self.data_bound * self._at("sqrt_alphas_cumprod", bound_t)
@@ -135,7 +148,7 @@ class GaussianDiffusion1D(nn.Module):
         energy_start, accepted = energy, []
         for i in range(steps):
             step_scale = scale if i == 0 or schedule == "constant" else 2.0
-            proposal = torch.clamp(y - eta * step_scale * grad, -bound, bound)
+            proposal = self.hold_given(torch.clamp(y - eta * step_scale * grad, -bound, bound), t, given)
             last = i == steps - 1
             # the energy at the proposal doubles as the next step's starting energy (one pass, not two)
             new_energy, new_grad = self.model.energy_and_grad(cond, proposal, need_grad=not last)
@@ -166,18 +179,23 @@ class GaussianDiffusion1D(nn.Module):
         step: int = 0,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         draws: Draws | None = None,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor | float]]:
         """The training loss of a batch ([B, dim] for one run, [P, B, dim] for a pack): the sum over runs of
         each run's mean loss, so backward gives every run its own gradient. Random numbers come from
         `draws` or are drawn from the generator(s), one per run. Statistics are per run ([P], detached),
-        but for `energy_grad_evals`, the energy-gradient evaluations per sample this step spent (a float)."""
+        but for `energy_grad_evals`, the energy-gradient evaluations per sample this step spent (a float).
+        `mask` (bool, like y0; True = given): those entries of every noisy answer are held at their value."""
         x, y0 = self._packed(x), self._packed(y0)
         if draws is None:
             generators = generator if isinstance(generator, Sequence) else [generator] * self.runs
             draws = self.draw(y0.shape[1], generators, y0.device)
         t, noise = draws.t, draws.noise.to(y0.dtype)
+        given = None if mask is None else (mask, y0)
+        if given is not None:  # a given entry is noised with zero noise, so the noise to predict there is 0
+            noise = noise.masked_fill(mask, 0.0)
         cond = self.condition(x, t)
-        _, eps_hat = self.model.energy_and_grad(cond, self.q_sample(y0, t, noise))
+        _, eps_hat = self.model.energy_and_grad(cond, self.hold_given(self.q_sample(y0, t, noise), t, given))
         loss_denoise = (eps_hat - noise).pow(2).mean(dim=-1)
         stats: dict[str, Tensor | float] = {"loss_denoise": loss_denoise.mean(dim=-1).detach()}
         if self.strategy.mine is None:
@@ -187,10 +205,10 @@ class GaussianDiffusion1D(nn.Module):
 
         cfg = self.mining_config
         noise_pos = draws.noise_pos.to(y0.dtype)
-        y_pos = self.q_sample(y0, t, noise_pos)
-        negatives = self.strategy.mine(self, cond.detach(), y0, t, noise_pos, cfg, step)
+        y_pos = self.hold_given(self.q_sample(y0, t, noise_pos), t, given)
+        negatives = self.strategy.mine(self, cond.detach(), y0, t, noise_pos, cfg, step, given)
         x0_neg = self.x0_from_noise(negatives.y, t, 0.0).clamp(-self.data_bound, self.data_bound)
-        y_neg = self.q_sample(x0_neg, t, noise_pos)
+        y_neg = self.hold_given(self.q_sample(x0_neg, t, noise_pos), t, given)
         # one pass for both: y stacked as [P, 2, B, D], over which the per-sample condition broadcasts
         energy, _ = self.model.energy_and_grad(cond, torch.stack([y_pos, y_neg], dim=1), need_grad=False)
         energy_pos, energy_neg = energy.squeeze(-1).unbind(1)
@@ -216,9 +234,11 @@ class GaussianDiffusion1D(nn.Module):
         inner_steps: int | None = None,
         step_scale: float | None = None,
         generator: torch.Generator | None = None,
+        given: Given | None = None,
     ) -> Tensor:
         """Answers [P, B, D] for conditions x ([P, B, dim], or [B, dim] shared by every run): T denoising
-        steps, each followed by `inner_steps` of opt_step."""
+        steps, each followed by `inner_steps` of opt_step. `given` entries are held at their value
+        throughout, and the answer has them exactly."""
         inner_steps = default(inner_steps, self.inference_steps)
         step_scale = default(step_scale, self.inference_step_scale)
         x = self._packed(x)
@@ -229,15 +249,16 @@ class GaussianDiffusion1D(nn.Module):
         t = torch.empty(runs, batch, dtype=torch.long, device=x.device)
         for step in reversed(range(self.num_timesteps)):
             t.fill_(step)
+            y = self.hold_given(y, t, given)
             cond = self.condition(x, t)
             _, eps_hat = self.model.energy_and_grad(cond, y)
             x0 = self.x0_from_noise(y, t, eps_hat).clamp(-self.data_bound, self.data_bound)
             scale_t = self.sqrt_alphas_cumprod[step]
-            y = scale_t * x0
+            y = self.hold_given(scale_t * x0, t, given)
             if inner_steps > 0:
-                y = self.opt_step(cond, y, t, inner_steps, step_scale, self.inference_step_schedule).y
+                y = self.opt_step(cond, y, t, inner_steps, step_scale, self.inference_step_schedule, given=given).y
             y = y.clamp(-self.data_bound * scale_t, self.data_bound * scale_t)
-            x0 = y / scale_t
+            x0 = y / scale_t if given is None else torch.where(given[0], given[1], y / scale_t)
             if step > 0:
                 y = self.sqrt_alphas_cumprod[step - 1] * x0
         return x0 * self.sqrt_alphas_cumprod[0] if self.answer == "scaled" else x0

@@ -100,12 +100,24 @@ def pack_label(pack: list[StudyRun]) -> str:
 def default_pack_size(study: Study, runs: list[StudyRun], launcher: str) -> int:
     """Every seed of a group in one pack on a GPU (launch overheads dominate a lone run there); one run at
     a time on a CPU (packing gains nothing there and a run's bar is easier to follow)."""
-    if launcher != "inprocess":
+    from .models import model_packs
+
+    if launcher != "inprocess" or not model_packs(runs[0].config.model):
         return 1
     import torch
 
     on_gpu = any(r.config.device == "cuda" or (r.config.device == "auto" and torch.cuda.is_available()) for r in runs)
     return len(study.seeds) if on_gpu else 1
+
+
+def check_model_packs(runs: list[StudyRun], pack_size: int) -> None:
+    """A model that holds one run at a time trains with pack 1; asking for more is refused in one line."""
+    from .models import check_packs
+
+    try:
+        check_packs(runs[0].config.model, pack_size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def format_seconds(seconds: float) -> str:
@@ -234,7 +246,9 @@ def train_all(runs: list[StudyRun], pack_size: int, build: BuildTrainer, *, resu
         left -= len(pack)
         for run, final in zip(pack, finals):  # a failed run is marked so in its final.json; the study goes on
             if final.get("status") == "finished":
-                print(f"{tag}: {run.run_id} done in {format_seconds(seconds)}: MSE (EMA) in-dist "
-                      f"{final['mse_id']:.3g}, ood {final['mse_ood']:.3g}", flush=True)
+                metric = next(iter(final["metrics"]))  # the task's headline metric, on each held-out set
+                scores = ", ".join(f"{name} {final[f'{metric}_{name}']:.3g}" for name in final["sets"])
+                print(f"{tag}: {run.run_id} done in {format_seconds(seconds)}: {final['metric_labels'][metric]} (EMA) "
+                      f"{scores}", flush=True)
             else:
                 print(f"{tag}: {run.run_id} FAILED: {final.get('error')}", flush=True)

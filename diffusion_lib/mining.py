@@ -8,25 +8,16 @@ This module imports no torch at load time, so the command-line help can list the
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from .registry import Option, one_of, resolve_options
 from .text import brief_repr, suggest
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from .diffusion import GaussianDiffusion1D, OptResult
-    from .models import EnergyCondition
-
-
-@dataclass(frozen=True)
-class Option:
-    kind: type
-    default: Any
-    valid: Callable[[Any], bool]
-    requirement: str
+    from .diffusion import GaussianDiffusion1D, Given, OptResult
 
 
 @dataclass
@@ -36,7 +27,9 @@ class Negatives:
     grad_evals: float = 0.0  # energy-gradient evaluations per sample spent mining
 
 
-MineFn = Callable[["GaussianDiffusion1D", "EnergyCondition", "Tensor", "Tensor", "Tensor", dict, int], Negatives]
+# (diffusion, condition, y0, t, eps', mining config, step, given entries or None) -> negatives; a strategy holds
+# the given entries of what it forms (diffusion.hold_given; opt_step(..., given=given) does it per step)
+MineFn = Callable[["GaussianDiffusion1D", Any, "Tensor", "Tensor", "Tensor", dict, int, "Given | None"], Negatives]
 
 
 @dataclass(frozen=True)
@@ -48,21 +41,18 @@ class Strategy:
     period: Callable[[dict], int] = lambda cfg: 1
 
 
-def _one_of(*choices: str) -> Option:
-    return Option(str, choices[0], lambda v: v in choices, "one of " + ", ".join(choices))
-
-
 STEP_SCHEDULES = ("constant", "reference")  # inner descent steps: eta_t * scale each, or the published x2 rule
 
 
 COMMON_OPTIONS: dict[str, Option] = {
-    "opt_steps": Option(int, 2, lambda v: v >= 1, "an int >= 1"),
+    # at most 1000: inner descent steps per negative, on every training step (more is a typo)
+    "opt_steps": Option(int, 2, lambda v: 1 <= v <= 1000, "an int >= 1, at most 1000"),
     "scale_factor": Option(float, 1.0, lambda v: v > 0, "a float > 0"),
     "noise_scale": Option(float, 3.0, lambda v: v > 0, "a float > 0"),
     "loss_scale": Option(float, 0.5, lambda v: v >= 0, "a float >= 0"),
     # the published code's mining quirks, on request (README: "Where the published code differs")
-    "step_schedule": _one_of(*STEP_SCHEDULES),
-    "clamp_bound": _one_of("per_sample", "first_sample"),
+    "step_schedule": one_of(*STEP_SCHEDULES),
+    "clamp_bound": one_of("per_sample", "first_sample"),
 }
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -100,18 +90,20 @@ register("none", description="no energy supervision: score loss only")(None)
 
 @register("random", description="the positive's noise scaled by noise_scale")
 def mine_random(
-    diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
+    diffusion: GaussianDiffusion1D, cond: Any, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int,
+    given: Given | None = None,
 ) -> Negatives:
-    return Negatives(diffusion.q_sample(y0, t, cfg["noise_scale"] * noise))
+    return Negatives(diffusion.hold_given(diffusion.q_sample(y0, t, cfg["noise_scale"] * noise), t, given))
 
 
 @register("adversarial", description="random start, then opt_steps of energy descent")
 def mine_adversarial(
-    diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
+    diffusion: GaussianDiffusion1D, cond: Any, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int,
+    given: Given | None = None,
 ) -> Negatives:
-    start = mine_random(diffusion, cond, y0, t, noise, cfg, step).y
+    start = mine_random(diffusion, cond, y0, t, noise, cfg, step, given).y
     result = diffusion.opt_step(cond, start, t, steps=cfg["opt_steps"], scale=cfg["scale_factor"],
-                                schedule=cfg["step_schedule"], clamp_bound=cfg["clamp_bound"])
+                                schedule=cfg["step_schedule"], clamp_bound=cfg["clamp_bound"], given=given)
     return Negatives(result.y, descent_stats(start, result), grad_evals=float(cfg["opt_steps"]))
 
 
@@ -122,10 +114,11 @@ def mine_adversarial(
     period=lambda cfg: cfg["every"],
 )
 def mine_periodic(
-    diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
+    diffusion: GaussianDiffusion1D, cond: Any, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int,
+    given: Given | None = None,
 ) -> Negatives:
     mine = mine_adversarial if step % cfg["every"] == 0 else mine_random
-    return mine(diffusion, cond, y0, t, noise, cfg, step)
+    return mine(diffusion, cond, y0, t, noise, cfg, step, given)
 
 
 @register(
@@ -134,32 +127,20 @@ def mine_periodic(
     description="a `fraction` of each batch adversarial, the rest random",
 )
 def mine_mixed(
-    diffusion: GaussianDiffusion1D, cond: EnergyCondition, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int
+    diffusion: GaussianDiffusion1D, cond: Any, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int,
+    given: Given | None = None,
 ) -> Negatives:
-    negatives = mine_random(diffusion, cond, y0, t, noise, cfg, step)
+    negatives = mine_random(diffusion, cond, y0, t, noise, cfg, step, given)
     batch = y0.shape[1]
     k = round(cfg["fraction"] * batch)
     if k == 0:
         return negatives
     head = slice(0, k)  # samples are i.i.d., so the first k are as good a subset as any
-    mined = mine_adversarial(diffusion, cond.select(head), y0[:, head], t[:, head], noise[:, head], cfg, step)
+    head_given = None if given is None else (given[0][:, head], given[1][:, head])
+    mined = mine_adversarial(diffusion, cond.select(head), y0[:, head], t[:, head], noise[:, head], cfg, step, head_given)
     y = negatives.y.clone()
     y[:, head] = mined.y
     return Negatives(y, mined.stats, grad_evals=mined.grad_evals * k / batch)
-
-
-def _check_option(name: str, option: Option, value: Any) -> Any:
-    ok_type = isinstance(value, option.kind) and not isinstance(value, bool)
-    if option.kind is float and isinstance(value, int) and not isinstance(value, bool):
-        try:
-            value, ok_type = float(value), True
-        except OverflowError:  # an int beyond any float
-            value, ok_type = math.inf, True
-    if ok_type and option.kind is float and not math.isfinite(value):  # inf and nan pass `v > 0` checks
-        raise ValueError(f"mining_config['{name}'] = {value} is invalid: must be a finite number")
-    if not ok_type or not option.valid(value):
-        raise ValueError(f"mining_config['{name}'] = {brief_repr(value)} is invalid: must be {option.requirement}")
-    return value
 
 
 def resolve_mining_config(
@@ -183,20 +164,8 @@ def resolve_mining_config(
             f"allowed: {', '.join(STRATEGIES)}"
         )
     options = {**COMMON_OPTIONS, **STRATEGIES[name].options}
-    resolved: dict[str, Any] = {"strategy": name}
-    for key, value in mining_config.items():
-        if key == "strategy":
-            continue
-        if key not in options:
-            allowed = ["strategy", *options]
-            raise ValueError(
-                f"mining_config has unknown key {brief_repr(key)} for strategy '{name}'{suggest(str(key), allowed)}; "
-                f"allowed: {', '.join(allowed)}"
-            )
-        resolved[key] = _check_option(key, options[key], value)
-    for key, option in options.items():
-        resolved.setdefault(key, option.default)
-    return resolved
+    given = {k: v for k, v in mining_config.items() if k != "strategy"}
+    return {"strategy": name, **resolve_options("mining_config", given, options, f" for strategy '{name}'")}
 
 
 def mining_strategy(mining_config: Mapping[str, Any]) -> Strategy:

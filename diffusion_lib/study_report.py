@@ -29,9 +29,9 @@ def describe(study: Study) -> str:
     lines = [
         text,
         f"Strategies ({len(flow)}): " + "; ".join(f"`{label}: {mining}`" for label, mining in flow.items()) + ".",
-        f"Task: {config.task.dataset}, rank {config.task.rank}{' (trained on ood)' if config.task.ood else ''}; "
+        f"Task: {config.task['dataset']}, rank {config.task.get('rank')}{' (trained on ood)' if config.task.get('ood') else ''}; "
         f"{length} of batch {config.train.batch_size}, lr {config.train.lr}, "
-        f"{config.diffusion.timesteps} diffusion steps, hidden {config.model.hidden_dim}; "
+        f"{config.diffusion.timesteps} diffusion steps, hidden {config.model.get('hidden_dim')}; "
         f"held-out sets of {config.eval.num_samples} problems; seeds {', '.join(map(str, study.seeds))}.",
     ]
     if study.sweep:

@@ -33,9 +33,8 @@ from .provenance import code_version
 from .results import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir, TrainingInterrupted
 from .seeds import mix_seed
 from .stopping import Divergence, ScoringInterrupted, StopRequest
-from .tasks import MatrixTask
+from .tasks import HeldOutSet, Task
 from .tracking import RunTracker, check_tracker
-from .yardsticks import yardsticks
 
 # per-run statistics averaged over a log interval ("accept_rate_steps" is a list: one rate per inner step)
 LOGGED = ("loss", "loss_denoise", "loss_energy", "energy_pos", "energy_neg",
@@ -97,7 +96,7 @@ class Trainer1D:
     def __init__(
         self,
         diffusion: GaussianDiffusion1D,
-        task: MatrixTask,
+        task: Task,
         config: RunConfig | Sequence[RunConfig],
         accelerator: Accelerator | None = None,
         *,
@@ -141,8 +140,8 @@ class Trainer1D:
         torch.set_float32_matmul_precision(train.matmul_precision)
         if acc.device.type == "cpu":
             keep_freed_memory()
-        self.dtype = TORCH_DTYPES[self.config.model.dtype]
-        self.autocast = self.config.model.dtype == "bfloat16"
+        self.dtype = TORCH_DTYPES[self.config.model["dtype"]]
+        self.autocast = self.config.model["dtype"] == "bfloat16"
         # held-out errors are summed in double, where the device has it (MPS does not)
         self._sum_dtype = torch.float32 if acc.device.type == "mps" else torch.float64
 
@@ -153,7 +152,7 @@ class Trainer1D:
         self.params = dict(diffusion.named_parameters())
 
         # each process scores its own slice of every held-out set; the sums are reduced across processes
-        self.held_out = {name: task.held_out(ood, self.config.eval.num_samples) for name, ood in (("id", False), ("ood", True))}
+        self.held_out = task.held_out(self.config.eval.num_samples)
         self.local_held_out = {
             name: data.shard(acc.process_index, acc.num_processes).to(acc.device) for name, data in self.held_out.items()
         }
@@ -262,22 +261,24 @@ class Trainer1D:
         self.accelerator.wait_for_everyone()  # no process leaves before the checkpoint is on disk
         raise TrainingInterrupted(self.step, self.stop.agreed, [run.dir for run in self.runs])
 
-    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, Draws]:
-        """Every run's data and noise for `step`, each from a generator keyed to (seed, step, process): a
-        resumed or packed run draws exactly what it would have drawn alone."""
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, Draws, torch.Tensor | None]:
+        """Every run's data, noise and given-entries mask (None: the task gives none) for `step`, each from a
+        generator keyed to (seed, step, process): a resumed or packed run draws exactly what it would alone."""
         acc = self.accelerator
         generators = [
             torch.Generator(device=acc.device).manual_seed(mix_seed(run.config.seed, step, acc.process_index))
             for run in self.runs
         ]
-        xs, ys = zip(*(self.task.sample(self.local_batch, g) for g in generators))
+        batches = [self.task.sample(self.local_batch, g) for g in generators]
         draws = self.diffusion.draw(self.local_batch, generators, acc.device)
-        return torch.stack(xs).to(self.dtype), torch.stack(ys).to(self.dtype), draws
+        x, y = (torch.stack([getattr(b, k) for b in batches]).to(self.dtype) for k in ("x", "y"))
+        mask = None if batches[0].mask is None else torch.stack([b.mask for b in batches])
+        return x, y, draws, mask
 
     def _loss(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        x, y, draws = self._batch(step)
+        x, y, draws, mask = self._batch(step)
         with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return self.model(x, y, step=step, draws=draws)
+            return self.model(x, y, step=step, draws=draws, mask=mask)
 
     def train_step(self) -> None:
         """One optimisation step of every run on fresh batches, with EMA update and bookkeeping."""
@@ -399,8 +400,14 @@ class Trainer1D:
                 self._log_validation(run, score)
 
     def _log_validation(self, run: Run, score: dict[str, Any]) -> None:
-        mse = {f"val_{k}": v for k, v in score.items() if k.startswith("mse_")}
-        self._record(run, {"kind": "val", "step": self.step, **mse, **self._clocks(run), **_load_average()})
+        """A val line: val_<metric>_<set> (EMA model) and val_<metric>_<set>_raw."""
+        keys = [f"{key}{kind}" for key in self._metric_keys() for kind in ("", "_raw")]
+        values = {f"val_{k}": score[k] for k in keys}
+        self._record(run, {"kind": "val", "step": self.step, **values, **self._clocks(run), **_load_average()})
+
+    def _metric_keys(self) -> list[str]:
+        """'<metric>_<set>' for every metric of the task and held-out set, in the task's order."""
+        return [f"{metric.name}_{name}" for name in self.held_out for metric in self.task.metrics]
 
     def _record(self, run: Run, record: dict[str, Any]) -> None:
         """One metrics line: to metrics.jsonl and, if one is set, the run's dashboard (main process only)."""
@@ -412,23 +419,33 @@ class Trainer1D:
     # -- validation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, diffusion: GaussianDiffusion1D | None = None, inner_steps: int | None = None) -> list[dict[str, float]]:
-        """Per run, held-out MSE of `diffusion` (default: the EMA model) on the in-distribution and ood sets."""
+        """Per run, '<metric>_<set>' of `diffusion` (default: the EMA model): each metric's mean over the
+        problems of each held-out set (each process scores its slice; the sums are reduced)."""
         diffusion = diffusion or self.ema.ema_model
-        chunk = self.config.eval.batch_size
         results: list[dict[str, float]] = [{} for _ in self.runs]
         for name, data in self.local_held_out.items():
-            squared_error = torch.zeros(len(self.runs), device=self.accelerator.device, dtype=self._sum_dtype)
-            for start in range(0, data.x.shape[0], chunk):
-                part = slice(start, start + chunk)
-                with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    answer = diffusion.sample(data.x[part].to(self.dtype), noise=data.noise[part], inner_steps=inner_steps)
-                squared_error += (answer.to(self._sum_dtype) - data.y[part].to(self._sum_dtype)).pow(2).flatten(1).sum(dim=1)
-            total = self.accelerator.reduce(squared_error, reduction="sum").tolist()
-            for result, value in zip(results, total):
-                result[f"mse_{name}"] = value / self.held_out[name].y.numel()
+            count = self.held_out[name].y.shape[0]
+            for metric, total in self._score_sums(diffusion, data, inner_steps).items():
+                reduced = self.accelerator.reduce(total, reduction="sum").tolist()
+                for result, value in zip(results, reduced):
+                    result[f"{metric}_{name}"] = value / count
             if self.scoring_bar is not None:
                 self.scoring_bar.update(1)
         return results
+
+    def _score_sums(self, diffusion: GaussianDiffusion1D, data: HeldOutSet, inner_steps: int | None) -> dict[str, torch.Tensor]:
+        """Per metric, each run's sum [P] over this process's problems of the task's per-problem score."""
+        chunk = self.config.eval.batch_size
+        sums: dict[str, torch.Tensor] = {}
+        for start in range(0, data.x.shape[0], chunk):
+            part = data.select(slice(start, start + chunk))
+            given = None if part.mask is None else (part.mask, part.y.to(self.dtype))
+            with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                answer = diffusion.sample(part.x.to(self.dtype), noise=part.noise, inner_steps=inner_steps, given=given)
+            for metric, values in self.task.score(answer, part).items():
+                total = values.to(self._sum_dtype).sum(dim=-1)
+                sums[metric] = sums[metric] + total if metric in sums else total
+        return sums
 
     def _score_models(self, sweep: bool) -> list[dict[str, Any]]:
         """Per run: held-out MSE of the EMA and the raw model, and (if `sweep`) of the EMA model per inference
@@ -460,7 +477,8 @@ class Trainer1D:
         return [run.dir.read_final() or {} for run in self._all_runs]
 
     def _write_finals(self, scores: list[dict[str, Any]]) -> None:
-        marks = {name: yardsticks(self.task, data) for name, data in self.held_out.items()}
+        marks = {name: self.task.yardsticks(data) for name, data in self.held_out.items()}
+        metrics = self.task.metrics
         for run, score in zip(self.runs, scores):
             # a run killed between its final val line and final.json has that line already: log it once
             if not any(r.get("kind") == "val" and r["step"] == self.step for r in run.dir.read_metrics()):
@@ -469,9 +487,10 @@ class Trainer1D:
             final = {
                 "status": "finished",
                 "step": self.step,
+                "metrics": {m.name: "higher" if m.higher_is_better else "lower" for m in metrics},
+                "metric_labels": {m.name: m.label for m in metrics},
+                "sets": list(self.held_out),
                 **score,
-                "zeros_mse_id": marks["id"]["zeros"],
-                "zeros_mse_ood": marks["ood"]["zeros"],
                 "yardsticks": marks,
                 **last,
                 **self._run_info(run),
@@ -559,7 +578,10 @@ def _postfix(runs: list[Run]) -> dict[str, str]:
 
 
 def _done_line(run: Run, final: dict[str, Any]) -> str:
-    marks = final["yardsticks"]
-    return (f"{run.dir.root.name}: done at step {final['step']}: held-out MSE (EMA) {final['mse_id']:.3g} in-dist, "
-            f"{final['mse_ood']:.3g} ood (linear map {marks['id']['linear']:.3g} / {marks['ood']['linear']:.3g}, "
-            f"zeros {marks['id']['zeros']:.3g} / {marks['ood']['zeros']:.3g})")
+    """'<run>: done at step N: held-out <headline> (EMA) <id> id, <ood> ood (<yardstick> <id> / <ood>, ...)'."""
+    metric, sets = next(iter(final["metrics"])), final["sets"]
+    label = final["metric_labels"][metric]
+    values = ", ".join(f"{final[f'{metric}_{name}']:.3g} {name}" for name in sets)
+    names = [n for n in ("linear", "zeros") if all(metric in final["yardsticks"][s].get(n, {}) for s in sets)]
+    marks = ", ".join(f"{n} " + " / ".join(f"{final['yardsticks'][s][n][metric]:.3g}" for s in sets) for n in names)
+    return f"{run.dir.root.name}: done at step {final['step']}: held-out {label} (EMA) {values}" + (f" ({marks})" if marks else "")

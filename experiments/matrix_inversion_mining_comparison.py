@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from diffusion_lib.config import RunConfig, parse_overrides  # noqa: E402
 from diffusion_lib.dry_run import dry_run  # noqa: E402
 from diffusion_lib.launch import (  # noqa: E402
-    RunCrashed, RunStopped, check_devices, check_flags, default_pack_size, train_all,
+    RunCrashed, RunStopped, check_devices, check_flags, check_model_packs, default_pack_size, train_all,
 )
 from diffusion_lib.results import RunDir, TrainingInterrupted  # noqa: E402
 from diffusion_lib.study import StudyDir, expand, load_study, parse_shard, select, shard  # noqa: E402
@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     selected = shard(runs, *parse_shard(args.shard)) if args.shard else runs
     check_devices(runs, args.launcher)
     pack_size = args.pack or default_pack_size(study, runs, args.launcher)
+    check_model_packs(runs, pack_size)
     if not selected:
         print(f"shard {args.shard} has no runs (the study has {len(runs)})")
         return 0

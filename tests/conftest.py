@@ -33,8 +33,8 @@ def poison_batch(monkeypatch):
 
         def poisoned(self, batch_size, generator):
             calls["n"] += 1
-            x, y = original(self, batch_size, generator)
-            return (x * float("nan"), y) if calls["n"] == at_call else (x, y)
+            batch = original(self, batch_size, generator)
+            return batch._replace(x=batch.x * float("nan")) if calls["n"] == at_call else batch
 
         monkeypatch.setattr(InverseTask, "sample", poisoned)
 

@@ -32,12 +32,12 @@ def refused(args, capsys, tmp_path):
         (["train.steps=five"], "config key 'train.steps' = 'five' has the wrong type: expected int"),
         (["train.steps=0"], "'train.steps' = 0 is out of range: must be an int in [1, 1000000000]"),
         (["--batch_size", "0"], "'train.batch_size' = 0 is out of range"),
-        (["--rank", "0"], "'task.rank' = 0 is out of range"),
+        (["--rank", "0"], "task['rank'] = 0 is invalid: must be an int in [1, 100]"),
         (["--mining-opt-steps", "0"], "mining_config['opt_steps'] = 0 is invalid: must be an int >= 1"),
         (["--mining-scale-factor", "0"], "mining_config['scale_factor'] = 0.0 is invalid: must be a float > 0"),
         (["train.lr=0"], "'train.lr' = 0.0 is out of range: must be a float > 0"),
         (["--mining-strategy", "greedy"], "mining_config['strategy'] = 'greedy' is unknown"),
-        (["--dataset", "sudoku"], "'task.dataset' = 'sudoku' is out of range: must be one of inverse, addition, lowrank"),
+        (["--dataset", "sudoku"], "task['dataset'] = 'sudoku' is unknown; allowed: inverse, addition, lowrank"),
         (["train.steps"], "override 'train.steps' must look like key=value"),
         (["--supervise-energy-landscape", "False", "--mining-strategy", "adversarial"], "contradicts mining.strategy"),
         (["--resume", "--overwrite"], "exclude each other"),
@@ -80,7 +80,7 @@ def test_yaml_flags_and_overrides_resolve_in_order(tmp_path):
     config_file.write_text("task: {rank: 7}\ntrain: {steps: 11, batch_size: 32}\nmining: {strategy: random}\n")
     args = train.build_parser().parse_intermixed_args(["--config", str(config_file), "--rank", "8", "train.batch_size=16"])
     config = train.resolve_config(args)
-    assert (config.task.rank, config.train.steps, config.train.batch_size) == (8, 11, 16)
+    assert (config.task["rank"], config.train.steps, config.train.batch_size) == (8, 11, 16)
     assert config.mining["strategy"] == "random" and config.mining["noise_scale"] == 3.0
     reference = train.build_parser().parse_intermixed_args(["--supervise-energy-landscape", "False", "--use-innerloop-opt", "False"])
     config = train.resolve_config(reference)
@@ -189,8 +189,8 @@ def test_help_loads_neither_torch_nor_the_plotting_stack():
         ({"mining.scale_factor": float("nan")}, "mining_config['scale_factor'] = nan is invalid: must be a finite"),
         ({"mining.noise_scale": 10**400}, "mining_config['noise_scale'] = inf is invalid"),
         # absurd sizes ended in allocator tracebacks or minutes of silence
-        ({"model.hidden_dim": 10**9}, "'model.hidden_dim' = 1000000000 is out of range: must be an int in [1, 16384]"),
-        ({"task.rank": 5000}, "'task.rank' = 5000 is out of range: must be an int in [1, 100]"),
+        ({"model.hidden_dim": 10**9}, "model['hidden_dim'] = 1000000000 is invalid: must be an int in [1, 16384]"),
+        ({"task.rank": 5000}, "task['rank'] = 5000 is invalid: must be an int in [1, 100]"),
         ({"train.batch_size": 2**20 + 1}, "'train.batch_size' = 1048577 is out of range: must be an int in [1, 1048576]"),
         ({"train.steps": 10**10}, "must be an int in [1, 1000000000]"),
         ({"eval.num_samples": 10**7}, "'eval.num_samples' = 10000000 is out of range"),
@@ -199,7 +199,7 @@ def test_help_loads_neither_torch_nor_the_plotting_stack():
         ({"diffusion.inference_steps": 1001}, "must be an int in [0, 1000]"),
         ({"eval.inference_steps_sweep": [0, 5000]}, "must be a list of at most 100 ints in [0, 1000]"),
         ({"eval.inference_steps_sweep": list(range(101))}, "must be a list of at most 100 ints"),
-        ({"mining.opt_steps": 1001}, "mining_config['opt_steps'] = 1001 is invalid: must be at most 1000"),
+        ({"mining.opt_steps": 1001}, "mining_config['opt_steps'] = 1001 is invalid: must be an int >= 1, at most 1000"),
     ],
 )
 def test_non_finite_floats_and_absurd_sizes_are_refused(layer, fragment):

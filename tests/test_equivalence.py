@@ -8,6 +8,8 @@ losses, parameter gradients, mined negatives, opt_step results and samples must 
 tolerance for every strategy. The published code's rules (configs/reference_faithful.yaml) are written
 out below, in float64, and must agree too.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -35,13 +37,13 @@ def one_thread():
 
 
 def make_diffusion(strategy: str, seed: int = 0, **mining) -> GaussianDiffusion1D:
-    ebm = EBM(RANK * RANK, RANK * RANK, hidden_dim=HIDDEN)
+    ebm = EBM(SimpleNamespace(inp_dim=RANK * RANK, out_dim=RANK * RANK), hidden_dim=HIDDEN)
     ebm.init_run(0, seed)
     return GaussianDiffusion1D(EnergyDenoiser(ebm), mining_config={"strategy": strategy, **mining})
 
 
 def problems(batch: int = BATCH, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    return make_task("inverse", RANK).sample(batch, torch.Generator().manual_seed(seed))
+    return make_task({"dataset": "inverse", "rank": RANK}).sample(batch, torch.Generator().manual_seed(seed))[:2]
 
 
 def param_grads(diffusion: GaussianDiffusion1D, loss: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -177,7 +179,7 @@ def reference_sample(diffusion, x, noise):
 def faithful():
     """configs/reference_faithful.yaml's model at test size, in float64 (the comparison is exact up to rounding)."""
     config = config_from_file(ROOT / "configs" / "reference_faithful.yaml")
-    config.task.rank, config.model.hidden_dim = RANK, HIDDEN
+    config.task["rank"], config.model["hidden_dim"] = RANK, HIDDEN
     assert config.mining["step_schedule"] == "reference" and config.mining["clamp_bound"] == "first_sample"
     task = train.create_dataset(config)
     return train.create_diffusion_model(config, task).double()

@@ -1,4 +1,6 @@
 """Mining strategies and opt_step: what each spends, what each does, the published code's switches."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ DIM = 9
 
 
 def make_diffusion(mining_config=None, dim=DIM, hidden=64, seed=0, runs=1, **kwargs):
-    ebm = EBM(dim, dim, hidden_dim=hidden, runs=runs)
+    ebm = EBM(SimpleNamespace(inp_dim=dim, out_dim=dim), hidden_dim=hidden, runs=runs)
     for run in range(runs):
         ebm.init_run(run, seed + run)
     return GaussianDiffusion1D(EnergyDenoiser(ebm), mining_config=mining_config, **kwargs)

@@ -38,7 +38,7 @@ def test_two_processes_train_write_once_and_validate_on_the_whole_set(tmp_path, 
     assert result.stdout.count("# resolved config") == 1 and result.stdout.count("done at step 150") == 1
     final = json.loads((folder / "final.json").read_text())
     assert final["num_processes"] == 2 and final["step"] == 150
-    assert final["mse_id"] < 0.3 * final["zeros_mse_id"], final  # it learns
+    assert final["mse_id"] < 0.3 * final["yardsticks"]["id"]["zeros"]["mse"], final  # it learns
     records = RunDir(folder).read_metrics()
     counts = Counter((r["kind"], r["step"]) for r in records)
     assert counts and max(counts.values()) == 1, "every metrics line must be written once"

@@ -25,7 +25,7 @@ seeds: [0, 1, 2]
 strategies:
   adversarial: {strategy: adversarial, opt_steps: 2}
 task: {dataset: inverse, rank: 3}
-model: {hidden_dim: 32}
+model: {hidden_dim: 32, dtype: float64}
 train: {steps: 40, batch_size: 32, log_every: 4, save_every: 10}
 eval: {every: 20, num_samples: 32, batch_size: 32, inference_steps_sweep: [0, 2]}
 device: cpu
@@ -132,8 +132,8 @@ def test_a_diverging_run_fails_alone_and_the_rest_of_its_pack_finishes(tmp_path,
     poisoned_seed = mix_seed(1, 13, 0)  # seed 1's batch of step 13 (generators are keyed to seed, step, process)
 
     def sample(self, batch_size, generator):
-        x, y = original(self, batch_size, generator)
-        return (x * math.nan, y) if generator.initial_seed() == poisoned_seed else (x, y)
+        batch = original(self, batch_size, generator)
+        return batch._replace(x=batch.x * math.nan) if generator.initial_seed() == poisoned_seed else batch
 
     monkeypatch.setattr(InverseTask, "sample", sample)
     out = tmp_path / "out"

@@ -31,8 +31,8 @@ def test_short_run_learns_inverse_for_each_strategy(tmp_path, strategy):
     final = json.loads((tmp_path / strategy / "final.json").read_text())
     assert final["status"] == "finished" and final["step"] == 300
     # clearly below the all-zeros predictor on the held-out in-distribution set
-    assert final["mse_id"] < 0.3 * final["zeros_mse_id"], final
-    assert final["mse_ood"] < final["zeros_mse_ood"], final
+    assert final["mse_id"] < 0.3 * final["yardsticks"]["id"]["zeros"]["mse"], final
+    assert final["mse_ood"] < final["yardsticks"]["ood"]["zeros"]["mse"], final
     records = metrics(tmp_path / strategy)
     assert [r["step"] for r in records if r["kind"] == "val"] == [150, 300]
     train_record = next(r for r in records if r["kind"] == "train")

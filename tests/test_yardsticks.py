@@ -5,15 +5,22 @@ import pytest
 import torch
 
 from diffusion_lib.tasks import make_task
-from diffusion_lib.yardsticks import fit_baselines, yardsticks
 
 N = 40_000  # held-out problems: the sampling error of each MSE below is ~1 %
 
 
 @pytest.fixture(scope="module")
 def marks():
-    task = make_task("addition", rank=2)
-    return {ood: yardsticks(task, task.held_out(ood, N), fit_samples=20_000) for ood in (False, True)}
+    task = make_task({"dataset": "addition", "rank": 2})
+    task.fit_samples = 20_000
+    sets = task.held_out(N)
+    return {ood: unnest(task.yardsticks(sets[name])) for ood, name in ((False, "id"), (True, "ood"))}
+
+
+def unnest(marks):
+    """yardstick -> {"mse": value} -> yardstick -> value (the continuous tasks have one metric)."""
+    assert all(list(by_metric) == ["mse"] for by_metric in marks.values())
+    return {name: by_metric["mse"] for name, by_metric in marks.items()}
 
 
 def test_trivial_predictors_score_the_answers_variance(marks):
@@ -35,16 +42,18 @@ def test_clamp_floor(marks):
 
 
 def test_fit_is_reproducible_and_its_mean_is_the_training_mean():
-    task = make_task("inverse", rank=3)
-    mean, weights = fit_baselines(task, 2_000)
-    again, _ = fit_baselines(task, 2_000)
+    task = make_task({"dataset": "inverse", "rank": 3})
+    task.fit_samples = 2_000
+    mean, weights = task._fit(2_000)
+    again, _ = task._fit(2_000)
     assert torch.equal(mean, again) and weights.shape == (9 + 1, 9)
-    x, y = task.sample(2_000, torch.Generator().manual_seed(123))
+    x, y, _ = task.sample(2_000, torch.Generator().manual_seed(123))
     # two independent samples of 2 000: off-diagonal entries of A^-1 have heavy tails, so allow a few SE
     torch.testing.assert_close(mean, y.double().mean(0), atol=0.06, rtol=0)
 
 
 def test_the_linear_map_is_skipped_where_its_solve_would_take_minutes():
-    task = make_task("addition", rank=35)  # 2 * 35^2 = 2 450 inputs, beyond MAX_LINEAR_INPUTS
-    marks = yardsticks(task, task.held_out(False, 64), fit_samples=100)
+    task = make_task({"dataset": "addition", "rank": 35})  # 2 * 35^2 = 2 450 inputs, beyond MAX_LINEAR_INPUTS
+    task.fit_samples = 100
+    marks = unnest(task.yardsticks(task.held_out(64)["id"]))
     assert math.isnan(marks["linear"]) and marks["train_mean"] > 0 and marks["clamp_floor"] == 0.0
