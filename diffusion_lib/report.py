@@ -22,9 +22,9 @@ from .results import RunRecord, is_number
 from .utils import atomic_write_json, atomic_write_text
 
 AXIS_TITLES = {"flops": ("Matched FLOPs", "training FLOPs"), "train_seconds": ("Matched wall-clock", "training seconds")}
-EMA_LAG = ("Caveat: an EMA model read mid-training lags its raw model (the EMA decay warms up over thousands of "
-           "steps), so a read-off penalises the run that is read earlier in its own training, typically the "
-           "costlier one. The raw-model columns do not lag.")
+EMA_LAG = ("Caveat: an EMA model read mid-training lags its raw model (it averages its last horizon of steps, "
+           "and its decay warms up), so a read-off penalises the run that is read earlier in its own training, "
+           "typically the costlier one. The raw-model columns do not lag.")
 
 
 # -- number format: one format everywhere ----------------------------------------------------------------

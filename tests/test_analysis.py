@@ -475,3 +475,18 @@ def test_summary_rows_have_config_columns_once():
     # the columns are the scores the runs declare: an accuracy task has no mse column
     columns = summary_columns(accuracy_study())
     assert "accuracy_harder_raw" in columns and not [c for c in columns if "mse" in c]
+
+
+@pytest.mark.parametrize("name", ["quick", "cpu_small"])
+def test_the_quick_configs_have_an_ema_that_fits_their_length(name):
+    from conftest import ROOT
+    from diffusion_lib.config import build_config, flatten
+    from diffusion_lib.study import STUDY_KEYS, read_study_file
+
+    data = read_study_file(ROOT / "configs" / f"{name}.yaml")
+    config = flatten(build_config(flatten({k: v for k, v in data.items() if k not in STUDY_KEYS})).to_dict())
+    run = RunRecord("r", "none", {}, 0, {"status": "finished", "step": config["train.steps"], **MSE_TASK}, [], config)
+    assert ema_horizon(run) == pytest.approx(50)  # 5 steps / (1 - 0.9)
+    assert not analyse([run]).lagging
+    run.config.update({"train.ema_decay": 0.995, "train.ema_every": 10})  # the reference EMA would lag
+    assert analyse([run]).lagging
