@@ -2,8 +2,9 @@
 
 `write_report(out_dir, runs, title=..., primary=...)` writes, each file atomically:
   summary.csv   one row per run (`analysis.summary_rows`): labels, sweep keys, config columns, results
-  summary.json  {"title", "counts", "primary", "holm_family_size", "groups", "comparisons", "budgets",
-                "rows"}: the analysis' numbers unformatted; NaN is written as null
+  summary.json  {"title", "counts", "primary", "holm_family_size", "scoring" (metrics with directions,
+                sets), "lead_basis" (ema | raw), "groups", "comparisons", "budgets", "rows"}: the analysis'
+                numbers unformatted; NaN is written as null
   report.md     the readable report, verdict first, linking the PNGs under plots/ (plots.py)
 """
 from __future__ import annotations
@@ -545,7 +546,10 @@ def write_report(
         "counts": a.tally,
         "primary": dataclasses.asdict(a.primary) if a.primary else None,
         "holm_family_size": a.family_size,
-        "groups": [dataclasses.asdict(g) | {"convergence_status": g.convergence.status} for g in a.groups],
+        "scoring": dataclasses.asdict(a.scoring),
+        "lead_basis": a.lead_basis,
+        "groups": [dataclasses.asdict(g) | {"convergence_status": g.convergence.status, "ema_lagging": g.lag.lagging}
+                   for g in a.groups],
         "comparisons": [_comparison_json(c) for c in a.comparisons],
         "budgets": [{"axis": t.axis, "budget": t.budget, "rows": [dataclasses.asdict(r) for r in t.rows],
                      "comparisons": [_comparison_json(c) for c in t.comparisons]} for t in a.budgets],

@@ -86,6 +86,8 @@ def test_files_and_sections_in_order(study):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"] == {"finished": 9, "failed": 1, "missing": 1, "damaged": 1}
     assert [g["group"] for g in summary["groups"]] == ["none", "random", "adversarial"]
+    assert summary["scoring"]["sets"] == ["id", "ood"] and summary["scoring"]["metrics"]["mse"]["higher_is_better"] is False
+    assert summary["lead_basis"] == "ema" and not any(g["ema_lagging"] for g in summary["groups"])
     assert summary["comparisons"][0]["primary"] and summary["comparisons"][0]["a"] == "adversarial"
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no temp files left behind
 
