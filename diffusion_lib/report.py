@@ -207,7 +207,7 @@ def _disagreement_paragraph(a: StudyAnalysis) -> list[str]:
              "question gets different verdicts):"]  # fmt: skip
     for p in a.patterns:
         first, second = ("EMA", "raw") if p.kind == "model" else ("equal steps", "equal FLOPs")
-        note = " (the EMA describes lag: see below)" if p.kind == "model" and a.lagging else ""
+        note = " (the EMA describes lag: see above)" if p.kind == "model" and a.lagging else ""
         lines.append(f"- {first} {p.first}, {second} {p.second}{note} — {len(p.cases)}: {_pattern_pairs(a, p)}.")
     return lines + [""]
 
