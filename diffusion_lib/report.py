@@ -248,7 +248,7 @@ def _standing_text(st: an.YardstickStanding, sticks: str, groups: int) -> str:
     elif not st.beaten_by and not st.level_with:
         who = f"no group beats {sticks}"
     elif not st.beaten_by:
-        who = f"{', '.join(st.level_with)} level with {sticks}, no group beats"
+        who = f"no group beats {sticks} ({', '.join(st.level_with)} level with {'them' if ' and ' in sticks else 'it'})"
     else:
         who = f"{len(st.beaten_by)} of {len(st.rated)} groups ({', '.join(st.beaten_by)}) beat {sticks}"
         who += f", {', '.join(st.level_with)} level with" if st.level_with else ""

@@ -233,3 +233,12 @@ def test_description_lists_the_strategies_actually_run(tmp_path):
     whole = load_study(ROOT / "configs" / "matrix_inversion_mining.yaml")
     expand(whole, tmp_path)
     assert comparison.describe(whole).startswith("Matrix inversion (rank 20) with energy diffusion, comparing no energy")
+
+
+def test_groups_level_with_a_yardstick_are_named(tmp_path):
+    runs = accuracy_study()
+    for run in runs:  # 0.62 lies inside both groups' id CIs (0.6 ± 0.25 and 0.717 ± 0.27)
+        run.final["yardsticks"]["id"]["coin"]["accuracy"] = 0.62
+    write_report(tmp_path, runs, title="Level")
+    verdict = section((tmp_path / "report.md").read_text(), "## Verdict")
+    assert "no group beats the coin (random, adversarial level with it)" in verdict
