@@ -2,17 +2,24 @@
 
 Every function returns plain data (dataclasses, dicts, lists of floats); nothing here formats text or
 draws. `analyse(runs, primary)` computes everything one report needs; report.py and plots.py only
-present it. A run's numbers come only from its RunRecord (final.json, metrics.jsonl, config.yaml).
+present it. A run's numbers come only from its RunRecord (final.json, metrics.jsonl, config.yaml); the
+metric names, their directions and labels, and the held-out set names come from the runs' final.json
+("metrics", "metric_labels", "sets"), so nothing here knows which task made them.
 
 Rules (the report states them too):
 - Groups are strategy label + sweep values; two groups are compared when they differ in one factor.
 - Pairing: runs of two groups that share a seed share initial weights, batches and noise, so the
   per-seed differences are tested (paired t test) when at least two seeds are shared by finished runs
   of both groups; runs without a partner are left out of it. Otherwise Welch's test on every value.
+- "better" follows each metric's direction: lower for an error, higher for an accuracy.
 - A declared primary comparison (study.yaml `primary`) is tested uncorrected, on EMA and raw; every
   other test in the report is one Holm-Bonferroni family, and its verdict uses the adjusted p.
-- Convergence: a group is "not converged" when the mean over seeds of (EMA in-dist val MSE at 80 % of
-  training - final val MSE) exceeds the standard deviation across seeds of the final val MSE.
+- Convergence: a group is "not converged" when the mean over seeds of the improvement of its headline
+  metric (EMA, first held-out set) over the last fifth of training exceeds the standard deviation across
+  seeds of its final value.
+- EMA lag: a group's EMA view describes lag rather than a model when its EMA horizon (update interval /
+  (1 - decay at the end)) exceeds the last fifth of training, or when its EMA headline score is worse
+  than its raw one by more than their seed spread on some set; then the raw view leads the report.
 - Machine load: wall-clock views are flagged when the 1-minute load average over all training lines
   of the finished runs spans more than LOAD_SPREAD_LIMIT, or when groups were packed differently;
   then the wall-clock read-off gives no verdicts.
@@ -30,48 +37,105 @@ from .results import RUN_STATUSES, RunRecord, is_number
 from .stats import holm, interpolate_at, mean_ci, paired_test, verdict, welch_test
 
 ALPHA = 0.05
-SETS = {"id": "in-distribution", "ood": "ood"}
 BASES = {"ema": "EMA", "raw": "raw"}
-YARDSTICKS = {  # name -> (short name, what it is)
-    "zeros": ("zeros predictor", "predicts all zeros"),
-    "train_mean": ("training-mean predictor", "predicts the per-entry mean of the training answers"),
-    "linear": ("linear map", "least-squares linear map from vec(A) to the answer, fit on training problems"),
-    "clamp_floor": ("clamp floor", "the true answer clamped to ±2: the error clamping alone causes"),
-}
 # budget read-off axes: val-line key -> final.json key of the same quantity
 BUDGET_AXES = {"flops": "train_flops", "train_seconds": "train_seconds"}
-CONFIG_COLUMNS = ("task.rank", "train.steps", "train.batch_size", "train.lr", "model.hidden_dim", "train.budget_flops")
-FINAL_COLUMNS = ("mse_id", "mse_ood", "mse_id_raw", "mse_ood_raw", "train_seconds", "steps_per_second",
-                 "train_flops", "flops_per_step", "pack_size", "energy_grad_evals")
-CODE_COLUMNS = ("git_commit", "git_dirty")  # which code made the row (absent outside a git checkout)
+CONFIG_COLUMNS = ("task.dataset", "task.rank", "train.steps", "train.batch_size", "train.lr", "model.hidden_dim",
+                  "train.budget_flops")  # fmt: skip
+RUN_COLUMNS = ("train_seconds", "steps_per_second", "train_flops", "flops_per_step", "pack_size", "energy_grad_evals")
+CODE_COLUMNS = ("git_commit", "git_dirty")  # which code made the row
 DIAGNOSTICS = ("accept_rate", "energy_decrease", "move_rms")
-LAST_FRACTION = 0.2  # "the end of training" for convergence and mining diagnostics: its last fifth
+LAST_FRACTION = 0.2  # "the end of training" for convergence, EMA lag and mining diagnostics: its last fifth
 LOAD_SPREAD_LIMIT = 0.5
+# config.yaml keys of the EMA (ema.py): decay, update interval, warm-up start and power
+EMA_KEYS = {"decay": "train.ema_decay", "every": "train.ema_every", "after": "train.ema_update_after_step",
+            "power": "train.ema_power"}  # fmt: skip
 # why a comparison gives no verdict (Comparison.refused); report.py words them
 NO_VALUES, TOO_FEW, NOT_REACHED, UNEVEN_LOAD, MIXED_PACKING = (
     "no values", "too few values", "budget not reached", "uneven load", "mixed packing")
 _ABSENT = object()  # a factor a group does not set (differs from every real value)
 
 
+# -- what the runs measured ------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Metric:
-    """A final error: held-out set ("id" | "ood") and model ("ema" | "raw")."""
+class MetricSpec:
+    """A task's metric as its runs declare it in final.json."""
 
+    name: str
+    higher_is_better: bool
+    label: str
+
+
+@dataclass(frozen=True)
+class Score:
+    """One final number: a metric on a held-out set, of the EMA or the raw model."""
+
+    metric: str
     set: str
-    basis: str
+    basis: str  # "ema" | "raw"
+
+    @property
+    def name(self) -> str:
+        """<metric>_<set>: the EMA key, and what study.yaml's `primary` and the inference sweep name."""
+        return f"{self.metric}_{self.set}"
 
     @property
     def key(self) -> str:
-        """final.json key, e.g. mse_id or mse_ood_raw."""
-        return f"mse_{self.set}" + ("_raw" if self.basis == "raw" else "")
+        """final.json key, e.g. mse_id or board_accuracy_harder_raw."""
+        return self.name + ("_raw" if self.basis == "raw" else "")
 
     @property
     def val_key(self) -> str:
-        """metrics.jsonl val-line key of the same error."""
+        """metrics.jsonl val-line key of the same score."""
         return f"val_{self.key}"
 
+    def on(self, basis: str) -> Score:
+        return Score(self.metric, self.set, basis)
 
-METRICS = tuple(Metric(s, b) for s in SETS for b in BASES)
+
+@dataclass(frozen=True)
+class Scoring:
+    """The metrics (task order, first = headline) and held-out sets of a study's finished runs."""
+
+    metrics: dict[str, MetricSpec]
+    sets: tuple[str, ...]
+
+    @property
+    def headline(self) -> Score | None:
+        """The first metric on the first set, EMA model (None when no finished run declared any)."""
+        return Score(next(iter(self.metrics)), self.sets[0], "ema") if self.metrics and self.sets else None
+
+    def scores(self, metrics: Sequence[str] | None = None) -> list[Score]:
+        """Every (metric, set, basis), metric-major in task order."""
+        return [Score(m, s, b) for m in (metrics or self.metrics) for s in self.sets for b in BASES]
+
+    @property
+    def names(self) -> list[str]:
+        """Every <metric>_<set>, as study.yaml's `primary` may name them."""
+        return [s.name for s in self.scores() if s.basis == "ema"]
+
+    def find(self, name: str) -> Score | None:
+        """The EMA score called <metric>_<set>, or None."""
+        return next((s for s in self.scores() if s.basis == "ema" and s.name == name), None)
+
+    def higher(self, metric: str) -> bool:
+        return self.metrics[metric].higher_is_better
+
+    def better(self, metric: str, a: float, b: float) -> bool:
+        """a is better than b on `metric`."""
+        return a > b if self.higher(metric) else a < b
+
+
+def scoring(runs: Sequence[RunRecord]) -> Scoring:
+    """What the finished runs declare, in first-seen order (a study may sweep the task: the union)."""
+    metrics: dict[str, MetricSpec] = {}
+    sets: dict[str, None] = {}
+    for run in finished(runs):
+        labels = run.final.get("metric_labels", {})
+        for name, direction in run.final["metrics"].items():
+            metrics.setdefault(name, MetricSpec(name, direction == "higher", labels.get(name, name)))
+        sets.update(dict.fromkeys(run.final["sets"]))
+    return Scoring(metrics, tuple(sets))
 
 
 @dataclass(frozen=True)
@@ -105,19 +169,39 @@ def tally(runs: Sequence[RunRecord]) -> dict[str, int]:
     return {status: sum(r.status == status for r in runs) for status in RUN_STATUSES}
 
 
+def _mean_of(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _sd(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+
+
 # -- yardsticks ------------------------------------------------------------------------------------------
-def yardstick(run: RunRecord, set_name: str, name: str) -> float:
-    """A finished run's yardstick MSE; old folders only have zeros_mse_<set>. NaN when absent."""
-    table = (run.final or {}).get("yardsticks")
-    entry = table.get(set_name) if isinstance(table, dict) else None
-    if isinstance(entry, dict) and is_number(entry.get(name)):
-        return float(entry[name])
-    return run.final_number(f"zeros_mse_{set_name}") if name == "zeros" else math.nan
+def yardstick(run: RunRecord, set_name: str, name: str, metric: str) -> float:
+    """A finished run's yardstick score (final.json yardsticks[set][name][metric]); NaN when absent."""
+    entry: Any = (run.final or {}).get("yardsticks")
+    for part in (set_name, name, metric):
+        entry = entry.get(part) if isinstance(entry, dict) else None
+    return float(entry) if is_number(entry) else math.nan
+
+
+def yardstick_names(runs: Sequence[RunRecord]) -> list[str]:
+    """Every yardstick any finished run recorded, in first-seen order."""
+    names: dict[str, None] = {}
+    for run in finished(runs):
+        table = run.final.get("yardsticks")
+        for entry in table.values() if isinstance(table, dict) else ():
+            names.update(dict.fromkeys(entry if isinstance(entry, dict) else ()))
+    return list(names)
 
 
 @dataclass(frozen=True)
 class YardstickRow:
     name: str
+    metric: str
     mean: float  # over finished runs that have it
     low: float
     high: float
@@ -126,18 +210,19 @@ class YardstickRow:
     @property
     def varies(self) -> bool:
         """More than 1 % apart across runs (e.g. a sweep over the task): one number would mislead."""
-        return self.n > 1 and self.high > 1.01 * self.low
+        return self.n > 1 and abs(self.high - self.low) > 0.01 * max(abs(self.low), abs(self.high))
 
 
-def yardstick_table(runs: Sequence[RunRecord]) -> dict[str, list[YardstickRow]]:
-    """Per held-out set, each yardstick's mean, min and max over the finished runs."""
+def yardstick_table(runs: Sequence[RunRecord], scores: Scoring) -> dict[str, list[YardstickRow]]:
+    """Per held-out set, each yardstick's mean, min and max over the finished runs, per metric."""
     table = {}
-    for set_name in SETS:
+    for set_name in scores.sets:
         rows = []
-        for name in YARDSTICKS:
-            values = [v for r in finished(runs) if math.isfinite(v := yardstick(r, set_name, name))]
-            low, high = (min(values), max(values)) if values else (math.nan, math.nan)
-            rows.append(YardstickRow(name, float(np.mean(values)) if values else math.nan, low, high, len(values)))
+        for name in yardstick_names(runs):
+            for metric in scores.metrics:
+                values = [v for r in finished(runs) if math.isfinite(v := yardstick(r, set_name, name, metric))]
+                low, high = (min(values), max(values)) if values else (math.nan, math.nan)
+                rows.append(YardstickRow(name, metric, _mean_of(values), low, high, len(values)))
         table[set_name] = rows
     return table
 
@@ -145,10 +230,10 @@ def yardstick_table(runs: Sequence[RunRecord]) -> dict[str, list[YardstickRow]]:
 # -- convergence -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Convergence:
-    """EMA in-dist val MSE over the last fifth of training, across a group's seeds."""
+    """The headline val score (EMA, first set) over the last fifth of training, across a group's seeds."""
 
-    drop: float  # mean over seeds of (val MSE at 80 % of the last val step - final val MSE)
-    seed_sd: float  # standard deviation across seeds of the final val MSE
+    drop: float  # mean over seeds of the improvement from 80 % of the last val step to the end (> 0: improved)
+    seed_sd: float  # standard deviation across seeds of the final val score
     n: int  # seeds with a val curve covering the last fifth
 
     @property
@@ -159,20 +244,74 @@ class Convergence:
         return "not converged" if self.drop > self.seed_sd else "converged"
 
 
-def convergence(runs: Sequence[RunRecord]) -> Convergence:
+def convergence(runs: Sequence[RunRecord], headline: Score | None, higher: bool) -> Convergence:
     drops, finals = [], []
-    for run in finished(runs):
-        steps, mse = run.curve("val", "step", "val_mse_id")
+    for run in finished(runs) if headline else ():
+        steps, values = run.curve("val", "step", headline.val_key)
         if steps.size < 2:
             continue
-        start = interpolate_at(steps, mse, (1 - LAST_FRACTION) * steps[-1])
+        start = interpolate_at(steps, values, (1 - LAST_FRACTION) * steps[-1])
         if math.isfinite(start):
-            drops.append(start - mse[-1])
-            finals.append(mse[-1])
+            drops.append(values[-1] - start if higher else start - values[-1])
+            finals.append(values[-1])
     if not drops:
         return Convergence(math.nan, math.nan, 0)
-    sd = float(np.std(finals, ddof=1)) if len(finals) > 1 else math.nan
-    return Convergence(float(np.mean(drops)), sd, len(drops))
+    return Convergence(float(np.mean(drops)), _sd(finals), len(drops))
+
+
+# -- EMA lag ---------------------------------------------------------------------------------------------
+def ema_horizon(run: RunRecord) -> float:
+    """Steps the run's EMA averaged over at its last step: update interval / (1 - decay then), the decay
+    after ema.py's warm-up (a copy until update_after_step, then min(decay, 1 - (1 + since)^-power)).
+    NaN when config.yaml lacks the EMA settings."""
+    config, step = run.config or {}, run.final_number("step")
+    values = {name: config.get(key) for name, key in EMA_KEYS.items()}
+    if not all(is_number(v) for v in values.values()) or not math.isfinite(step):
+        return math.nan
+    since = step - values["after"]
+    decay = 0.0 if since <= 0 else min(values["decay"], 1 - (1 + since) ** -values["power"])
+    return values["every"] / (1 - decay)
+
+
+@dataclass(frozen=True)
+class EmaLag:
+    """Whether a group's EMA model describes its training's lag rather than a model."""
+
+    group: str
+    horizon: float  # mean over finished runs of ema_horizon, in steps
+    fraction: float  # mean over finished runs of horizon / the run's steps
+    gap: dict[str, float]  # per set, headline metric: mean over seeds of EMA minus raw, > 0 when the EMA is worse
+    spread: dict[str, float]  # per set: the larger of the EMA's and the raw model's seed standard deviations
+    ratio: dict[str, float]  # per set: mean EMA / mean raw score
+
+    @property
+    def long_horizon(self) -> bool:
+        return self.fraction > LAST_FRACTION
+
+    @property
+    def far_sets(self) -> list[str]:
+        """Sets where the EMA is worse than the raw model by more than their seed spread."""
+        return [s for s, gap in self.gap.items() if gap > self.spread[s]]  # NaN spread (one seed) compares False
+
+    @property
+    def lagging(self) -> bool:
+        return self.long_horizon or bool(self.far_sets)
+
+
+def ema_lag(name: str, runs: Sequence[RunRecord], scores: Scoring) -> EmaLag:
+    done = finished(runs)
+    fractions = [ema_horizon(r) / r.final_number("step") for r in done if r.final_number("step") > 0]
+    gap, spread, ratio = {}, {}, {}
+    if scores.headline:
+        sign = -1.0 if scores.higher(scores.headline.metric) else 1.0
+        for set_name in scores.sets:
+            score = Score(scores.headline.metric, set_name, "ema")
+            ema, raw = ([r.final_number(s.key) for r in done] for s in (score, score.on("raw")))
+            gap[set_name] = _mean_of([sign * (e - w) for e, w in zip(ema, raw)])
+            spreads = (_sd(ema), _sd(raw))
+            spread[set_name] = max(spreads) if all(map(math.isfinite, spreads)) else math.nan
+            ratio[set_name] = _mean_of(ema) / _mean_of(raw) if _mean_of(raw) else math.nan
+    return EmaLag(name, _mean_of([ema_horizon(r) for r in done]), _mean_of(fractions), gap, spread, ratio)
 
 
 # -- per-group table -------------------------------------------------------------------------------------
@@ -183,14 +322,15 @@ class GroupRow:
     sweep: dict[str, Any]
     runs: int
     seeds: list[int]  # of the finished runs
-    mse: dict[str, Estimate]  # by Metric.key
+    values: dict[str, Estimate]  # by Score.key, every score of the study
     steps: Estimate
     train_flops: Estimate
     train_seconds: Estimate
     steps_per_second: Estimate
-    # per set, per yardstick: group's mean EMA MSE / mean yardstick of its runs (< 1: the group beats it)
-    vs_yardstick: dict[str, dict[str, float]]
+    # basis -> set -> yardstick -> standing of the group's mean headline score (see `standing`)
+    vs_yardstick: dict[str, dict[str, dict[str, str]]]
     convergence: Convergence
+    lag: EmaLag
 
     @property
     def finished(self) -> int:
@@ -202,56 +342,77 @@ def final_values(runs: Sequence[RunRecord], key: str) -> list[float]:
     return [v for r in finished(runs) if math.isfinite(v := r.final_number(key))]
 
 
-def group_row(name: str, runs: Sequence[RunRecord]) -> GroupRow:
-    mse = {m.key: estimate(final_values(runs, m.key)) for m in METRICS}
-    ratios = {}
-    for set_name in SETS:
-        ema = mse[Metric(set_name, "ema").key].mean
-        ratios[set_name] = {}
-        for stick in YARDSTICKS:
-            level = _mean_of([yardstick(r, set_name, stick) for r in finished(runs)])
-            ratios[set_name][stick] = ema / level if level > 0 else math.nan
+BEATS, LEVEL, BEHIND = "beats", "level with", "behind"
+
+
+def standing(e: Estimate, level: float, higher: bool) -> str | None:
+    """A group's score against a yardstick: level with it when the yardstick lies inside the group's 95 %
+    CI, otherwise beats or behind by the metric's direction; None when either is missing."""
+    if not (math.isfinite(e.mean) and math.isfinite(level)):
+        return None
+    if math.isfinite(e.half) and abs(e.mean - level) <= e.half:
+        return LEVEL
+    return BEATS if (e.mean > level if higher else e.mean < level) else BEHIND
+
+
+def group_row(name: str, runs: Sequence[RunRecord], scores: Scoring) -> GroupRow:
+    values = {s.key: estimate(final_values(runs, s.key)) for s in scores.scores()}
+    sticks = yardstick_names(runs)
+    vs: dict[str, dict[str, dict[str, str]]] = {basis: {} for basis in BASES}
+    for basis in BASES:
+        for set_name in scores.sets if scores.headline else ():
+            score = Score(scores.headline.metric, set_name, basis)
+            vs[basis][set_name] = {
+                stick: standing(values[score.key], _mean_of([yardstick(r, set_name, stick, score.metric)
+                                                             for r in finished(runs)]), scores.higher(score.metric))
+                for stick in sticks
+            }  # fmt: skip
+    higher = scores.higher(scores.headline.metric) if scores.headline else False
     return GroupRow(
-        name, runs[0].strategy, dict(runs[0].sweep), len(runs), [r.seed for r in finished(runs)], mse,
+        name, runs[0].strategy, dict(runs[0].sweep), len(runs), [r.seed for r in finished(runs)], values,
         estimate(final_values(runs, "step")), estimate(final_values(runs, "train_flops")),
         estimate(final_values(runs, "train_seconds")), estimate(final_values(runs, "steps_per_second")),
-        ratios, convergence(runs),
+        vs, convergence(runs, scores.headline, higher), ema_lag(name, runs, scores),
     )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class YardstickStanding:
-    """Which groups' final EMA MSE beats (is below) a yardstick of their own runs, on one held-out set."""
+    """Which groups' final headline score (of `basis`) beats, or is level with, a yardstick of their own
+    runs, on one held-out set."""
 
     set: str
-    name: str  # the linear map, or the zeros predictor where the linear map was not recorded (old folders)
-    rated: list[str]  # groups with both a final EMA MSE and that yardstick
+    name: str
+    basis: str
+    rated: list[str]  # groups with both a final score and that yardstick
     beaten_by: list[str]
+    level_with: list[str]
 
 
-def yardstick_standing(rows: Sequence[GroupRow]) -> list[YardstickStanding]:
-    """Per held-out set that has a yardstick at all."""
+def yardstick_standing(rows: Sequence[GroupRow], scores: Scoring, basis: str) -> list[YardstickStanding]:
+    """Per held-out set and yardstick that any group is rated against."""
     found = []
-    for set_name in SETS:
-        name = next((n for n in ("linear", "zeros") if any(math.isfinite(g.vs_yardstick[set_name][n]) for g in rows)), None)
-        if name is None:
-            continue
-        rated = [g for g in rows if math.isfinite(g.vs_yardstick[set_name][name])]
-        found.append(YardstickStanding(set_name, name, [g.group for g in rated],
-                                       [g.group for g in rated if g.vs_yardstick[set_name][name] < 1]))  # fmt: skip
+    for set_name in scores.sets:
+        for name in dict.fromkeys(n for g in rows for n in g.vs_yardstick[basis].get(set_name, {})):
+            marks = {g.group: g.vs_yardstick[basis][set_name].get(name) for g in rows if set_name in g.vs_yardstick[basis]}
+            rated = [g for g, mark in marks.items() if mark is not None]
+            if rated:
+                found.append(YardstickStanding(set_name, name, basis, rated, [g for g in rated if marks[g] == BEATS],
+                                               [g for g in rated if marks[g] == LEVEL]))  # fmt: skip
     return found
 
 
 # -- comparisons -----------------------------------------------------------------------------------------
 @dataclass
 class Comparison:
-    """Group `a` vs group `b` (differing only in `factor`) on one metric, read at the end of training
+    """Group `a` vs group `b` (differing only in `factor`) on one score, read at the end of training
     (view "steps") or at a matched budget (view "flops" | "train_seconds")."""
 
     a: str
     b: str
     factor: str
-    metric: Metric
+    score: Score
+    higher_is_better: bool  # the score's direction: the verdict's "better" follows it
     view: str
     test: str  # "paired" | "Welch" | "none"
     n_a: int  # values of a in the test (= n_pairs when paired)
@@ -270,7 +431,7 @@ class Comparison:
 
     @property
     def effect_pct(self) -> float:
-        """diff as % of B's mean."""
+        """diff as % of B's mean (its sign is A - B's; whether that is better follows the direction)."""
         return 100 * self.diff / self.mean_b if self.mean_b else math.nan
 
     @property
@@ -283,7 +444,7 @@ class Comparison:
         """better | worse | no detectable difference (at ALPHA) | n/a (no test or refused)."""
         if self.refused is not None or math.isnan(self.verdict_p):
             return "n/a"
-        return verdict(self.diff, self.verdict_p, ALPHA)
+        return verdict(self.diff, self.verdict_p, ALPHA, self.higher_is_better)
 
 
 def differing_factor(a: RunRecord, b: RunRecord) -> str | None:
@@ -294,8 +455,8 @@ def differing_factor(a: RunRecord, b: RunRecord) -> str | None:
 
 
 def compare(
-    a: str, b: str, runs_a: Sequence[RunRecord], runs_b: Sequence[RunRecord], factor: str, metric: Metric,
-    view: str, value: Callable[[RunRecord], float],
+    a: str, b: str, runs_a: Sequence[RunRecord], runs_b: Sequence[RunRecord], factor: str, score: Score,
+    higher: bool, view: str, value: Callable[[RunRecord], float],
 ) -> Comparison:
     """Paired test on the seeds both groups have a value for (when >= 2), else Welch on every value."""
     va = {r.seed: (r.run_id, v) for r in finished(runs_a) if math.isfinite(v := value(r))}
@@ -311,7 +472,7 @@ def compare(
         unpaired = []
     testable = math.isfinite(result.p_value)
     return Comparison(
-        a, b, factor, metric, view, result.test if testable else "none", len(xa), len(xb), unpaired,
+        a, b, factor, score, higher, view, result.test if testable else "none", len(xa), len(xb), unpaired,
         float(np.mean(xa)) if xa else math.nan, float(np.mean(xb)) if xb else math.nan,
         result.diff, result.ci_low, result.ci_high, result.p_value,
         refused=None if testable else NO_VALUES if not xa or not xb else TOO_FEW,
@@ -350,19 +511,20 @@ def common_budget_flops(runs: Sequence[RunRecord]) -> float:
 
 
 def final_comparisons(
-    groups: Mapping[str, Sequence[RunRecord]], primary: tuple[str, str, str] | None
+    groups: Mapping[str, Sequence[RunRecord]], scores: Scoring, primary: PrimarySpec | None
 ) -> list[Comparison]:
-    """Every one-factor pair on every metric at the end of training; primary comparisons first."""
-    strategies = primary[:2] if primary else None
+    """Every one-factor pair on every score at the end of training; primary comparisons first."""
+    strategies = (primary.a, primary.b) if primary else None
     comparisons = []
     for a, b, factor in group_pairs(groups, strategies):
         equal = common_budget_flops([*groups[a], *groups[b]])
-        for metric in METRICS:
-            c = compare(a, b, groups[a], groups[b], factor, metric, "steps", lambda r: r.final_number(metric.key))
-            c.primary = primary is not None and is_primary_pair(groups, a, b, strategies) and metric.set == primary[2]
+        for score in scores.scores():
+            c = compare(a, b, groups[a], groups[b], factor, score, scores.higher(score.metric), "steps",
+                        lambda r: r.final_number(score.key))  # fmt: skip
+            c.primary = primary is not None and is_primary_pair(groups, a, b, strategies) and score.name == primary.score
             c.equal_flops = equal
             comparisons.append(c)
-    return sorted(comparisons, key=lambda c: not c.primary)  # stable: otherwise in pair and metric order
+    return sorted(comparisons, key=lambda c: not c.primary)  # stable: otherwise in pair and score order
 
 
 # -- matched budgets -------------------------------------------------------------------------------------
@@ -372,12 +534,12 @@ class BudgetRow:
     finished: int
     reached: int  # finished runs whose val curve covers the budget
     own_final: Estimate  # the group's own final value on the axis
-    mse: dict[str, Estimate]  # by Metric.key, over the runs that reached the budget
+    values: dict[str, Estimate]  # by Score.key, over the runs that reached the budget
 
 
 @dataclass
 class BudgetTable:
-    """Validation MSE read off each run's val curve at one budget on `axis` (flops | train_seconds)."""
+    """Validation scores read off each run's val curve at one budget on `axis` (flops | train_seconds)."""
 
     axis: str
     budget: float  # the smallest last val point of any finished run (NaN: no run logged the axis)
@@ -386,36 +548,38 @@ class BudgetTable:
     refused: str | None = None  # why no comparison on this axis gives a verdict (UNEVEN_LOAD, MIXED_PACKING)
 
 
-def read_at(run: RunRecord, axis: str, metric: Metric, budget: float) -> float:
-    """The run's validation `metric` read off its val curve at `axis` = budget; NaN if not reached."""
-    xs, ys = run.curve("val", axis, metric.val_key)
+def read_at(run: RunRecord, axis: str, score: Score, budget: float) -> float:
+    """The run's validation `score` read off its val curve at `axis` = budget; NaN if not reached."""
+    xs, ys = run.curve("val", axis, score.val_key)
     return interpolate_at(xs, ys, budget)
 
 
 def budget_table(
-    groups: Mapping[str, Sequence[RunRecord]], axis: str, primary: tuple[str, str] | None, refuse_all: str | None
+    groups: Mapping[str, Sequence[RunRecord]], scores: Scoring, axis: str, primary: tuple[str, str] | None,
+    refuse_all: str | None,
 ) -> BudgetTable:
-    """Read-offs at the largest budget every finished run's val curve can reach; a comparison gives no
-    verdict unless every finished run of both groups reached it (NOT_REACHED), nor when `refuse_all`."""
+    """Read-offs at the largest budget every finished run's val curve (headline score) can reach; a
+    comparison gives no verdict unless every finished run of both groups reached it (NOT_REACHED), nor
+    when `refuse_all`."""
+    head = scores.headline
     ends = [xs[-1] for runs in groups.values() for r in finished(runs)
-            if (xs := r.curve("val", axis, "val_mse_id")[0]).size]  # fmt: skip
+            if head and (xs := r.curve("val", axis, head.val_key)[0]).size]  # fmt: skip
     budget = min(ends) if ends else math.nan
     rows = []
     for name, runs in groups.items():
         done = finished(runs)
-        reads = {m.key: [read_at(r, axis, m, budget) for r in done] for m in METRICS}
-        rows.append(BudgetRow(
-            name, len(done), sum(math.isfinite(v) for v in reads["mse_id"]),
-            estimate(final_values(runs, BUDGET_AXES[axis])), {k: estimate(v) for k, v in reads.items()},
-        ))  # fmt: skip
+        reads = {s.key: [read_at(r, axis, s, budget) for r in done] for s in scores.scores()}
+        reached = sum(math.isfinite(v) for v in reads[head.key]) if head else 0
+        rows.append(BudgetRow(name, len(done), reached, estimate(final_values(runs, BUDGET_AXES[axis])),
+                              {k: estimate(v) for k, v in reads.items()}))  # fmt: skip
     reached = {row.group: (row.reached, row.finished) for row in rows}
     comparisons = []
     if math.isfinite(budget):
         for a, b, factor in group_pairs(groups, primary):
             short = any(reached[g][0] < reached[g][1] for g in (a, b))
-            for metric in METRICS:
-                c = compare(a, b, groups[a], groups[b], factor, metric, axis,
-                            lambda r: read_at(r, axis, metric, budget))  # fmt: skip
+            for score in scores.scores():
+                c = compare(a, b, groups[a], groups[b], factor, score, scores.higher(score.metric), axis,
+                            lambda r: read_at(r, axis, score, budget))  # fmt: skip
                 if short:
                     c.refused = NOT_REACHED
                 elif refuse_all and c.refused is None:
@@ -432,7 +596,7 @@ class LoadRow:
     low: float
     high: float
     lines: int
-    pack_sizes: list[int]  # distinct pack_size of the finished runs (absent in old folders: empty)
+    pack_sizes: list[int]  # distinct pack_size of the finished runs (empty: not recorded)
 
 
 @dataclass
@@ -477,11 +641,6 @@ def _last_fifth(run: RunRecord) -> list[dict[str, Any]]:
         return []
     end = max(r["step"] for r in lines)
     return [r for r in lines if r["step"] >= (1 - LAST_FRACTION) * end]
-
-
-def _mean_of(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
 
 
 def mining_diagnostics(groups: Mapping[str, Sequence[RunRecord]]) -> list[DiagnosticsRow]:
@@ -554,18 +713,19 @@ def inference_steps(runs: Sequence[RunRecord]) -> list[str]:
     return sorted(keys, key=float)
 
 
-def sweep_value(run: RunRecord, steps: str, set_name: str) -> float:
+def sweep_value(run: RunRecord, steps: str, name: str) -> float:
+    """The run's EMA score `name` (<metric>_<set>) when sampled with `steps` inner steps; NaN if absent."""
     sweep = run.final.get("inference_steps_sweep") if run.finished else None
     entry = sweep.get(steps) if isinstance(sweep, dict) else None
-    value = entry.get(f"mse_{set_name}") if isinstance(entry, dict) else None
+    value = entry.get(name) if isinstance(entry, dict) else None
     return float(value) if is_number(value) else math.nan
 
 
 def inference_table(
-    groups: Mapping[str, Sequence[RunRecord]], steps: Sequence[str]
+    groups: Mapping[str, Sequence[RunRecord]], scores: Scoring, steps: Sequence[str]
 ) -> dict[str, dict[str, dict[str, Estimate]]]:
-    """group -> set -> inner steps -> EMA MSE over finished seeds."""
-    return {name: {s: {k: estimate([sweep_value(r, k, s) for r in runs]) for k in steps} for s in SETS}
+    """group -> <metric>_<set> -> inner steps -> EMA score over finished seeds."""
+    return {name: {n: {k: estimate([sweep_value(r, k, n) for r in runs]) for k in steps} for n in scores.names}
             for name, runs in groups.items()}  # fmt: skip
 
 
@@ -596,17 +756,23 @@ def _sweep_keys(runs: Sequence[RunRecord]) -> list[str]:
     return list(dict.fromkeys(key for run in runs for key in run.sweep))
 
 
+def _final_columns(runs: Sequence[RunRecord]) -> list[str]:
+    """Every score any run declares (metric-major, EMA then raw), then compute."""
+    return [*dict.fromkeys(s.key for s in scoring(runs).scores()), *RUN_COLUMNS]
+
+
 def summary_columns(runs: Sequence[RunRecord]) -> list[str]:
-    """The columns of `summary_rows`: sweep keys (first-seen order), then config columns not swept."""
+    """The columns of `summary_rows`: sweep keys (first-seen order), config columns not swept, scores and
+    compute, the code that made the run."""
     sweep = _sweep_keys(runs)
     config = [k for k in CONFIG_COLUMNS if k not in sweep]
-    return ["run_id", "group", "strategy", *sweep, "seed", "status", *config, *FINAL_COLUMNS, "steps", "error",
-            *CODE_COLUMNS]
+    return ["run_id", "group", "strategy", *sweep, "seed", "status", *config, *_final_columns(runs), *CODE_COLUMNS,
+            "steps", "error"]  # fmt: skip
 
 
 def summary_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
     """One row per run, in the order of `runs`; every row has every column (None where absent)."""
-    sweep = _sweep_keys(runs)
+    sweep, numbers = _sweep_keys(runs), _final_columns(runs)
     rows = []
     for run in runs:
         final = run.final or {}
@@ -614,9 +780,9 @@ def summary_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
         row.update({key: run.sweep.get(key) for key in sweep})
         row.update(seed=run.seed, status=run.status)
         row.update({key: (run.config or {}).get(key) for key in CONFIG_COLUMNS if key not in sweep})
-        row.update({key: v if math.isfinite(v := run.final_number(key)) else None for key in FINAL_COLUMNS})
-        row.update(steps=final.get("step"), error=final.get("error") or run.damage)
+        row.update({key: v if math.isfinite(v := run.final_number(key)) else None for key in numbers})
         row.update({key: final.get(key) for key in CODE_COLUMNS})
+        row.update(steps=final.get("step"), error=final.get("error") or run.damage)
         rows.append(row)
     return rows
 
@@ -624,12 +790,13 @@ def summary_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
 # -- disagreements ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Disagreement:
-    """Two readings of the same question (A vs B on one set) with different verdicts: `kind` "model" is
-    EMA (first) vs raw (second) at the end of training; "compute" is equal steps (first) vs equal FLOPs
-    (second) on `basis`."""
+    """Two readings of the same question (A vs B on one metric and set) with different verdicts: `kind`
+    "model" is EMA (first) vs raw (second) at the end of training; "compute" is equal steps (first) vs
+    equal FLOPs (second) on `basis`."""
 
     a: str
     b: str
+    metric: str
     set: str
     kind: str
     basis: str
@@ -640,20 +807,47 @@ class Disagreement:
 def disagreements(final: Sequence[Comparison], flops: Sequence[Comparison]) -> list[Disagreement]:
     """EMA vs raw verdicts at the end of training, then equal steps vs equal FLOPs on each basis.
     Only real verdicts count: a comparison without one ("n/a") disagrees with nothing."""
-    index = {(c.a, c.b, c.metric): c for c in final}
+    index = {(c.a, c.b, c.score): c for c in final}
     found = []
     for c in final:
-        raw = index.get((c.a, c.b, Metric(c.metric.set, "raw")))
-        if c.metric.basis == "ema" and raw and "n/a" not in (c.verdict, raw.verdict) and c.verdict != raw.verdict:
-            found.append(Disagreement(c.a, c.b, c.metric.set, "model", "ema", c.verdict, raw.verdict))
+        raw = index.get((c.a, c.b, c.score.on("raw")))
+        if c.score.basis == "ema" and raw and "n/a" not in (c.verdict, raw.verdict) and c.verdict != raw.verdict:
+            found.append(Disagreement(c.a, c.b, c.score.metric, c.score.set, "model", "ema", c.verdict, raw.verdict))
     for f in flops:
-        c = index.get((f.a, f.b, f.metric))
+        c = index.get((f.a, f.b, f.score))
         # like with like: the primary's end-of-training verdict is uncorrected, so its read-off is taken so too
         # (otherwise the Holm correction alone could make the two views "disagree")
-        f_verdict = verdict(f.diff, f.p, ALPHA) if c and c.primary and f.verdict != "n/a" else f.verdict
+        f_verdict = verdict(f.diff, f.p, ALPHA, f.higher_is_better) if c and c.primary and f.verdict != "n/a" else f.verdict
         if c and "n/a" not in (c.verdict, f_verdict) and c.verdict != f_verdict:
-            found.append(Disagreement(c.a, c.b, c.metric.set, "compute", c.metric.basis, c.verdict, f_verdict))
+            found.append(Disagreement(c.a, c.b, c.score.metric, c.score.set, "compute", c.score.basis, c.verdict,
+                                      f_verdict))  # fmt: skip
     return found
+
+
+@dataclass(frozen=True)
+class DisagreementPattern:
+    """Disagreements of one kind with the same pair of verdicts (e.g. EMA "better", raw "worse")."""
+
+    kind: str  # "model" | "compute"
+    first: str
+    second: str
+    cases: list[Disagreement]
+
+    def pairs(self) -> dict[tuple[str, str], list[Disagreement]]:
+        """The cases by compared pair (A, B), in first-seen order."""
+        found: dict[tuple[str, str], list[Disagreement]] = {}
+        for d in self.cases:
+            found.setdefault((d.a, d.b), []).append(d)
+        return found
+
+
+def disagreement_patterns(found: Sequence[Disagreement]) -> list[DisagreementPattern]:
+    """The disagreements grouped by kind (EMA vs raw first) and verdict pair, so that a study's many
+    disagreements read as the few patterns they are."""
+    patterns: dict[tuple[str, str, str], list[Disagreement]] = {}
+    for d in sorted(found, key=lambda d: d.kind != "model"):  # stable
+        patterns.setdefault((d.kind, d.first, d.second), []).append(d)
+    return [DisagreementPattern(*key, cases) for key, cases in patterns.items()]
 
 
 # -- the whole analysis ----------------------------------------------------------------------------------
@@ -661,23 +855,32 @@ def disagreements(final: Sequence[Comparison], flops: Sequence[Comparison]) -> l
 class PrimarySpec:
     a: str
     b: str
-    set: str  # "id" | "ood"
+    score: str  # <metric>_<set>
     missing: list[str]  # declared labels without runs in this study (then nothing is primary)
+    unknown: list[str] | None = None  # the scores allowed, when `score` is none of them (then nothing is primary)
+
+    @property
+    def active(self) -> bool:
+        return not self.missing and self.unknown is None
 
 
-def parse_primary(primary: Mapping[str, Any] | None, runs: Sequence[RunRecord]) -> PrimarySpec | None:
-    """study.yaml's `primary: {compare: [A, B], metric: mse_id | mse_ood}`, or None when not declared."""
+def parse_primary(primary: Mapping[str, Any] | None, runs: Sequence[RunRecord], scores: Scoring) -> PrimarySpec | None:
+    """study.yaml's `primary: {compare: [A, B], metric: <metric>_<set>}`, or None when not declared; the
+    metric is checked against what the finished runs declare (none finished: nothing to check)."""
     if not primary:
         return None
     a, b = primary["compare"]
     present = {r.strategy for r in runs}
-    return PrimarySpec(a, b, str(primary["metric"]).removeprefix("mse_"), [s for s in (a, b) if s not in present])
+    name = str(primary["metric"])
+    unknown = scores.names if scores.metrics and scores.find(name) is None else None
+    return PrimarySpec(a, b, name, [s for s in (a, b) if s not in present], unknown)
 
 
 @dataclass
 class StudyAnalysis:
     tally: dict[str, int]
     seeds: list[int]
+    scoring: Scoring
     groups: list[GroupRow]
     yardsticks: dict[str, list[YardstickRow]]
     primary: PrimarySpec | None
@@ -690,7 +893,7 @@ class StudyAnalysis:
     inference_steps: list[str]
     inference: dict[str, dict[str, dict[str, Estimate]]]
     problems: list[Problem]
-    standing: list[YardstickStanding]
+    standing: list[YardstickStanding]  # on the leading basis
     family_size: int  # tests in the Holm family
     flops_ratio: dict[str, float]  # group -> its mean training FLOPs / the smallest group mean
 
@@ -698,27 +901,43 @@ class StudyAnalysis:
     def primary_comparisons(self) -> list[Comparison]:
         return [c for c in self.comparisons if c.primary]
 
+    @property
+    def lagging(self) -> list[EmaLag]:
+        """Groups whose EMA view describes lag rather than a model."""
+        return [g.lag for g in self.groups if g.lag.lagging]
+
+    @property
+    def lead_basis(self) -> str:
+        """The view the report leads with: raw when any group's EMA describes lag, else EMA."""
+        return "raw" if self.lagging else "ema"
+
+    @property
+    def patterns(self) -> list[DisagreementPattern]:
+        return disagreement_patterns(self.disagreements)
+
 
 def analyse(runs: Sequence[RunRecord], primary: Mapping[str, Any] | None = None) -> StudyAnalysis:
     """Every number of the report for `runs`; `primary` as declared in study.yaml (or None)."""
-    groups = group_runs(runs)
-    spec = parse_primary(primary, runs)
-    active = (spec.a, spec.b, spec.set) if spec and not spec.missing else None
-    comparisons = final_comparisons(groups, active)
+    groups, scores = group_runs(runs), scoring(runs)
+    spec = parse_primary(primary, runs, scores)
+    active = spec if spec and spec.active else None
+    comparisons = final_comparisons(groups, scores, active)
     load = load_report(groups)
-    strategies = active[:2] if active else None
-    budgets = [budget_table(groups, "flops", strategies, None),
-               budget_table(groups, "train_seconds", strategies, load.refusal)]  # fmt: skip
+    strategies = (active.a, active.b) if active else None
+    budgets = [budget_table(groups, scores, "flops", strategies, None),
+               budget_table(groups, scores, "train_seconds", strategies, load.refusal)]  # fmt: skip
     family = [c for c in [*comparisons, *(c for t in budgets for c in t.comparisons)]
               if not c.primary and c.refused is None and math.isfinite(c.p)]  # fmt: skip
     for c, adjusted in zip(family, holm([c.p for c in family])):
         c.p_adjusted = adjusted
-    rows = [group_row(n, g) for n, g in groups.items()]
+    rows = [group_row(n, g, scores) for n, g in groups.items()]
+    lead = "raw" if any(g.lag.lagging for g in rows) else "ema"
+    steps = inference_steps(runs)
     return StudyAnalysis(
-        tally(runs), sorted({r.seed for r in runs}), rows, yardstick_table(runs), spec, comparisons, budgets,
-        common_budget_flops(runs), load, disagreements(comparisons, budgets[0].comparisons),
-        mining_diagnostics(groups), inference_steps(runs), inference_table(groups, inference_steps(runs)),
-        problems(runs), yardstick_standing(rows), len(family), flops_ratios(groups),
+        tally(runs), sorted({r.seed for r in runs}), scores, rows, yardstick_table(runs, scores), spec, comparisons,
+        budgets, common_budget_flops(runs), load, disagreements(comparisons, budgets[0].comparisons),
+        mining_diagnostics(groups), steps, inference_table(groups, scores, steps), problems(runs),
+        yardstick_standing(rows, scores, lead), len(family), flops_ratios(groups),
     )  # fmt: skip
 
 

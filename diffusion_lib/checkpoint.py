@@ -3,8 +3,8 @@ and a pack's training state as one checkpoint per run (`save_pack`, `load_pack`)
 
 A checkpoint is torch.save's zip archive plus one member, `<archive>/.sha256`, holding the SHA-256 of
 every other member's name and bytes; so `torch.load` still reads it, and `load_latest_checkpoint`
-verifies it first (Python's zipfile also checks each member's CRC-32 as it reads). A checkpoint written
-before this member existed is checked by its CRC-32s only, and loads with a one-line warning saying so.
+verifies it first (Python's zipfile also checks each member's CRC-32 as it reads). An archive without
+that member is not one of ours, or was cut short: it is skipped like a damaged one.
 """
 from __future__ import annotations
 
@@ -105,14 +105,14 @@ def _digests(archive: zipfile.ZipFile) -> tuple[str | None, str]:
     return stored, digest.hexdigest()
 
 
-def _verify(handle: IO[bytes] | Path) -> bool:
-    """True if the checkpoint matches its SHA-256, False if it has none (older version; its CRC-32s
-    matched); raises if it is damaged or unreadable."""
+def _verify(handle: IO[bytes] | Path) -> None:
+    """Raises if the checkpoint does not match its SHA-256, has none, or is unreadable."""
     with zipfile.ZipFile(handle) as archive:
         stored, computed = _digests(archive)
-    if stored is not None and stored != computed:
+    if stored is None:
+        raise CheckpointDamaged("no checksum: not a checkpoint this code wrote")
+    if stored != computed:
         raise CheckpointDamaged("checksum mismatch: the file is damaged")
-    return stored is not None
 
 
 def _problem(path: Path) -> str | None:
@@ -143,9 +143,7 @@ def _reason(error: Exception) -> str:
 def _load(path: Path) -> dict[str, Any]:
     """A checkpoint's state, verified first (read once into memory, so what is verified is what loads)."""
     data = io.BytesIO(path.read_bytes())
-    if not _verify(data):
-        print(f"warning: checkpoint {path} has no checksum (written by an older version); loaded with only its CRC-32s checked",
-              file=sys.stderr)
+    _verify(data)
     data.seek(0)
     import torch
 

@@ -1,8 +1,10 @@
 """The report's figures (matplotlib, headless), each saved atomically as a PNG.
 
 `write_plots(plot_dir, groups, analysis)` draws every figure the data allow and returns (file name,
-caption) pairs for report.md. Every number drawn (curves, their means over seeds, yardsticks, CIs) comes
-from analysis.py; nothing is computed here.
+caption) pairs for report.md: per metric the runs declare, its validation curves (val_<metric>_vs_step,
+_vs_flops, _vs_seconds), its final values (final_<metric>) and its inference-steps sweep
+(<metric>_vs_inference_steps); and the training curves. Every number drawn (curves, their means over
+seeds, yardsticks, CIs) comes from analysis.py; nothing is computed here.
 """
 from __future__ import annotations
 
@@ -19,14 +21,30 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .analysis import (  # noqa: E402
-    BASES, SETS, YARDSTICKS, Curve, Metric, StudyAnalysis, accept_rate_step_curves, final_values, finished,
-    mean_on_shared_range, run_curves, seed_band,
+    BASES, Curve, Score, StudyAnalysis, accept_rate_step_curves, final_values, finished, mean_on_shared_range,
+    run_curves, seed_band,
 )
 from .results import RunRecord  # noqa: E402
 from .files import atomic_write, make_folder  # noqa: E402
 
 Groups = Mapping[str, Sequence[RunRecord]]
-YARDSTICK_STYLES = {"zeros": ":", "train_mean": "-.", "linear": "--", "clamp_floor": (0, (1, 3))}
+YARDSTICK_STYLES = (":", "-.", "--", (0, (1, 3)), (0, (5, 1)))  # by the yardstick's position in the study
+# words for the names runs record (report.md uses them too); a name not listed here is shown as it is
+SET_WORDS = {"id": "in-distribution"}
+YARDSTICK_WORDS = {  # name -> (short name, what it is)
+    "zeros": ("zeros predictor", "predicts all zeros"),
+    "train_mean": ("training-mean predictor", "predicts the per-entry mean of the training answers"),
+    "linear": ("linear map", "least-squares linear map from the condition to the answer, fit on training problems"),
+    "clamp_floor": ("clamp floor", "the true answer clamped to the answer bound: the error clamping alone causes"),
+}
+
+
+def set_words(name: str) -> str:
+    return SET_WORDS.get(name, name)
+
+
+def stick_words(name: str) -> str:
+    return YARDSTICK_WORDS.get(name, (name, ""))[0]
 
 
 def _save_figure(fig: plt.Figure, path: Path) -> None:
@@ -67,19 +85,30 @@ def _legend(ax: plt.Axes, colors: Mapping[str, Any], counts: Mapping[str, int], 
     ax.legend(handles=[*handles, *extra], fontsize="small", loc="best")
 
 
-def _yardstick_lines(ax: plt.Axes, analysis: StudyAnalysis, set_name: str) -> tuple[list[float], list[Line2D]]:
-    """The set's yardsticks as grey horizontal lines; returns their values (for the axis scale) and their
-    legend entries."""
+def _yardstick_lines(ax: plt.Axes, analysis: StudyAnalysis, score: Score) -> tuple[list[float], list[Line2D]]:
+    """The yardsticks of the score's set and metric as grey horizontal lines; returns their values (for the
+    axis scale) and their legend entries."""
     values, handles = [], []
-    for row in analysis.yardsticks[set_name]:
-        if not math.isfinite(row.mean):
+    names = list(dict.fromkeys(row.name for row in analysis.yardsticks[score.set]))
+    for row in analysis.yardsticks[score.set]:
+        if row.metric != score.metric or not math.isfinite(row.mean):
             continue
-        style = {"color": "dimgrey", "linestyle": YARDSTICK_STYLES[row.name], "linewidth": 1}
+        style = {"color": "dimgrey", "linestyle": YARDSTICK_STYLES[names.index(row.name) % len(YARDSTICK_STYLES)],
+                 "linewidth": 1}  # fmt: skip
         ax.axhline(row.mean, **style)
         note = " (mean; varies across runs)" if row.varies else ""
-        handles.append(Line2D([], [], **style, label=f"yardstick: {YARDSTICKS[row.name][0]}{note}"))
+        handles.append(Line2D([], [], **style, label=f"yardstick: {stick_words(row.name)}{note}"))
         values.append(row.mean)
     return values, handles
+
+
+def _panels(analysis: StudyAnalysis, metric: str) -> list[Score]:
+    """One panel per (set, basis) of `metric`: sets down, EMA and raw across."""
+    return analysis.scoring.scores([metric])
+
+
+def _panel_title(score: Score) -> str:
+    return f"{set_words(score.set)}, {BASES[score.basis]} model"
 
 
 def _mean_band(ax: plt.Axes, curves: list[Curve], color: Any, **style: Any) -> list[float]:
@@ -95,63 +124,61 @@ def _mean_band(ax: plt.Axes, curves: list[Curve], color: Any, **style: Any) -> l
     return [*low.tolist(), *high.tolist()]
 
 
-def _val_vs_step(path: Path, groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis) -> None:
-    fig, axes = _figure(2, 2, "Validation MSE vs training step (line = mean over seeds, band = min..max; "
-                              "grey = yardsticks)", (13, 9))
-    for row, set_name in enumerate(SETS):
-        for col, basis in enumerate(BASES):
-            ax, metric = axes[row][col], Metric(set_name, basis)
-            plotted, counts = [], {}
-            for group, runs in groups.items():
-                curves = run_curves(runs, "val", "step", metric.val_key)
-                counts[group] = len(curves)
-                if curves:
-                    plotted += _mean_band(ax, curves, colors[group])
-            sticks, handles = _yardstick_lines(ax, analysis, set_name) if plotted else ([], [])
-            _style_axes(ax, f"{SETS[set_name]}, {BASES[basis]} model", "training step", "MSE", plotted + sticks,
-                        integer_x=True)
-            _legend(ax, colors, counts, handles)
+def _val_vs_step(path: Path, groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis, metric: str) -> None:
+    label, sets = analysis.scoring.metrics[metric].label, analysis.scoring.sets
+    fig, axes = _figure(len(sets), 2, f"Validation {label} vs training step (line = mean over seeds, band = "
+                                      "min..max; grey = yardsticks)", (13, 4.5 * len(sets)))  # fmt: skip
+    for ax, score in zip(axes.flat, _panels(analysis, metric)):
+        plotted, counts = [], {}
+        for group, runs in groups.items():
+            curves = run_curves(runs, "val", "step", score.val_key)
+            counts[group] = len(curves)
+            if curves:
+                plotted += _mean_band(ax, curves, colors[group])
+        sticks, handles = _yardstick_lines(ax, analysis, score) if plotted else ([], [])
+        _style_axes(ax, _panel_title(score), "training step", label, plotted + sticks, integer_x=True)
+        _legend(ax, colors, counts, handles)
     _save_figure(fig, path)
 
 
 def _val_vs_axis(
-    path: Path, groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis, x_key: str, xlabel: str
+    path: Path, groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis, metric: str, x_key: str, xlabel: str
 ) -> None:
     """Seeds run at different speeds: each seed is a thin line, the group mean (thick) is read on the range
     all its seeds cover; every group gets a legend entry even when its seeds' ranges do not overlap."""
-    fig, axes = _figure(2, 2, f"Validation MSE vs {xlabel} (thin = seeds, thick = mean over the range every seed "
-                              "covers)", (13, 9))
-    for row, set_name in enumerate(SETS):
-        for col, basis in enumerate(BASES):
-            ax, metric = axes[row][col], Metric(set_name, basis)
-            plotted, counts = [], {}
-            for group, runs in groups.items():
-                curves = run_curves(runs, "val", x_key, metric.val_key)
-                counts[group] = len(curves)
-                for xs, ys in curves:
-                    ax.plot(xs, ys, color=colors[group], alpha=0.55, linewidth=1)
-                    plotted += ys.tolist()
-                if not curves:
-                    continue
-                grid, mean = mean_on_shared_range(curves)
-                ax.plot(grid, mean, color=colors[group], linewidth=2)
-            sticks, handles = _yardstick_lines(ax, analysis, set_name) if plotted else ([], [])
-            _style_axes(ax, f"{SETS[set_name]}, {BASES[basis]} model", xlabel, "MSE", plotted + sticks)
-            _legend(ax, colors, counts, handles)
+    label, sets = analysis.scoring.metrics[metric].label, analysis.scoring.sets
+    fig, axes = _figure(len(sets), 2, f"Validation {label} vs {xlabel} (thin = seeds, thick = mean over the range "
+                                      "every seed covers)", (13, 4.5 * len(sets)))  # fmt: skip
+    for ax, score in zip(axes.flat, _panels(analysis, metric)):
+        plotted, counts = [], {}
+        for group, runs in groups.items():
+            curves = run_curves(runs, "val", x_key, score.val_key)
+            counts[group] = len(curves)
+            for xs, ys in curves:
+                ax.plot(xs, ys, color=colors[group], alpha=0.55, linewidth=1)
+                plotted += ys.tolist()
+            if not curves:
+                continue
+            grid, mean = mean_on_shared_range(curves)
+            ax.plot(grid, mean, color=colors[group], linewidth=2)
+        sticks, handles = _yardstick_lines(ax, analysis, score) if plotted else ([], [])
+        _style_axes(ax, _panel_title(score), xlabel, label, plotted + sticks)
+        _legend(ax, colors, counts, handles)
     _save_figure(fig, path)
 
 
-def _final_mse(path: Path, groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis) -> None:
+def _final_values(path: Path, groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis, metric: str) -> None:
     """Per group: EMA (circle) and raw (square) side by side, mean with 95 % CI bar, seeds as dots."""
-    fig, axes = _figure(1, 2, "Final MSE per group (marker = mean, bar = 95 % CI, dots = seeds; circle = EMA, "
-                              "square = raw)", (13, 5))
+    label, sets = analysis.scoring.metrics[metric].label, analysis.scoring.sets
+    fig, axes = _figure(1, len(sets), f"Final {label} per group (marker = mean, bar = 95 % CI, dots = seeds; "
+                                      "circle = EMA, square = raw)", (6.5 * len(sets), 5))  # fmt: skip
     names = list(groups)
-    estimates = {g.group: g.mse for g in analysis.groups}
-    for ax, set_name in zip(axes[0], SETS):
+    estimates = {g.group: g.values for g in analysis.groups}
+    for ax, set_name in zip(axes[0], sets):
         plotted: list[float] = []
         for i, group in enumerate(names):
             for offset, basis, marker in ((-0.15, "ema", "o"), (0.15, "raw", "s")):
-                key = Metric(set_name, basis).key
+                key = Score(metric, set_name, basis).key
                 values, e = final_values(groups[group], key), estimates[group][key]
                 if not values:
                     continue
@@ -162,7 +189,7 @@ def _final_mse(path: Path, groups: Groups, colors: dict[str, Any], analysis: Stu
                 plotted += [*values, e.mean - half, e.mean + half]
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
         ax.set_xlim(-0.6, len(names) - 0.4)
-        _style_axes(ax, SETS[set_name], "group", "MSE", [v for v in plotted if v > 0])
+        _style_axes(ax, set_words(set_name), "group", label, [v for v in plotted if v > 0])
         ax.legend(handles=[Line2D([], [], color="black", marker="o", linestyle="none", label="EMA model"),
                            Line2D([], [], color="black", marker="s", linestyle="none", label="raw model")],
                   fontsize="small")  # fmt: skip
@@ -206,13 +233,15 @@ def _training_curves(path: Path, groups: Groups, colors: dict[str, Any]) -> None
     _save_figure(fig, path)
 
 
-def _inference_steps(path: Path, groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis) -> None:
-    fig, axes = _figure(1, 2, "Final EMA model's MSE vs inference inner steps (mean ± 95 % CI over seeds)", (13, 5))
-    for ax, set_name in zip(axes[0], SETS):
+def _inference_steps(path: Path, groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis, metric: str) -> None:
+    label, sets = analysis.scoring.metrics[metric].label, analysis.scoring.sets
+    fig, axes = _figure(1, len(sets), f"Final EMA model's {label} vs inference inner steps (mean ± 95 % CI over "
+                                      "seeds)", (6.5 * len(sets), 5))  # fmt: skip
+    for ax, set_name in zip(axes[0], sets):
         plotted: list[float] = []
         counts = {}
         for group in groups:
-            cells = analysis.inference[group][set_name]
+            cells = analysis.inference[group][Score(metric, set_name, "ema").name]
             points = [(float(k), e.mean, e.half) for k, e in cells.items() if e.n]
             counts[group] = max((e.n for e in cells.values()), default=0)
             if not points:
@@ -220,34 +249,41 @@ def _inference_steps(path: Path, groups: Groups, colors: dict[str, Any], analysi
             x, mean, half = (np.array(p) for p in zip(*points))
             ax.errorbar(x, mean, yerr=np.nan_to_num(half), color=colors[group], marker="o", capsize=4)
             plotted += mean.tolist()
-        _style_axes(ax, SETS[set_name], "inner steps per timestep", "MSE", plotted, integer_x=True)
+        _style_axes(ax, set_words(set_name), "inner steps per timestep", label, plotted, integer_x=True)
         _legend(ax, colors, counts)
     _save_figure(fig, path)
+
+
+def _metric_plots(groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis, metric: str) -> list[tuple]:
+    """(file name, caption, draw) of the figures of one metric."""
+    label = analysis.scoring.metrics[metric].label
+    return [
+        (f"val_{metric}_vs_step.png", f"Validation {label} (EMA and raw) vs training step, with yardsticks",
+         lambda p: _val_vs_step(p, groups, colors, analysis, metric)),
+        (f"val_{metric}_vs_flops.png", f"Validation {label} vs measured training FLOPs",
+         lambda p: _val_vs_axis(p, groups, colors, analysis, metric, "flops", "training FLOPs")),
+        (f"val_{metric}_vs_seconds.png", f"Validation {label} vs training seconds",
+         lambda p: _val_vs_axis(p, groups, colors, analysis, metric, "train_seconds", "training seconds")),
+        (f"final_{metric}.png", f"Final {label} per group (EMA and raw) with 95 % CI and seeds",
+         lambda p: _final_values(p, groups, colors, analysis, metric)),
+    ]  # fmt: skip
 
 
 def write_plots(plot_dir: Path, groups: Groups, analysis: StudyAnalysis) -> list[tuple[str, str]]:
     """Draw every plot the data allow; returns (file name, caption) of those written."""
     make_folder(plot_dir)  # names a file in the way as such (mkdir says "File exists")
     colors = {group: plt.get_cmap("tab10")(i % 10) for i, group in enumerate(groups)}
-    plots = [
-        ("val_mse_vs_step.png", "Validation MSE (EMA and raw) vs training step, with yardsticks",
-         lambda p: _val_vs_step(p, groups, colors, analysis)),
-        ("val_mse_vs_flops.png", "Validation MSE vs measured training FLOPs",
-         lambda p: _val_vs_axis(p, groups, colors, analysis, "flops", "training FLOPs")),
-        ("val_mse_vs_seconds.png", "Validation MSE vs training seconds",
-         lambda p: _val_vs_axis(p, groups, colors, analysis, "train_seconds", "training seconds")),
-        ("final_mse.png", "Final MSE per group (EMA and raw) with 95 % CI and seeds",
-         lambda p: _final_mse(p, groups, colors, analysis)),
-        ("training_curves.png", "Score loss, energy gap and mining diagnostics vs step",
-         lambda p: _training_curves(p, groups, colors)),
-    ]  # fmt: skip
+    plots = [entry for metric in analysis.scoring.metrics for entry in _metric_plots(groups, colors, analysis, metric)]
+    plots.append(("training_curves.png", "Score loss, energy gap and mining diagnostics vs step",
+                  lambda p: _training_curves(p, groups, colors)))  # fmt: skip
     for name, _, draw in plots:
         draw(plot_dir / name)
     written = [(name, caption) for name, caption, _ in plots]
-    inference = plot_dir / "mse_vs_inference_steps.png"
-    if analysis.inference_steps:
-        _inference_steps(inference, groups, colors, analysis)
-        written.append((inference.name, "Final EMA MSE vs inference inner steps"))
-    else:
-        inference.unlink(missing_ok=True)  # a stale plot from an earlier report would contradict this one
+    for metric, spec in analysis.scoring.metrics.items():
+        inference = plot_dir / f"{metric}_vs_inference_steps.png"
+        if analysis.inference_steps:
+            _inference_steps(inference, groups, colors, analysis, metric)
+            written.append((inference.name, f"Final EMA {spec.label} vs inference inner steps"))
+        else:
+            inference.unlink(missing_ok=True)  # a stale plot from an earlier report would contradict this one
     return written

@@ -2,8 +2,9 @@
 
 `write_report(out_dir, runs, title=..., primary=...)` writes, each file atomically:
   summary.csv   one row per run (`analysis.summary_rows`): labels, sweep keys, config columns, results
-  summary.json  {"title", "counts", "primary", "holm_family_size", "groups", "comparisons", "budgets",
-                "rows"}: the analysis' numbers unformatted; NaN is written as null
+  summary.json  {"title", "counts", "primary", "holm_family_size", "scoring" (metrics with directions,
+                sets), "lead_basis" (ema | raw), "groups", "comparisons", "budgets", "rows"}: the analysis'
+                numbers unformatted; NaN is written as null
   report.md     the readable report, verdict first, linking the PNGs under plots/ (plots.py)
 """
 from __future__ import annotations
@@ -16,15 +17,15 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import analysis as an
-from .analysis import ALPHA, BASES, SETS, YARDSTICKS, Comparison, Estimate, Metric, StudyAnalysis
-from .plots import write_plots
+from .analysis import ALPHA, BASES, Comparison, Estimate, Score, StudyAnalysis
+from .plots import YARDSTICK_WORDS, set_words, stick_words, write_plots
 from .results import RunRecord, is_number
 from .files import atomic_write_json, atomic_write_text, make_folder
 
 AXIS_TITLES = {"flops": ("Matched FLOPs", "training FLOPs"), "train_seconds": ("Matched wall-clock", "training seconds")}
-EMA_LAG = ("Caveat: an EMA model read mid-training lags its raw model (the EMA decay warms up over thousands of "
-           "steps), so a read-off penalises the run that is read earlier in its own training, typically the "
-           "costlier one. The raw-model columns do not lag.")
+EMA_LAG = ("Caveat: an EMA model read mid-training lags its raw model (it averages its last horizon of steps, "
+           "and its decay warms up), so a read-off penalises the run that is read earlier in its own training, "
+           "typically the costlier one. The raw-model columns do not lag.")
 
 
 # -- number format: one format everywhere ----------------------------------------------------------------
@@ -67,8 +68,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines + [""]
 
 
-def _metric_label(metric: Metric) -> str:
-    return f"{SETS[metric.set]}, {BASES[metric.basis]}"
+def _label(a: StudyAnalysis, metric: str) -> str:
+    return a.scoring.metrics[metric].label
+
+
+def _score_label(a: StudyAnalysis, score: Score) -> str:
+    """'MSE in-distribution, EMA'."""
+    return f"{_label(a, score.metric)} {set_words(score.set)}, {BASES[score.basis]}"
+
+
+def _direction(a: StudyAnalysis, metric: str) -> str:
+    """'lower MSE is better' / 'higher accuracy is better'."""
+    return f"{'higher' if a.scoring.higher(metric) else 'lower'} {_label(a, metric)} is better"
 
 
 def _test_text(c: Comparison) -> str:
@@ -118,38 +129,86 @@ def _primary_paragraph(a: StudyAnalysis) -> list[str]:
         return ["**No primary comparison declared** (study.yaml `primary`): every test in this report is one "
                 f"Holm–Bonferroni family ({a.family_size} tests).", ""]  # fmt: skip
     if spec.missing:
-        return [f"**Primary comparison {spec.a} vs {spec.b} ({SETS[spec.set]}) not available:** the study has no "
+        return [f"**Primary comparison {spec.a} vs {spec.b} ({spec.score}) not available:** the study has no "
                 f"runs of {', '.join(spec.missing)}. Every test below is one Holm–Bonferroni family "
                 f"({a.family_size} tests).", ""]  # fmt: skip
+    if spec.unknown is not None:
+        return [f"**Primary comparison {spec.a} vs {spec.b} not available:** its metric {spec.score!r} is not one "
+                f"of this study's scores ({', '.join(spec.unknown)}). Every test below is one Holm–Bonferroni "
+                f"family ({a.family_size} tests).", ""]  # fmt: skip
     found = a.primary_comparisons
     if not found:
         return [f"**Primary comparison {spec.a} vs {spec.b}:** no two groups of these strategies differ only in "
                 "the strategy, so it cannot be tested.", ""]  # fmt: skip
+    head = found[0].score
+    higher = a.scoring.higher(head.metric)
     lines = [f"**Primary comparison** (declared in study.yaml; tested alone, not corrected for multiple tests): "
-             f"{spec.a} vs {spec.b}, {SETS[spec.set]} MSE at the end of training, A − B < 0 means {spec.a} has "
-             "the lower error.", ""]  # fmt: skip
-    for ema in (c for c in found if c.metric.basis == "ema"):
-        raw = next(c for c in found if (c.a, c.b, c.metric.set) == (ema.a, ema.b, ema.metric.set) and c.metric.basis == "raw")
+             f"{spec.a} vs {spec.b}, {_label(a, head.metric)} {set_words(head.set)} at the end of training; "
+             f"{_direction(a, head.metric)}, so A − B {'>' if higher else '<'} 0 means {spec.a} is better.", ""]
+    for ema in (c for c in found if c.score.basis == "ema"):
+        raw = next(c for c in found if (c.a, c.b, c.score) == (ema.a, ema.b, ema.score.on("raw")))
         where = f" ({ema.a} vs {ema.b})" if len(found) > 2 else ""
-        if any((d.a, d.b, d.set, d.kind) == (ema.a, ema.b, ema.metric.set, "model") for d in a.disagreements):
+        lagging = [lag for lag in a.lagging if lag.group in (ema.a, ema.b)]
+        if lagging:
+            lines.append(f"- **The EMA view describes lag, not a model{where}** ({'; '.join(map(_lag_text, lagging))}): "
+                         "the raw model's verdict leads.")  # fmt: skip
+        elif any((d.a, d.b, d.metric, d.set, d.kind) == (ema.a, ema.b, ema.score.metric, ema.score.set, "model")
+                 for d in a.disagreements):  # fmt: skip
             lines.append(f"- **EMA and raw disagree{where}**: EMA says {ema.verdict}, raw says {raw.verdict}; "
                          "the verdict depends on which model is scored.")  # fmt: skip
-        lines += [f"- EMA{where}: {_result_text(ema, a)}.", f"- raw{where}: {_result_text(raw, a)}."]
+        views = [("raw", raw), ("EMA", ema)] if lagging else [("EMA", ema), ("raw", raw)]
+        lines += [f"- {name}{where}: {_result_text(c, a)}." for name, c in views]
         if math.isfinite(ema.equal_flops):
             lines.append(f"- Equal compute: every finished run of both groups trained to the same budget of "
                          f"{fmt(ema.equal_flops)} FLOPs.")  # fmt: skip
     return lines + [""]
 
 
+def _lag_text(lag: an.EmaLag) -> str:
+    """'adversarial: EMA horizon ~934 steps = 93 % of training; EMA 2.2× raw on in-distribution, beyond the
+    seed spread'."""
+    parts = []
+    if lag.long_horizon:
+        parts.append(f"EMA horizon ~{fmt(lag.horizon)} steps = {fmt(100 * lag.fraction)} % of training")
+    if lag.far_sets:
+        ratios = ", ".join(f"{fmt(lag.ratio[s])}× raw on {set_words(s)}" for s in lag.far_sets)
+        parts.append(f"EMA {ratios}, worse beyond the seed spread")
+    return f"{lag.group}: {'; '.join(parts)}"
+
+
+def _lag_sentence(a: StudyAnalysis) -> str:
+    rule = (f"(rule: the EMA horizon, update interval / (1 − decay at the end), exceeds {fmt(100 * an.LAST_FRACTION)} % "
+            "of training, or the EMA's headline score is worse than the raw model's by more than their seed spread)")
+    if not a.lagging:
+        return f"**EMA:** no group's EMA view describes lag {rule}; the EMA view leads."
+    return (f"**EMA lag** {rule}: {'; '.join(map(_lag_text, a.lagging))}. These EMA verdicts measure how far the "
+            "average trails the model, not the model: the raw view leads this report.")
+
+
+def _pattern_pairs(a: StudyAnalysis, pattern: an.DisagreementPattern) -> str:
+    """'adversarial vs random (MSE in-distribution, ood), random vs none (MSE ood, raw)'."""
+    texts = []
+    for (first, second), cases in pattern.pairs().items():
+        sets: dict[str, dict[str, None]] = {}
+        for d in cases:
+            sets.setdefault(d.metric, {})[set_words(d.set)] = None
+        where = "; ".join(f"{_label(a, metric)} {', '.join(names)}" for metric, names in sets.items())
+        if pattern.kind == "compute":
+            where += "; " + " and ".join(dict.fromkeys(BASES[d.basis] for d in cases))
+        texts.append(f"{first} vs {second} ({where})")
+    return ", ".join(texts)
+
+
 def _disagreement_paragraph(a: StudyAnalysis) -> list[str]:
     if not a.disagreements:
         return ["**No disagreements:** EMA and raw verdicts agree for every comparison, and so do the verdicts at "
                 "equal steps and at equal FLOPs (where both exist).", ""]  # fmt: skip
-    lines = ["**Readings disagree** (the same question gets different verdicts):"]
-    for d in a.disagreements:
-        first, second = ("EMA", "raw") if d.kind == "model" else (f"equal steps ({BASES[d.basis]})",
-                                                                   f"equal FLOPs ({BASES[d.basis]})")  # fmt: skip
-        lines.append(f"- {d.a} vs {d.b}, {SETS[d.set]}: {first} {d.first}, {second} {d.second}.")
+    lines = [f"**Readings disagree** ({len(a.disagreements)} comparisons, {len(a.patterns)} patterns; the same "
+             "question gets different verdicts):"]  # fmt: skip
+    for p in a.patterns:
+        first, second = ("EMA", "raw") if p.kind == "model" else ("equal steps", "equal FLOPs")
+        note = " (the EMA describes lag: see above)" if p.kind == "model" and a.lagging else ""
+        lines.append(f"- {first} {p.first}, {second} {p.second}{note} — {len(p.cases)}: {_pattern_pairs(a, p)}.")
     return lines + [""]
 
 
@@ -163,9 +222,14 @@ def _compute_sentence(a: StudyAnalysis) -> str:
             f"of training are at equal steps, not equal compute.{measured}")
 
 
+def _headline_words(a: StudyAnalysis) -> str:
+    head = a.scoring.headline
+    return f"EMA {set_words(head.set)} validation {_label(a, head.metric)}" if head else "headline score"
+
+
 def _convergence_sentence(a: StudyAnalysis) -> str:
-    rule = ("(rule: the mean over seeds of the drop of the EMA in-distribution validation MSE over the last fifth "
-            "of training exceeds the standard deviation across seeds of the final validation MSE)")
+    rule = (f"(rule: the mean over seeds of the improvement of the {_headline_words(a)} over the last fifth of "
+            "training exceeds the standard deviation across seeds of its final value)")
     late = [g.group for g in a.groups if g.convergence.status == "not converged"]
     unknown = [g.group for g in a.groups if g.convergence.status == "n/a"]
     if len(unknown) == len(a.groups):
@@ -177,20 +241,39 @@ def _convergence_sentence(a: StudyAnalysis) -> str:
     return text + (f" Not assessable (fewer than two seeds with a curve): {', '.join(unknown)}." if unknown else "")
 
 
+def _standing_text(st: an.YardstickStanding, sticks: str, groups: int) -> str:
+    """'every group beats the zeros predictor and the linear map' (sticks: the yardsticks alike)."""
+    if len(st.beaten_by) == len(st.rated):
+        who = f"every group beats {sticks}"
+    elif not st.beaten_by and not st.level_with:
+        who = f"no group beats {sticks}"
+    elif not st.beaten_by:
+        who = f"no group beats {sticks} ({', '.join(st.level_with)} level with {'them' if ' and ' in sticks else 'it'})"
+    else:
+        who = f"{len(st.beaten_by)} of {len(st.rated)} groups ({', '.join(st.beaten_by)}) beat {sticks}"
+        who += f", {', '.join(st.level_with)} level with" if st.level_with else ""
+    return who + (f" (rated: {len(st.rated)} of {groups} groups)" if len(st.rated) < groups else "")
+
+
+def _and(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
 def _yardstick_sentence(a: StudyAnalysis) -> str:
-    parts = {s: f"{label}: n/a" for s, label in SETS.items()}
-    for st in a.standing:
-        stick = f"the {YARDSTICKS[st.name][0]}"
-        if len(st.beaten_by) == len(st.rated):
-            who = f"every group beats {stick}"
-        elif not st.beaten_by:
-            who = f"no group beats {stick}"
-        else:
-            who = f"{len(st.beaten_by)} of {len(st.rated)} groups ({', '.join(st.beaten_by)}) beat {stick}"
-        if len(st.rated) < len(a.groups):
-            who += f" (only groups with a final MSE are rated: {len(st.rated)} of {len(a.groups)})"
-        parts[st.set] = f"{SETS[st.set]}: {who}"
-    return "**Yardsticks** (final EMA MSE against each group's own yardsticks): " + "; ".join(parts.values()) + "."
+    head = a.scoring.headline
+    if head is None or not a.standing:
+        return "**Yardsticks:** none recorded."
+    parts = []
+    for set_name in a.scoring.sets:
+        alike: dict[tuple, list[an.YardstickStanding]] = {}  # yardsticks with the same standing read as one
+        for st in (st for st in a.standing if st.set == set_name):
+            alike.setdefault((tuple(st.rated), tuple(st.beaten_by), tuple(st.level_with)), []).append(st)
+        texts = [_standing_text(sts[0], _and([f"the {stick_words(st.name)}" for st in sts]), len(a.groups))
+                 for sts in alike.values()]  # fmt: skip
+        if texts:
+            parts.append(f"{set_words(set_name)}: {'; '.join(texts)}.")
+    return (f"**Yardsticks** (final {BASES[a.lead_basis]} {_label(a, head.metric)} against each group's own "
+            f"yardsticks; level with: inside the group's 95 % CI). {' '.join(parts)}")
 
 
 def _verdict_section(a: StudyAnalysis) -> list[str]:
@@ -198,110 +281,131 @@ def _verdict_section(a: StudyAnalysis) -> list[str]:
         tally = ", ".join(f"{n} {status}" for status, n in a.tally.items() if n)
         return ["## Verdict", "", f"**No run finished** ({tally or 'no runs'}): there is nothing to compare; "
                 "see Problems for what happened to each run.", ""]
+    directions = "; ".join(_direction(a, m) for m in a.scoring.metrics) or "no scores recorded"
     return [
         "## Verdict", "",
-        *_primary_paragraph(a), *_disagreement_paragraph(a),
+        *_primary_paragraph(a), _lag_sentence(a), "", *_disagreement_paragraph(a),
         _compute_sentence(a) + " Read-offs at matched FLOPs and wall-clock: see the equal-compute view.", "",
         _convergence_sentence(a), "", _yardstick_sentence(a), "",
-        f"Verdicts: better / worse / no detectable difference at α = {ALPHA}, for A against B on an error (lower "
-        "is better); 'no detectable difference' with few seeds is not evidence that the groups are equal. Tests "
+        f"Verdicts: better / worse / no detectable difference at α = {ALPHA}, for A against B ({directions}); "
+        "'no detectable difference' with few seeds is not evidence that the groups are equal. Tests "
         f"other than the primary form one Holm–Bonferroni family of {a.family_size} tests, and their verdicts use "
         "the adjusted p.", "",
     ]  # fmt: skip
 
 
 def _yardsticks_section(a: StudyAnalysis) -> list[str]:
+    metrics = list(a.scoring.metrics)
     lines = ["## Yardsticks", "",
-             "What an MSE means: the held-out MSE of simple predictors on the same problems, mean over the finished "
-             "runs (n). n/a: not recorded (folders written before yardsticks only have the zeros predictor).", ""]  # fmt: skip
-    for set_name, label in SETS.items():
-        rows = [[*YARDSTICKS[y.name], fmt(y.mean), y.n,
-                 f"varies across runs: {fmt(y.low)} to {fmt(y.high)}" if y.varies else ""]
-                for y in a.yardsticks[set_name]]  # fmt: skip
-        lines += [f"**{label}**", "", *_table(["yardstick", "what it is", "MSE", "n runs", "note"], rows)]
+             "What a score means: the held-out score of simple predictors on the same problems, mean over the "
+             "finished runs (n: runs that recorded it). n/a: not recorded.", ""]  # fmt: skip
+    for set_name, rows in a.yardsticks.items():
+        by_name: dict[str, list[an.YardstickRow]] = {}
+        for y in rows:
+            by_name.setdefault(y.name, []).append(y)
+        table = [[stick_words(name), YARDSTICK_WORDS.get(name, (name, ""))[1], *(fmt(y.mean) for y in ys),
+                  max(y.n for y in ys), "; ".join(f"{_label(a, y.metric)} varies across runs: {fmt(y.low)} to "
+                                                  f"{fmt(y.high)}" for y in ys if y.varies)]
+                 for name, ys in by_name.items()]  # fmt: skip
+        header = ["yardstick", "what it is", *(_label(a, m) for m in metrics), "n runs", "note"]
+        lines += [f"**{set_words(set_name)}**", "", *(_table(header, table) if table else ["none recorded", ""])]
     return lines
 
 
-def _ratio(value: float) -> str:
-    if not math.isfinite(value):
+def _standing_cell(g: an.GroupRow, basis: str, set_name: str) -> str:
+    """'beats: zeros predictor, linear map; behind: clamp floor'."""
+    marks = g.vs_yardstick[basis].get(set_name, {})
+    words = {mark: [stick_words(n) for n, m in marks.items() if m == mark] for mark in (an.BEATS, an.LEVEL, an.BEHIND)}
+    return "; ".join(f"{mark}: {', '.join(names)}" for mark, names in words.items() if names) or "n/a"
+
+
+def _lag_cell(lag: an.EmaLag) -> str:
+    if not math.isfinite(lag.fraction) and not lag.far_sets:
         return "n/a"
-    return f"{fmt(value)}× ({'beats it' if value < 1 else 'does not beat it'})"
+    horizon = f"horizon {fmt(100 * lag.fraction)} % of training" if math.isfinite(lag.fraction) else "horizon n/a"
+    far = f"; worse than raw beyond the seed spread on {', '.join(map(set_words, lag.far_sets))}" if lag.far_sets else ""
+    return f"{'**lag**' if lag.lagging else 'no'} ({horizon}{far})"
 
 
 def _groups_section(a: StudyAnalysis) -> list[str]:
-    rows = []
-    for g in a.groups:
-        rows.append([
-            g.group, f"{g.finished}/{g.runs}", _seeds(g.seeds), pm(g.steps), pm(g.train_flops),
-            *(pm(g.mse[m.key]) for m in an.METRICS),
-            _ratio(g.vs_yardstick["id"]["linear"]), _ratio(g.vs_yardstick["ood"]["linear"]), g.convergence.status,
-        ])  # fmt: skip
-    header = ["group", "n finished/runs", "seeds", "steps", "training FLOPs",
-              *(f"MSE {_metric_label(m)}" for m in an.METRICS),
-              "EMA in-dist / linear map", "EMA ood / linear map", "convergence"]  # fmt: skip
+    scores, sets, lead = a.scoring.scores(), a.scoring.sets, a.lead_basis
+    rows = [[g.group, f"{g.finished}/{g.runs}", _seeds(g.seeds), pm(g.steps), pm(g.train_flops),
+             *(pm(g.values[s.key]) for s in scores), *(_standing_cell(g, lead, s) for s in sets),
+             _lag_cell(g.lag), g.convergence.status] for g in a.groups]  # fmt: skip
+    head = a.scoring.headline
+    header = ["group", "n finished/runs", "seeds", "steps", "training FLOPs", *(_score_label(a, s) for s in scores),
+              *(f"{BASES[lead]} {set_words(s)} vs yardsticks" for s in sets), "EMA lag", "convergence"]  # fmt: skip
     return [
         "## Final results per group", "",
-        "Final held-out MSE at each run's last step, of the EMA model and of the raw (non-EMA) model, on the "
-        f"in-distribution and ood sets: mean ± 95 % Student-t half width over the finished seeds (seeds column; "
-        "'± n/a': one seed). Compute per group: steps and training FLOPs (mean ± half width; n/a: not measured). "
-        "'/ linear map': the group's mean EMA MSE divided by the linear-map yardstick of its runs. Convergence: "
-        "see the rule in the verdict.", "",
+        "Final held-out scores at each run's last step, of the EMA model and of the raw (non-EMA) model, on each "
+        f"held-out set: mean ± 95 % Student-t half width over the finished seeds (seeds column; '± n/a': one "
+        "seed). Compute per group: steps and training FLOPs (mean ± half width; n/a: not measured). 'vs "
+        f"yardsticks': the group's mean {BASES[lead]} {_label(a, head.metric) if head else 'score'} against the "
+        "yardsticks of its runs. EMA lag and convergence: see the rules in the verdict.", "",
         *_table(header, rows),
     ]  # fmt: skip
 
 
 def _comparison_rows(comparisons: Sequence[Comparison], a: StudyAnalysis) -> list[list[str]]:
     return [[
-        f"{c.a} vs {c.b}" + (" (primary)" if c.primary else ""), c.factor, _metric_label(c.metric), _test_text(c),
+        f"{c.a} vs {c.b}" + (" (primary)" if c.primary else ""), c.factor, _score_label(a, c.score), _test_text(c),
         fmt(c.mean_a), fmt(c.mean_b), fmt(c.diff, signed=True), percent(c.effect_pct),
         f"[{fmt(c.ci_low)}, {fmt(c.ci_high)}]", fmt(c.p), "uncorrected" if c.primary else fmt(c.p_adjusted),
         c.verdict if c.refused is None else f"no verdict: {_reason(c.refused, a, c)}",
     ] for c in comparisons]  # fmt: skip
 
 
-COMPARISON_HEADER = ["A vs B", "differ in", "set, model", "test", "mean A", "mean B", "A − B", "% of B", "95 % CI",
+COMPARISON_HEADER = ["A vs B", "differ in", "score", "test", "mean A", "mean B", "A − B", "% of B", "95 % CI",
                      "p", "Holm p", "verdict"]  # fmt: skip
 
 
-def _unpaired_notes(comparisons: Sequence[Comparison]) -> list[str]:
-    notes = dict.fromkeys(f"- {c.a} vs {c.b}, {_metric_label(c.metric)}: left out of the paired test (no partner "
+def _unpaired_notes(comparisons: Sequence[Comparison], a: StudyAnalysis) -> list[str]:
+    notes = dict.fromkeys(f"- {c.a} vs {c.b}, {_score_label(a, c.score)}: left out of the paired test (no partner "
                           f"with a value): {', '.join(c.unpaired)}" for c in comparisons if c.unpaired)  # fmt: skip
     return [*notes, ""] if notes else []
+
+
+def _lead_first(comparisons: Sequence[Comparison], a: StudyAnalysis) -> list[Comparison]:
+    """Primary first, then the leading view's comparisons before the other's (stable otherwise)."""
+    return sorted(comparisons, key=lambda c: (not c.primary, c.score.basis != a.lead_basis))
 
 
 def _comparisons_section(a: StudyAnalysis) -> list[str]:
     lines = [
         "## Comparisons at the end of training", "",
-        "Groups that differ in exactly one factor, as 'A vs B', on the final MSE of the EMA and of the raw model, "
-        f"in-distribution and ood, at each run's last step (compute: see the group table; seeds {_seeds(a.seeds)}). "
+        "Groups that differ in exactly one factor, as 'A vs B', on every final score of the EMA and of the raw "
+        f"model, at each run's last step (compute: see the group table; seeds {_seeds(a.seeds)}). "
         "Runs of the two groups with the same seed share initial weights, batches and noise, so the test is "
         "paired on the per-seed differences A − B when at least two seeds are shared by finished runs of both; "
         "otherwise Welch's unequal-variance test on every value. A − B and its 95 % CI are for that test (paired: "
-        "the mean per-seed difference); '% of B' is A − B relative to B's mean. The primary comparison comes "
-        "first and is not corrected; every other p is Holm-adjusted over the whole report's family.", "",
+        "the mean per-seed difference); '% of B' is A − B relative to B's mean; whether a positive A − B is "
+        "better follows the metric's direction. The primary comparison comes first and is not corrected; every "
+        f"other p is Holm-adjusted over the whole report's family. The {BASES[a.lead_basis]} view is listed first.",
+        "",
     ]  # fmt: skip
     if not a.comparisons:
         return lines + ["No two groups differ in exactly one factor.", ""]
-    return lines + _table(COMPARISON_HEADER, _comparison_rows(a.comparisons, a)) + _unpaired_notes(a.comparisons)
+    ordered = _lead_first(a.comparisons, a)
+    return lines + _table(COMPARISON_HEADER, _comparison_rows(ordered, a)) + _unpaired_notes(ordered, a)
 
 
 def _budget_subsection(letter: str, table: an.BudgetTable, a: StudyAnalysis) -> list[str]:
     title, unit = AXIS_TITLES[table.axis]
     lines = [f"### ({letter}) {title}: budget {fmt(table.budget)} {unit}", ""]
     if not math.isfinite(table.budget):
-        return lines + [f"n/a: no finished run logged {unit} on its validation lines (folders written before "
-                        "this was measured).", ""]  # fmt: skip
+        return lines + [f"n/a: no finished run logged {unit} on its validation lines.", ""]
     lines += [
-        f"Validation MSE (EMA and raw, in-distribution and ood) read off each finished run's validation curve at "
+        f"Validation scores (EMA and raw, every held-out set) read off each finished run's validation curve at "
         f"{fmt(table.budget)} {unit}: the smallest last validation point of any finished run, read log-linearly "
         f"between the bracketing validation points, never extrapolated. Seeds {_seeds(a.seeds)}; 'reached': "
         "finished runs whose curve covers the budget; means ± 95 % CI over those. " + EMA_LAG, "",
     ]  # fmt: skip
     if table.refused:
         lines += [f"**No verdicts on this axis:** {_reason(table.refused, a)} (see machine load below).", ""]
-    rows = [[r.group, pm(r.own_final), f"{r.reached}/{r.finished}", *(pm(r.mse[m.key]) for m in an.METRICS)]
+    scores = a.scoring.scores()
+    rows = [[r.group, pm(r.own_final), f"{r.reached}/{r.finished}", *(pm(r.values[s.key]) for s in scores)]
             for r in table.rows]  # fmt: skip
-    header = ["group", f"group's own final {unit}", "reached", *(f"MSE {_metric_label(m)}" for m in an.METRICS)]
+    header = ["group", f"group's own final {unit}", "reached", *(_score_label(a, s) for s in scores)]
     lines += _table(header, rows)
     short = [r for r in table.rows if r.reached < r.finished]
     if short:
@@ -310,7 +414,8 @@ def _budget_subsection(letter: str, table: an.BudgetTable, a: StudyAnalysis) -> 
     else:
         lines += ["Every finished run reached the budget.", ""]
     if table.comparisons:
-        lines += _table(COMPARISON_HEADER, _comparison_rows(table.comparisons, a)) + _unpaired_notes(table.comparisons)
+        ordered = _lead_first(table.comparisons, a)
+        lines += _table(COMPARISON_HEADER, _comparison_rows(ordered, a)) + _unpaired_notes(ordered, a)
     return lines
 
 
@@ -327,8 +432,7 @@ def _load_subsection(a: StudyAnalysis) -> list[str]:
              ", ".join(map(str, r.pack_sizes)) or "n/a"] for r in load.rows]  # fmt: skip
     lines += _table(["group", "mean load", "load range", "training lines", "pack size"], rows)
     if not any(r.lines for r in load.rows):
-        lines += ["The load was not logged (folders written before it was): the wall-clock view cannot be checked "
-                  "for uneven load.", ""]  # fmt: skip
+        lines += ["The load was not logged: the wall-clock view cannot be checked for uneven load.", ""]
     if load.load_warning:
         lines += [f"**Warning:** the load varied by {fmt(load.spread)} (> {an.LOAD_SPREAD_LIMIT}) during training: "
                   "training seconds are not comparable across groups.", ""]  # fmt: skip
@@ -362,7 +466,7 @@ def _diagnostics_section(a: StudyAnalysis) -> list[str]:
         "Training lines of the last fifth of each finished run's training, averaged per run, then over the n "
         "seeds with data: the accept rate of the mining descent (mean, and per inner step 1, 2, ...), the energy "
         "decrease E(start) − E(negative) mining achieved, and the RMS distance the negatives moved. n/a: not "
-        "logged (a strategy that does not mine by descent, or a folder written before these fields).", "",
+        "logged (a strategy that does not mine by descent).", "",
         *_table(["group", "n", "accept rate", "accept rate per inner step", "energy decrease", "RMS moved"], rows),
     ]  # fmt: skip
 
@@ -372,14 +476,14 @@ def _test_time_section(a: StudyAnalysis) -> list[str]:
     if not a.inference_steps:
         return lines + ["No run has an inference-steps sweep (eval.inference_steps_sweep was empty).", ""]
     lines += [
-        "Held-out MSE of the final EMA model (at each run's last step; steps and FLOPs in the group table) when "
+        "Held-out scores of the final EMA model (at each run's last step; steps and FLOPs in the group table) when "
         "sampling with a given number of inner optimisation steps per diffusion timestep: mean ± 95 % CI over "
         f"the finished seeds (seeds {_seeds(a.seeds)}; per group, see the group table).", "",
     ]  # fmt: skip
     header = ["group", *(f"{s} inner step{'' if s == '1' else 's'}" for s in a.inference_steps)]
-    for set_name, label in SETS.items():
-        rows = [[group, *(pm(sets[set_name][s]) for s in a.inference_steps)] for group, sets in a.inference.items()]
-        lines += [f"**{label}, EMA**", "", *_table(header, rows)]
+    for score in (s for s in a.scoring.scores() if s.basis == "ema"):
+        rows = [[group, *(pm(cells[score.name][s]) for s in a.inference_steps)] for group, cells in a.inference.items()]
+        lines += [f"**{_label(a, score.metric)} {set_words(score.set)}, EMA**", "", *_table(header, rows)]
     return lines
 
 
@@ -433,7 +537,7 @@ def write_report(
 ) -> None:
     """Write summary.csv, summary.json, report.md and plots/*.png for `runs` into `out_dir`.
 
-    `primary`: study.yaml's `{"compare": [A, B], "metric": "mse_id" | "mse_ood"}` (strategy labels), or None.
+    `primary`: study.yaml's `{"compare": [A, B], "metric": "<metric>_<set>"}` (strategy labels), or None.
     """
     out_dir = Path(out_dir)
     make_folder(out_dir)
@@ -446,7 +550,10 @@ def write_report(
         "counts": a.tally,
         "primary": dataclasses.asdict(a.primary) if a.primary else None,
         "holm_family_size": a.family_size,
-        "groups": [dataclasses.asdict(g) | {"convergence_status": g.convergence.status} for g in a.groups],
+        "scoring": dataclasses.asdict(a.scoring),
+        "lead_basis": a.lead_basis,
+        "groups": [dataclasses.asdict(g) | {"convergence_status": g.convergence.status, "ema_lagging": g.lag.lagging}
+                   for g in a.groups],
         "comparisons": [_comparison_json(c) for c in a.comparisons],
         "budgets": [{"axis": t.axis, "budget": t.budget, "rows": [dataclasses.asdict(r) for r in t.rows],
                      "comparisons": [_comparison_json(c) for c in t.comparisons]} for t in a.budgets],

@@ -197,14 +197,39 @@ class RunDir:
         return data if final_problem(data) is None else None
 
 
-# final.json fields that must be numbers when present: errors (mse_*, zeros_mse_*), timings and compute
-_NUMBER_FIELD = re.compile(r"(zeros_)?mse_\w+|train_seconds|steps_per_second|train_flops|flops_per_step|budget_flops")
+# final.json fields that must be numbers when present, besides the declared scores <metric>_<set>[_raw]
+_NUMBER_FIELDS = ("train_seconds", "steps_per_second", "train_flops", "flops_per_step", "budget_flops")
+DIRECTIONS = ("lower", "higher")  # final.json "metrics": name -> which way is better
 RUN_STATUSES = ("finished", "failed", "missing", "damaged")
 
 
 def is_number(value: Any) -> bool:
     """A JSON number (NaN included), not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def score_keys(final: dict[str, Any]) -> list[str]:
+    """The score keys a final.json declares: <metric>_<set> (EMA model) and <metric>_<set>_raw, task order."""
+    metrics, sets = final.get("metrics"), final.get("sets")
+    if not isinstance(metrics, dict) or not isinstance(sets, list):
+        return []
+    return [f"{m}_{s}{suffix}" for m in metrics for s in sets for suffix in ("", "_raw")]
+
+
+def _declaration_problem(final: dict[str, Any]) -> str | None:
+    """Why the task's declaration (metrics with directions, their labels, the held-out sets) is unusable.
+    A finished run must declare it: its scores mean nothing without their names and directions."""
+    metrics, sets, labels = final.get("metrics"), final.get("sets"), final.get("metric_labels", {})
+    if final["status"] == "finished" and ("metrics" not in final or "sets" not in final):
+        return f"final.json lacks '{'metrics' if 'metrics' not in final else 'sets'}' (a finished run declares its task's metrics and sets)"
+    if "metrics" in final and not (isinstance(metrics, dict) and metrics and all(
+            isinstance(k, str) and v in DIRECTIONS for k, v in metrics.items())):  # fmt: skip
+        return f"final.json 'metrics' is {metrics!r}, not a mapping of metric names to 'lower' or 'higher'"
+    if "sets" in final and not (isinstance(sets, list) and sets and all(isinstance(v, str) for v in sets)):
+        return f"final.json 'sets' is {sets!r}, not a list of held-out set names"
+    if not (isinstance(labels, dict) and all(isinstance(v, str) for v in labels.values())):
+        return f"final.json 'metric_labels' is {labels!r}, not a mapping of metric names to text"
+    return None
 
 
 def final_problem(final: Any) -> str | None:
@@ -215,9 +240,11 @@ def final_problem(final: Any) -> str | None:
         return f"final.json 'status' is {final.get('status')!r}, not a string"
     if "step" in final and (not isinstance(final["step"], int) or isinstance(final["step"], bool)):
         return f"final.json 'step' is {final['step']!r}, not an int"
-    for key, value in final.items():
-        if _NUMBER_FIELD.fullmatch(key) and not is_number(value):
-            return f"final.json '{key}' is {value!r}, not a number"
+    if (problem := _declaration_problem(final)) is not None:
+        return problem
+    for key in (*score_keys(final), *_NUMBER_FIELDS):
+        if key in final and not is_number(final[key]):
+            return f"final.json '{key}' is {final[key]!r}, not a number"
     return None
 
 
@@ -284,11 +311,8 @@ class RunRecord:
         return self.status == "finished"
 
     def final_number(self, key: str) -> float:
-        """A number from final.json (NaN when absent); `energy_grad_evals` falls back to its old name."""
-        final = self.final or {}
-        if key == "energy_grad_evals" and key not in final:
-            key = "grad_evals"
-        value = final.get(key)
+        """A number from final.json (NaN when absent)."""
+        value = (self.final or {}).get(key)
         return float(value) if is_number(value) else math.nan
 
     def curve(self, kind: str, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -116,11 +116,13 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def verdict(diff: float, p_value: float, alpha: float = 0.05) -> str:
-    """For an error metric (lower is better), how A compares with B given diff = A - B and its p-value."""
-    if p_value < alpha and diff < 0:  # NaN p compares False: no verdict without a test
+def verdict(diff: float, p_value: float, alpha: float = 0.05, higher_is_better: bool = False) -> str:
+    """How A compares with B given diff = A - B and its p-value, on a metric where lower is better (an
+    error) unless `higher_is_better` (an accuracy)."""
+    gain = diff if higher_is_better else -diff
+    if p_value < alpha and gain > 0:  # NaN p compares False: no verdict without a test
         return "better"
-    if p_value < alpha and diff > 0:
+    if p_value < alpha and gain < 0:
         return "worse"
     return "no detectable difference"
 

@@ -2,8 +2,9 @@
 
 The YAML holds `name`, `description`, `seeds`, `strategies` (label -> mining_config), `sweep`
 (dotted key -> list of values; their cartesian product), optionally `primary` ({compare: [A, B],
-metric: mse_id | mse_ood}: the comparison the study is for) and, beside them, any run-config keys
-(task, model, diffusion, mining, train, eval, device), which form the base of every run.
+metric: <metric>_<set>}, e.g. mse_id: the comparison the study is for; <metric> one of the task's) and,
+beside them, any run-config keys (task, model, diffusion, mining, train, eval, device), which form the
+base of every run.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -27,7 +28,6 @@ from .results import RunDir, RunRecord
 from .text import brief_repr, slug
 
 STUDY_KEYS = ("name", "description", "seeds", "strategies", "sweep", "primary")
-PRIMARY_METRICS = ("mse_id", "mse_ood")
 # the study sets these per run (from `seeds`, the folder, `strategies`): sweeping them would mislabel runs
 SET_BY_THE_STUDY = {"seed": "seeds", "results_dir": "--output", "mining.strategy": "strategies"}  # key -> its option
 MAX_SEEDS = 1000  # seeds of one study; more is a typo (range(10**6)) that would take minutes to expand
@@ -57,7 +57,7 @@ class Study:
     overrides: dict[str, Any] = field(default_factory=dict)  # command-line key=value: applied last, to every run
     source: str = "<study>"
     runs: list[StudyRun] = field(default_factory=list)
-    primary: dict[str, Any] | None = None  # {"compare": [A, B], "metric": "mse_id" | "mse_ood"}
+    primary: dict[str, Any] | None = None  # {"compare": [A, B], "metric": "<metric>_<set>"}
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved study, as saved in study.yaml (and, without `primary`, compared on --resume)."""
@@ -109,7 +109,8 @@ def _check_sweep(sweep: Any, source: str) -> dict[str, list[Any]]:
 
 
 def _check_primary(primary: Any, strategies: dict[str, Any], source: str) -> dict[str, Any] | None:
-    """`primary: {compare: [A, B], metric: mse_id | mse_ood}`: two of the study's labels and a metric."""
+    """`primary: {compare: [A, B], metric: <metric>_<set>}`: two of the study's labels and a score name (its
+    metric is checked against the runs' tasks by `expand`, its set when the report is built)."""
     if primary is None:
         return None
     where = f"study key 'primary' in {source}"
@@ -124,9 +125,33 @@ def _check_primary(primary: Any, strategies: dict[str, Any], source: str) -> dic
              f"{where}: compare = {brief_repr(compare)} must list two different strategy labels")
     for label in compare:
         _require(label in strategies, f"{where}: {label!r} is not a strategy of this study ({', '.join(strategies)})")
-    _require(metric in PRIMARY_METRICS,
-             f"{where}: metric = {brief_repr(metric)} must be one of {', '.join(PRIMARY_METRICS)}")
+    _require(isinstance(metric, str) and re.fullmatch(r"\w+_\w+", metric) is not None,
+             f"{where}: metric = {brief_repr(metric)} must be <metric>_<held-out set>, e.g. mse_id")
     return {"compare": list(compare), "metric": metric}
+
+
+def task_metric_names(task: Mapping[str, Any]) -> list[str]:
+    """The metric names of a run's task: the one place a study asks a task what it measures (tasks.make_task
+    on the run's resolved `task` config; building a task sets its options, its data is drawn later)."""
+    from .tasks import make_task
+
+    return [metric.name for metric in make_task(task).metrics]
+
+
+def _check_primary_metric(study: Study, runs: list[StudyRun]) -> None:
+    """The primary's <metric> is one of every run's task's metrics (a study may sweep the task)."""
+    if study.primary is None:
+        return
+    name, checked = study.primary["metric"], set()
+    for run in runs:
+        key = json.dumps(run.config.task, sort_keys=True, default=str)
+        if key in checked:
+            continue
+        checked.add(key)
+        names = task_metric_names(run.config.task)
+        _require(any(name.startswith(f"{metric}_") for metric in names),
+                 f"study key 'primary' in {study.source}: metric = {name!r} must be <metric>_<held-out set> with "
+                 f"<metric> one of {', '.join(names)} (the metrics of task {run.config.task['dataset']!r})")
 
 
 def parse_study(data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> Study:
@@ -295,6 +320,7 @@ def expand(study: Study, study_dir: Path) -> list[StudyRun]:
                         "list each setting once"
                     )
                 runs.append(StudyRun(run_id, label, point, seed, config))
+    _check_primary_metric(study, runs)
     study.runs = runs
     return runs
 
@@ -344,7 +370,7 @@ def shard(runs: list[StudyRun], index: int, count: int) -> list[StudyRun]:
 class StudyDir:
     """A study's folder: study.yaml, runs/<run_id>/, summary.csv, summary.json, report.md, plots/."""
 
-    SAVED_KEYS = ("name", "description", "seeds", "strategies", "sweep", "base", "overrides")
+    SAVED_KEYS = ("name", "description", "seeds", "strategies", "sweep", "base", "overrides", "primary")
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -360,12 +386,11 @@ class StudyDir:
         for key in self.SAVED_KEYS:
             _require(key in saved, f"{source} is damaged: it lacks key '{key}'")
         for key in saved:
-            _require(key in (*self.SAVED_KEYS, "primary"), f"{source} is damaged: unknown key {brief_repr(key)}")
+            _require(key in self.SAVED_KEYS, f"{source} is damaged: unknown key {brief_repr(key)}")
         for key in ("base", "overrides"):
             _require(isinstance(saved[key], dict), f"{source} is damaged: key '{key}' must map config keys to values")
         check_keys(flatten(saved["base"]), f"{source} (base)")  # so that no base key passes for a study key
-        # `primary` is optional: a study.yaml written before it existed has none
-        own = {key: saved[key] for key in STUDY_KEYS if key in saved}
+        own = {key: saved[key] for key in STUDY_KEYS}
         study = parse_study({**own, **saved["base"]}, source, saved["overrides"])
         expand(study, self.root)  # validates every run's config
         return study

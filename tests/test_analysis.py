@@ -1,7 +1,9 @@
 """diffusion_lib.analysis on synthetic runs: pairing, primary + Holm, disagreements, budgets, load, convergence,
-damaged and old-format folders. Expected values are worked out by hand in the comments.
+EMA lag, a higher-is-better task and damaged folders. Expected values are worked out by hand in the comments.
 
-The run builders here are shared with test_report.py.
+Run folders are written here in the results contract's final.json format (metrics with directions, labels,
+sets; scores <metric>_<set>[_raw]; yardsticks[set][name][metric]). The run builders are shared with
+test_report.py.
 """
 import json
 import math
@@ -9,72 +11,80 @@ import math
 import pytest
 
 from diffusion_lib.analysis import (
-    MIXED_PACKING, NO_VALUES, NOT_REACHED, UNEVEN_LOAD, Metric, analyse, summary_columns, summary_rows,
+    MIXED_PACKING, NO_VALUES, NOT_REACHED, UNEVEN_LOAD, Score, analyse, ema_horizon, summary_columns, summary_rows,
 )
 from diffusion_lib.results import RunDir, RunRecord
 
 STEPS = (100, 200, 300, 400, 500)
-YARDSTICKS = {"id": {"zeros": 1.0, "train_mean": 0.9, "linear": 0.05, "clamp_floor": 5e-4},
-              "ood": {"zeros": 4.0, "train_mean": 3.8, "linear": 0.001, "clamp_floor": 2e-4}}  # fmt: skip
+MSE_TASK = {"metrics": {"mse": "lower"}, "metric_labels": {"mse": "MSE"}, "sets": ["id", "ood"]}
+ACCURACY_TASK = {"metrics": {"accuracy": "higher"}, "metric_labels": {"accuracy": "board accuracy"},
+                 "sets": ["id", "harder"]}  # fmt: skip
+YARDSTICKS = {"id": {"zeros": {"mse": 1.0}, "train_mean": {"mse": 0.9}, "linear": {"mse": 0.05},
+                     "clamp_floor": {"mse": 5e-4}},
+              "ood": {"zeros": {"mse": 4.0}, "train_mean": {"mse": 3.8}, "linear": {"mse": 0.001},
+                      "clamp_floor": {"mse": 2e-4}}}  # fmt: skip
+# an EMA that averages ~10 steps (decay 0.9 every step, no warm-up): 2 % of a 500-step run, no lag
+SHORT_EMA = {"train.ema_decay": 0.9, "train.ema_every": 1, "train.ema_update_after_step": 0, "train.ema_power": 1.0}
 
 
 def make_metrics(scale, seed, *, steps=STEPS, seconds_per_step=0.01, t0=0.0, flops_per_step=1e9, load=1.0,
-                 raw=1.2, energy=True, mining=False, old=False):
-    """Train and val lines whose val MSE decays as scale * exp(-step / 100) * (1 + 0.03 * seed); `old`: the
-    format written before this change (grad_evals, no flops / loadavg / raw val lines / diagnostics)."""
+                 raw=1.2, energy=True, mining=False):
+    """Train and val lines whose val MSE decays as scale * exp(-step / 100) * (1 + 0.03 * seed)."""
     records = []
     for step in steps:
-        clock = {"train_seconds": t0 + step * seconds_per_step * (1 + 0.01 * seed)}
-        if old:
-            clock["grad_evals"] = float(step)
-        else:
-            clock.update(energy_grad_evals=float(step), flops=step * flops_per_step, loadavg=load)
+        clock = {"train_seconds": t0 + step * seconds_per_step * (1 + 0.01 * seed), "energy_grad_evals": float(step),
+                 "flops": step * flops_per_step, "loadavg": load}  # fmt: skip
         train = {"kind": "train", "step": step, "loss": 1.0 / step, "loss_denoise": 0.5 / step,
                  "sec_per_step": seconds_per_step}  # fmt: skip
         if energy:
             gap = 2.0 + 0.001 * step
             train.update(loss_energy=0.5 / step, energy_pos=-1.0, energy_neg=gap - 1.0, energy_gap=gap)
-        if mining and not old:
+        if mining:
             rate = step / 1000 + 0.01 * seed
             train.update(accept_rate=rate, accept_rate_steps=[rate, rate / 2], energy_decrease=0.2)
         mse = scale * math.exp(-step / 100) * (1 + 0.03 * seed)
-        val = {"kind": "val", "step": step, "val_mse_id": mse, "val_mse_ood": 3 * mse}
-        if not old:
-            val.update(val_mse_id_raw=raw * mse, val_mse_ood_raw=raw * 3 * mse)
+        val = {"kind": "val", "step": step, "val_mse_id": mse, "val_mse_ood": 3 * mse, "val_mse_id_raw": raw * mse,
+               "val_mse_ood_raw": raw * 3 * mse}  # fmt: skip
         records += [{**train, **clock}, {**val, **clock}]
     return records
 
 
-def make_run(run_id, strategy, seed, scale, *, sweep=None, old=False, budget_flops=0.0, pack_size=1, **kwargs):
-    """A finished run whose final.json matches its last val line (new format unless `old`)."""
-    metrics = make_metrics(scale, seed, old=old, **kwargs)
+def make_run(run_id, strategy, seed, scale, *, sweep=None, budget_flops=0.0, pack_size=1, ema=SHORT_EMA, **kwargs):
+    """A finished MSE-task run whose final.json matches its last val line."""
+    metrics = make_metrics(scale, seed, **kwargs)
     last = metrics[-1]
     final = {
-        "status": "finished", "step": last["step"], "mse_id": last["val_mse_id"], "mse_ood": last["val_mse_ood"],
-        "zeros_mse_id": 1.0, "zeros_mse_ood": 4.0, "loss": 0.01, "loss_denoise": 0.005,
+        "status": "finished", "step": last["step"], **MSE_TASK, "mse_id": last["val_mse_id"],
+        "mse_ood": last["val_mse_ood"], "mse_id_raw": last["val_mse_id_raw"], "mse_ood_raw": last["val_mse_ood_raw"],
+        "yardsticks": YARDSTICKS, "loss": 0.01, "loss_denoise": 0.005,
         "inference_steps_sweep": {str(k): {"mse_id": last["val_mse_id"] / (k + 1), "mse_ood": last["val_mse_ood"] / (k + 1)}
                                   for k in (0, 1, 2, 5)},
-        "num_processes": 1, "train_seconds": last["train_seconds"],
-        "steps_per_second": last["step"] / last["train_seconds"],
+        "num_processes": 1, "train_seconds": last["train_seconds"], "steps_per_second": last["step"] / last["train_seconds"],
+        "energy_grad_evals": last["energy_grad_evals"], "train_flops": last["flops"],
+        "flops_per_step": last["flops"] / last["step"], "budget_flops": budget_flops, "pack_size": pack_size,
+        "git_commit": "0123abc", "git_dirty": False,
     }  # fmt: skip
-    if old:
-        final["grad_evals"] = last["grad_evals"]
-        return RunRecord(run_id, strategy, sweep or {}, seed, final, metrics)
-    final.update(
-        mse_id_raw=last["val_mse_id_raw"], mse_ood_raw=last["val_mse_ood_raw"], yardsticks=YARDSTICKS,
-        energy_grad_evals=last["energy_grad_evals"], train_flops=last["flops"],
-        flops_per_step=last["flops"] / last["step"], budget_flops=budget_flops, pack_size=pack_size,
-    )  # fmt: skip
-    config = {"task.rank": 20, "train.steps": 500, "train.batch_size": 64, "train.lr": 1e-4, "model.hidden_dim": 64,
-              "train.budget_flops": budget_flops, "mining.strategy": strategy}  # fmt: skip
+    config = {"task.dataset": "inverse", "task.rank": 20, "train.steps": 500, "train.batch_size": 64, "train.lr": 1e-4,
+              "model.hidden_dim": 64, "train.budget_flops": budget_flops, "mining.strategy": strategy, **ema}  # fmt: skip
     return RunRecord(run_id, strategy, sweep or {}, seed, final, metrics, config)
 
 
 def finals_run(strategy, seed, id_ema, id_raw, ood_ema, ood_raw, **extra):
-    """A finished run with final errors only (no curves)."""
-    final = {"status": "finished", "step": 500, "mse_id": id_ema, "mse_id_raw": id_raw, "mse_ood": ood_ema,
+    """A finished MSE-task run with final errors only (no curves)."""
+    final = {"status": "finished", "step": 500, **MSE_TASK, "mse_id": id_ema, "mse_id_raw": id_raw, "mse_ood": ood_ema,
              "mse_ood_raw": ood_raw, **extra}  # fmt: skip
     return RunRecord(f"{strategy}__seed{seed}", strategy, {}, seed, final, [])
+
+
+def accuracy_run(strategy, seed, id_ema, harder_ema, raw_offset=0.0, config=None):
+    """A finished run of a higher-is-better task (board accuracy on sets 'id' and 'harder'), with a
+    yardstick below, one inside and one above what a good model scores."""
+    sticks = {s: {"givens_only": {"accuracy": 0.1}, "coin": {"accuracy": 2.05}, "solver": {"accuracy": 10.0}}
+              for s in ("id", "harder")}  # fmt: skip
+    final = {"status": "finished", "step": 500, **ACCURACY_TASK, "accuracy_id": id_ema, "accuracy_harder": harder_ema,
+             "accuracy_id_raw": id_ema + raw_offset, "accuracy_harder_raw": harder_ema + raw_offset,
+             "yardsticks": sticks, "inference_steps_sweep": {"0": {"accuracy_id": id_ema, "accuracy_harder": harder_ema}}}
+    return RunRecord(f"{strategy}__seed{seed}", strategy, {}, seed, final, [], config)
 
 
 BASE = [1.0, 2.0, 3.0]  # per-seed errors of 'random': a large seed spread, shared with the other group by seed
@@ -94,8 +104,8 @@ def pair_study(id_ema, id_raw, ood_ema, ood_raw, sign=-1.0):
     return runs
 
 
-def find(comparisons, set_name, basis):
-    return next(c for c in comparisons if c.metric == Metric(set_name, basis))
+def find(comparisons, set_name, basis, metric="mse"):
+    return next(c for c in comparisons if c.score == Score(metric, set_name, basis))
 
 
 # -- pairing ---------------------------------------------------------------------------------------------
@@ -142,9 +152,9 @@ def test_primary_comes_first_uncorrected_and_the_rest_are_holm_adjusted():
     primary = {"compare": ["adversarial", "random"], "metric": "mse_id"}
     a = analyse(pair_study(D_P020, D_P020, D_P057, D_P057), primary)
     first = a.comparisons[:2]
-    assert [(c.a, c.b, c.metric, c.primary) for c in first] == [
-        ("adversarial", "random", Metric("id", "ema"), True),
-        ("adversarial", "random", Metric("id", "raw"), True),
+    assert [(c.a, c.b, c.score, c.primary) for c in first] == [
+        ("adversarial", "random", Score("mse", "id", "ema"), True),
+        ("adversarial", "random", Score("mse", "id", "raw"), True),
     ]
     # the primary is tested alone: p = 0.0198 < 0.05 stands, while in the family of four it was 0.079
     assert all(c.p == pytest.approx(P020) and math.isnan(c.p_adjusted) and c.verdict == "better" for c in first)
@@ -157,7 +167,7 @@ def test_primary_comes_first_uncorrected_and_the_rest_are_holm_adjusted():
 def test_primary_is_oriented_as_declared():
     a = analyse(pair_study(D_P020, D_P020, D_P057, D_P057), {"compare": ["random", "adversarial"], "metric": "mse_ood"})
     first = a.comparisons[0]
-    assert (first.a, first.b, first.metric, first.primary) == ("random", "adversarial", Metric("ood", "ema"), True)
+    assert (first.a, first.b, first.score, first.primary) == ("random", "adversarial", Score("mse", "ood", "ema"), True)
     assert first.diff == pytest.approx(0.4 / 3) and first.verdict == "no detectable difference"  # p = 0.057
 
 
@@ -166,14 +176,19 @@ def test_a_primary_naming_an_absent_strategy_leaves_every_test_in_the_family():
     assert a.primary.missing == ["none"] and not a.primary_comparisons and a.family_size == 4
 
 
+def test_a_primary_naming_an_unknown_score_names_the_allowed_ones_and_leaves_every_test_in_the_family():
+    a = analyse(pair_study(D_P020, D_P020, D_P057, D_P057), {"compare": ["adversarial", "random"], "metric": "mse_hard"})
+    assert a.primary.unknown == ["mse_id", "mse_ood"] and not a.primary_comparisons and a.family_size == 4
+
+
 def test_ema_and_raw_disagreement_is_found():
     a = analyse(pair_study(D_NOISE, D_P001, D_NOISE, D_NOISE, sign=1.0))
     raw = find(a.comparisons, "id", "raw")
     # family of four: raw in-dist p = 0.001037 is the smallest -> 4 * 0.001037 = 0.00415 < 0.05
     assert raw.p_adjusted == pytest.approx(4 * P001) and raw.verdict == "worse"
     assert find(a.comparisons, "id", "ema").verdict == "no detectable difference"
-    assert [(d.a, d.b, d.set, d.kind, d.first, d.second) for d in a.disagreements] == [
-        ("adversarial", "random", "id", "model", "no detectable difference", "worse")
+    assert [(d.a, d.b, d.metric, d.set, d.kind, d.first, d.second) for d in a.disagreements] == [
+        ("adversarial", "random", "mse", "id", "model", "no detectable difference", "worse")
     ]
 
 
@@ -195,8 +210,8 @@ def test_budget_read_off_at_the_smallest_final_flops():
     costly = table.rows[1]
     assert (costly.group, costly.reached, costly.finished) == ("costly", 3, 3)
     expected = [0.5 * math.exp(-5 / 3) * (1 + 0.03 * s) for s in range(3)]
-    assert costly.mse["mse_id"].mean == pytest.approx(sum(expected) / 3)
-    assert costly.mse["mse_id_raw"].mean == pytest.approx(1.2 * sum(expected) / 3)
+    assert costly.values["mse_id"].mean == pytest.approx(sum(expected) / 3)
+    assert costly.values["mse_id_raw"].mean == pytest.approx(1.2 * sum(expected) / 3)
     assert all(c.refused is None for c in table.comparisons)
 
 
@@ -207,6 +222,10 @@ def test_equal_steps_and_equal_flops_disagreement_is_found():
     # (1 + 0.03 * seed), so each paired t is about 59 (p ~ 3e-4, x 12 tests in the family: still < 0.05)
     found = {(d.a, d.b, d.set, d.kind, d.basis, d.first, d.second) for d in a.disagreements}
     assert found == {("costly", "cheap", s, "compute", b, "better", "worse") for s in ("id", "ood") for b in ("ema", "raw")}
+    # the four are one pattern (equal steps better, equal FLOPs worse), all of one pair
+    [pattern] = a.patterns
+    assert (pattern.kind, pattern.first, pattern.second, len(pattern.cases)) == ("compute", "better", "worse", 4)
+    assert list(pattern.pairs()) == [("costly", "cheap")]
 
 
 def test_the_primary_does_not_disagree_with_itself_through_the_holm_correction():
@@ -271,7 +290,8 @@ def test_varying_load_or_packing_refuses_wall_clock_verdicts():
 def curve_run(group, seed, at_400, at_500):
     metrics = [{"kind": "val", "step": step, "val_mse_id": value}
                for step, value in zip(STEPS, (1.0, 0.5, 0.3, at_400, at_500))]  # fmt: skip
-    return RunRecord(f"{group}{seed}", group, {}, seed, {"status": "finished", "step": 500, "mse_id": at_500}, metrics)
+    return RunRecord(f"{group}{seed}", group, {}, seed, {"status": "finished", "step": 500, **MSE_TASK, "mse_id": at_500},
+                     metrics)
 
 
 def test_convergence_flag():
@@ -299,12 +319,110 @@ def test_mining_diagnostics_average_the_last_fifth_then_the_seeds():
     assert none.n == 0 and none.accept_rate_steps == [] and math.isnan(none.values["accept_rate"])
 
 
-# -- damaged, old-format and summary ---------------------------------------------------------------------
+# -- a higher-is-better task ----------------------------------------------------------------------------
+ACC = [0.50, 0.60, 0.70]  # per-seed board accuracy of 'random' on 'id'; on 'harder' a tenth of it
+
+
+def accuracy_study():
+    """'adversarial' has the higher accuracy on 'id' (+D_P020 per seed) and the lower on 'harder' (-D_P001 / 10)."""
+    runs = [accuracy_run("random", s, b, b / 10) for s, b in enumerate(ACC)]
+    runs += [accuracy_run("adversarial", s, b + D_P020[s], b / 10 - D_P001[s] / 10) for s, b in enumerate(ACC)]
+    return runs
+
+
+def test_on_a_higher_is_better_metric_the_higher_group_is_better():
+    a = analyse(accuracy_study(), {"compare": ["adversarial", "random"], "metric": "accuracy_id"})
+    assert list(a.scoring.metrics) == ["accuracy"] and a.scoring.sets == ("id", "harder")
+    ema = find(a.comparisons, "id", "ema", "accuracy")
+    # A - B = +0.11667 > 0 with p = 0.0198 (the primary: uncorrected): the higher accuracy is the better one
+    assert ema.primary and ema.diff == pytest.approx(0.35 / 3) and ema.p == pytest.approx(P020)
+    assert ema.verdict == "better" and ema.effect_pct > 0
+    harder = find(a.comparisons, "harder", "ema", "accuracy")
+    # lower accuracy, p = 0.001037; Holm over the two 'harder' tests: 2 * 0.001037 < 0.05
+    assert harder.diff == pytest.approx(-3.1 / 30) and harder.p_adjusted == pytest.approx(2 * P001)
+    assert harder.verdict == "worse"
+
+
+def test_yardstick_standing_follows_the_direction():
+    a = analyse(accuracy_study())
+    random, adversarial = a.groups
+    # random's id accuracy 0.6 ± 0.248 (3 seeds, sd 0.1, t 4.303): above 0.1, below 10; 'coin' at 2.05 is above
+    assert random.vs_yardstick["ema"]["id"] == {"givens_only": "beats", "coin": "behind", "solver": "behind"}
+    level = accuracy_study()
+    for run in level:  # a yardstick inside the group's CI is level with it
+        run.final["yardsticks"]["id"]["coin"]["accuracy"] = 0.62
+    assert analyse(level).groups[0].vs_yardstick["ema"]["id"]["coin"] == "level with"
+    beats = {(st.set, st.name): st.beaten_by for st in a.standing}
+    assert beats[("id", "givens_only")] == ["random", "adversarial"] and beats[("id", "solver")] == []
+
+
+def test_convergence_follows_the_direction():
+    """An accuracy still rising over the last fifth is not converged; one that fell there is."""
+    rising = [RunRecord(f"up{s}", "up", {}, s, {"status": "finished", "step": 500, **ACCURACY_TASK}, [
+        {"kind": "val", "step": step, "val_accuracy_id": value} for step, value in zip(STEPS, (0.1, 0.2, 0.3, 0.4 + 0.01 * s, 0.5 + 0.01 * s))
+    ]) for s in range(3)]  # fmt: skip
+    conv = analyse(rising).groups[0].convergence
+    # improvement from step 400 to 500: +0.1 per seed; finals 0.50, 0.51, 0.52: sd 0.01
+    assert conv.drop == pytest.approx(0.1) and conv.seed_sd == pytest.approx(0.01) and conv.status == "not converged"
+
+
+# -- EMA lag ---------------------------------------------------------------------------------------------
+QUICK_EMA = {"train.ema_decay": 0.995, "train.ema_every": 10, "train.ema_update_after_step": 100,
+             "train.ema_power": 2 / 3}  # the reference EMA the quick study used to have  # fmt: skip
+
+
+def lag_study(steps, ema_factor):
+    """random / adversarial x 3 seeds, trained `steps` steps with the reference EMA; each EMA error is
+    `ema_factor` x its raw error (raw errors 0.010, 0.011, 0.012 and 0.9 x that)."""
+    runs = []
+    for strategy, scale in (("random", 1.0), ("adversarial", 0.9)):
+        for seed in range(3):
+            raw = scale * (0.010 + 0.001 * seed)
+            run = finals_run(strategy, seed, ema_factor * raw, raw, 3 * ema_factor * raw, 3 * raw)
+            run.final["step"], run.config = steps, {"train.steps": steps, **QUICK_EMA}
+            runs.append(run)
+    return runs
+
+
+def test_the_ema_horizon_follows_the_warm_up():
+    run = lag_study(1000, 1.0)[0]
+    # 900 steps after the warm-up start: decay 1 - 901^(-2/3) = 0.98928, every 10 steps -> 10 / 0.01072 = 933 steps
+    assert ema_horizon(run) == pytest.approx(10 / 901 ** (-2 / 3))
+    run.final["step"] = 100_000  # the decay has long reached 0.995: 10 / 0.005 = 2 000 steps
+    assert ema_horizon(run) == pytest.approx(2000)
+
+
+def test_the_ema_lag_flag_fires_on_a_short_run_and_not_on_a_long_one():
+    short = analyse(lag_study(1000, 2.2), {"compare": ["adversarial", "random"], "metric": "mse_id"})
+    lag = short.groups[0].lag
+    # horizon 933 steps = 93 % of 1 000 > 20 %; EMA - raw = 1.2 x raw = 0.0132 on average > seed sd 0.0022
+    assert lag.long_horizon and lag.fraction == pytest.approx(10 / 901 ** (-2 / 3) / 1000)
+    assert lag.far_sets == ["id", "ood"] and lag.ratio["id"] == pytest.approx(2.2)
+    assert [g.group for g in short.lagging] == ["random", "adversarial"] and short.lead_basis == "raw"
+    long = analyse(lag_study(100_000, 1.02))
+    lag = long.groups[0].lag
+    # horizon 2 000 steps = 2 %; EMA - raw = 0.02 x raw = 0.00022 < the EMA's seed sd 0.00102
+    assert not lag.long_horizon and lag.far_sets == [] and not long.lagging and long.lead_basis == "ema"
+    assert lag.gap["id"] == pytest.approx(0.02 * 0.011)
+    # an EMA far *better* than its raw model is no lag
+    assert not analyse(lag_study(100_000, 0.3)).lagging
+
+
+# -- damaged and summary ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("content, reason", [
     ("[1, 2]", "final.json holds a JSON list, not an object"),
     ('{"status": "finished", "step": "ten"}', "final.json 'step' is 'ten', not an int"),
-    ('{"status": "finished", "step": 10, "mse_id": "0.1"}', "final.json 'mse_id' is '0.1', not a number"),
-    ('{"status": "finished", "step": 10, "train_flops": null}', "final.json 'train_flops' is None, not a number"),
+    ('{"status": "finished", "step": 10, "metrics": {"mse": "lower"}, "sets": ["id"], "mse_id": "0.1"}',
+     "final.json 'mse_id' is '0.1', not a number"),
+    ('{"status": "finished", "step": 10, "metrics": {"acc": "higher"}, "sets": ["hard"], "acc_hard_raw": [1]}',
+     "final.json 'acc_hard_raw' is [1], not a number"),
+    ('{"status": "finished", "step": 10, "mse_id": 0.1}', "final.json lacks 'metrics' (a finished run declares"),
+    ('{"status": "finished", "step": 10, "metrics": {"mse": "lower"}}', "final.json lacks 'sets'"),
+    ('{"status": "finished", "step": 10, "metrics": {"mse": "down"}, "sets": ["id"]}',
+     "final.json 'metrics' is {'mse': 'down'}, not a mapping of metric names to 'lower' or 'higher'"),
+    ('{"status": "finished", "step": 10, "metrics": {"mse": "lower"}, "sets": "id"}',
+     "final.json 'sets' is 'id', not a list of held-out set names"),
+    ('{"status": "failed", "step": 10, "train_flops": null}', "final.json 'train_flops' is None, not a number"),
     ('{"status": 1, "step": 10}', "final.json 'status' is 1, not a string"),
     ('{"status": "finished", "step": 1', "final.json is not valid JSON"),
 ])  # fmt: skip
@@ -330,31 +448,14 @@ def test_a_damaged_final_json_is_reported_and_the_rest_analysed(tmp_path, conten
 def test_run_record_reads_a_run_folder(tmp_path):
     folder = RunDir(tmp_path / "run")
     folder.root.mkdir()
-    folder.final.write_text(json.dumps({"status": "finished", "step": 24, "mse_id": 0.5, "grad_evals": 72.0}))
+    folder.final.write_text(json.dumps({"status": "finished", "step": 24, **MSE_TASK, "mse_id": 0.5,
+                                        "energy_grad_evals": 72.0}))  # fmt: skip
     folder.config.write_text("task: {rank: 3}\ntrain: {steps: 24, budget_flops: 0}\nmining: {strategy: random}\n")
     record = RunRecord.from_run_dir(folder, "r", "random", {}, 0)
     assert record.status == "finished" and record.metrics == []
     assert record.config == {"task.rank": 3, "train.steps": 24, "train.budget_flops": 0, "mining.strategy": "random"}
-    assert record.final_number("energy_grad_evals") == 72.0  # the old name is read too
+    assert record.final_number("energy_grad_evals") == 72.0 and math.isnan(record.final_number("grad_evals"))
     assert RunRecord.from_run_dir(RunDir(tmp_path / "nothing"), "m", "random", {}, 1).status == "missing"
-
-
-def test_old_format_records_are_analysed_with_gaps():
-    runs = [make_run(f"{g}{s}", g, s, scale, old=True) for g, scale in (("none", 1.0), ("adversarial", 0.5))
-            for s in range(3)]  # fmt: skip
-    a = analyse(runs)
-    zeros, train_mean, linear, clamp = a.yardsticks["id"]
-    assert (zeros.mean, zeros.n) == (1.0, 6) and all(math.isnan(y.mean) for y in (train_mean, linear, clamp))
-    assert math.isnan(a.budgets[0].budget)  # no FLOPs logged: no FLOP read-off
-    assert a.budgets[1].budget == pytest.approx(5.0)  # training seconds were logged: 500 * 0.01
-    assert find(a.comparisons, "id", "ema").verdict == "better"
-    raw = find(a.comparisons, "id", "raw")
-    assert (raw.test, raw.verdict, raw.refused) == ("none", "n/a", NO_VALUES)  # no raw scores in these folders
-    assert all(math.isnan(r.mse["mse_id_raw"].mean) for r in a.budgets[1].rows)
-    assert all(math.isnan(r) for r in a.flops_ratio.values()) and not a.disagreements
-    assert [g.convergence.status for g in a.groups] == ["not converged", "not converged"]
-    rows = summary_rows(runs)
-    assert rows[0]["energy_grad_evals"] == 500.0 and rows[0]["train_flops"] is None and rows[0]["task.rank"] is None
 
 
 def test_summary_rows_have_config_columns_once():
@@ -363,9 +464,29 @@ def test_summary_rows_have_config_columns_once():
     assert columns[:6] == ["run_id", "group", "strategy", "task.rank", "seed", "status"]  # swept: not repeated
     assert columns.count("task.rank") == 1
     for key in ("train.steps", "train.batch_size", "train.lr", "model.hidden_dim", "train.budget_flops",
-                "train_flops", "flops_per_step", "pack_size", "mse_id_raw", "steps", "error"):  # fmt: skip
+                "train_flops", "flops_per_step", "pack_size", "mse_id_raw", "git_commit", "git_dirty", "steps", "error"):  # fmt: skip
         assert key in columns
+    assert columns.index("mse_id") < columns.index("mse_id_raw") < columns.index("mse_ood") < columns.index("train_seconds")
     rows = summary_rows(runs)
     assert [list(r) for r in rows] == [columns, columns]
     assert rows[0]["task.rank"] == 10 and rows[1]["task.rank"] is None  # the sweep value, not the base config
     assert rows[0]["train.steps"] == 500 and rows[0]["train_flops"] == 5e11 and rows[0]["pack_size"] == 1
+    assert rows[0]["git_commit"] == "0123abc" and rows[0]["git_dirty"] is False
+    # the columns are the scores the runs declare: an accuracy task has no mse column
+    columns = summary_columns(accuracy_study())
+    assert "accuracy_harder_raw" in columns and not [c for c in columns if "mse" in c]
+
+
+@pytest.mark.parametrize("name", ["quick", "cpu_small"])
+def test_the_quick_configs_have_an_ema_that_fits_their_length(name):
+    from conftest import ROOT
+    from diffusion_lib.config import build_config, flatten
+    from diffusion_lib.study import STUDY_KEYS, read_study_file
+
+    data = read_study_file(ROOT / "configs" / f"{name}.yaml")
+    config = flatten(build_config(flatten({k: v for k, v in data.items() if k not in STUDY_KEYS})).to_dict())
+    run = RunRecord("r", "none", {}, 0, {"status": "finished", "step": config["train.steps"], **MSE_TASK}, [], config)
+    assert ema_horizon(run) == pytest.approx(50)  # 5 steps / (1 - 0.9)
+    assert not analyse([run]).lagging
+    run.config.update({"train.ema_decay": 0.995, "train.ema_every": 10})  # the reference EMA would lag
+    assert analyse([run]).lagging

@@ -68,12 +68,13 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_older_ones(tmp_path, mon
     assert load_latest_checkpoint(tmp_path)["step"] == 10
 
 
-# class 1: checkpoints written before checksums still load, saying so in one line
-def test_a_checkpoint_without_checksum_loads_with_a_warning(tmp_path, capsys):
+# class 1: an archive without our checksum (not written by save_checkpoint) is skipped, saying so in one line
+def test_a_checkpoint_without_checksum_is_skipped(tmp_path, capsys):
+    save_checkpoint(tmp_path, 6, state(6), keep=2)
     torch.save({"step": 7, **state(7)}, tmp_path / "step-000000007.pt")
-    assert load_latest_checkpoint(tmp_path)["step"] == 7
+    assert load_latest_checkpoint(tmp_path)["step"] == 6
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "has no checksum" in err[0]
+    assert len(err) == 1 and "step-000000007.pt is unreadable (CheckpointDamaged: no checksum" in err[0]
     # and the checksummed format is still a plain torch.save archive
     save_checkpoint(tmp_path, 8, state(8), keep=2)
     assert torch.equal(torch.load(tmp_path / "step-000000008.pt", weights_only=True)["weights"], WEIGHTS + 8)

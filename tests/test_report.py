@@ -1,5 +1,6 @@
 """diffusion_lib.report on synthetic studies: files written, section order (verdict first), the primary comparison
-first, one number format, plots, summary columns, damaged runs, old-format folders and degenerate studies."""
+first, one number format, plots, summary columns, damaged runs, a higher-is-better task, EMA lag and degenerate
+studies."""
 import csv
 import json
 import math
@@ -13,7 +14,7 @@ from diffusion_lib.results import RunRecord
 from conftest import ROOT
 from diffusion_lib.study import expand, load_study, select
 from diffusion_lib.study_report import describe
-from test_analysis import make_metrics, make_run
+from test_analysis import accuracy_study, lag_study, make_metrics, make_run
 
 PLOTS = ("val_mse_vs_step.png", "val_mse_vs_flops.png", "val_mse_vs_seconds.png", "final_mse.png",
          "training_curves.png", "mse_vs_inference_steps.png")  # fmt: skip
@@ -82,6 +83,8 @@ def test_files_and_sections_in_order(study):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"] == {"finished": 9, "failed": 1, "missing": 1, "damaged": 1}
     assert [g["group"] for g in summary["groups"]] == ["none", "random", "adversarial"]
+    assert summary["scoring"]["sets"] == ["id", "ood"] and summary["scoring"]["metrics"]["mse"]["higher_is_better"] is False
+    assert summary["lead_basis"] == "ema" and not any(g["ema_lagging"] for g in summary["groups"])
     assert summary["comparisons"][0]["primary"] and summary["comparisons"][0]["a"] == "adversarial"
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no temp files left behind
 
@@ -90,22 +93,30 @@ def test_verdict_states_the_primary_first_then_disagreements(study):
     _, _, report = study
     verdict = section(report, "## Verdict")
     lines = [line for line in verdict.splitlines() if line]
-    assert lines[1].startswith("**Primary comparison**") and "adversarial vs random, in-distribution" in lines[1]
+    assert lines[1].startswith("**Primary comparison**") and "adversarial vs random, MSE in-distribution" in lines[1]
+    assert "lower MSE is better, so A − B < 0 means adversarial is better" in lines[1]
     # adversarial: EMA error 0.8x random's but raw error 0.8 * 1.6 / (0.9 * 1.2) = 1.185x: the readings disagree
     assert lines[2].startswith("- **EMA and raw disagree**: EMA says better, raw says worse")
     assert lines[3].startswith("- EMA: **better**: A − B = -") and "of random), 95 % CI [" in lines[3]
     assert "paired t, 3 pairs" in lines[3] and "Holm" not in lines[3]  # the primary is not corrected
     assert lines[4].startswith("- raw: **worse**: A − B = +")
-    assert lines[5] == "**Readings disagree** (the same question gets different verdicts):"
-    assert "- adversarial vs random, ood: EMA better, raw worse." in verdict
+    assert lines[5].startswith("**EMA:** no group's EMA view describes lag")  # horizons of 10 steps, EMA not worse
+    assert lines[6] == "**Readings disagree** (12 comparisons, 2 patterns; the same question gets different verdicts):"
+    # grouped by pattern: the EMA vs raw ones first, each pair once with its sets
+    assert lines[7] == ("- EMA better, raw worse — 4: adversarial vs random (MSE in-distribution, ood), adversarial vs "
+                        "none (MSE in-distribution, ood).")
+    assert lines[8].startswith("- equal steps better, equal FLOPs worse — 8: random vs none (MSE in-distribution, "
+                               "ood; EMA and raw), ")
     assert "**Compute:** runs trained for a number of steps" in verdict
     assert "random 1.9×, adversarial 2.7×" in verdict
     assert "**Not converged**" in verdict and "last fifth of training" in verdict
-    assert "in-distribution: every group beats the linear map; ood: no group beats the linear map" in verdict
+    assert ("in-distribution: every group beats the zeros predictor, the training-mean predictor and the linear map; "
+            "no group beats the clamp floor. ood: every group beats the zeros predictor and the training-mean "
+            "predictor; no group beats the linear map and the clamp floor.") in verdict
     # the comparison table lists the primary comparison first
     table = section(report, "## Comparisons at the end of training")
     first_row = next(line for line in table.splitlines() if line.startswith("| adversarial"))
-    assert first_row.startswith("| adversarial vs random (primary) | strategy | in-distribution, EMA | paired t, 3 pairs |")
+    assert first_row.startswith("| adversarial vs random (primary) | strategy | MSE in-distribution, EMA | paired t, 3 pairs |")
 
 
 def test_one_number_format_everywhere(study):
@@ -127,7 +138,7 @@ def test_budget_tables_count_runs_and_warn(study):
     assert "Every finished run reached the budget." in compute  # the FLOP budget
     # the load was 1.0 for none and random, 1.8 for adversarial: 0.8 > 0.5, so no wall-clock verdicts at all
     assert "**No verdicts on this axis:** the machine load varied by 0.8 (> 0.5)" in compute
-    assert "| random vs none | strategy | in-distribution, EMA | paired t, 3 pairs |" in compute
+    assert "| random vs none | strategy | MSE in-distribution, EMA | paired t, 3 pairs |" in compute
     assert "no verdict: the machine load varied by 0.8 (> 0.5) |" in compute
     assert "**Warning:** the load varied by 0.8 (> 0.5) during training" in compute
     assert "| adversarial | 1.8 | 1.8 to 1.8 | 15 | 1 |" in compute
@@ -144,18 +155,46 @@ def test_problems_and_plots(study):
         assert f"(plots/{name})" in report
 
 
-def test_old_format_folders_report_with_gaps(tmp_path):
-    runs = [make_run(f"{g}{s}", g, s, scale, old=True) for g, scale in (("none", 1.0), ("adversarial", 0.5))
-            for s in range(2)]  # fmt: skip
-    write_report(tmp_path, runs, title="Old study")
+def test_a_higher_is_better_task_reports_the_higher_group_better(tmp_path):
+    """A fake accuracy task (sets 'id' and 'harder'): the words, the plots and the columns follow its final.json;
+    nothing says MSE."""
+    write_report(tmp_path, accuracy_study(), title="Boards", primary={"compare": ["adversarial", "random"],
+                                                                      "metric": "accuracy_id"})  # fmt: skip
     report = (tmp_path / "report.md").read_text()
-    assert "### (a) Matched FLOPs: budget n/a training FLOPs" in report and "no finished run logged training FLOPs" in report
-    assert "| zeros predictor | predicts all zeros | 1 | 4 |  |" in report
-    assert "| linear map | least-squares linear map from vec(A) to the answer, fit on training problems | n/a | 0 |  |" in report
-    assert "| none | 0 | n/a | n/a | n/a | n/a |" in report  # no mining diagnostics
-    assert "in-distribution: every group beats the zeros predictor" in report
-    for name in PLOTS:
-        assert (tmp_path / "plots" / name).read_bytes().startswith(b"\x89PNG"), name
+    verdict = section(report, "## Verdict")
+    assert ("adversarial vs random, board accuracy in-distribution at the end of training; higher board accuracy is "
+            "better, so A − B > 0 means adversarial is better.") in verdict
+    assert "- EMA: **better**: A − B = +0.117 (+19.4 % of random)" in verdict  # 0.11667 / 0.6
+    assert "| adversarial vs random | strategy | board accuracy harder, EMA | paired t, 3 pairs |" in report
+    assert "| worse |" in section(report, "## Comparisons at the end of training")
+    # 'givens_only' 0.1 is below every group: beaten; 'solver' 10 is above: behind
+    assert "in-distribution: every group beats the givens_only; no group beats the coin and the solver." in verdict
+    assert "mse" not in report.lower()
+    for name in ("val_accuracy_vs_step.png", "val_accuracy_vs_flops.png", "val_accuracy_vs_seconds.png",
+                 "final_accuracy.png", "accuracy_vs_inference_steps.png"):  # fmt: skip
+        assert (tmp_path / "plots" / name).read_bytes().startswith(b"\x89PNG") and f"(plots/{name})" in report
+    assert not list((tmp_path / "plots").glob("*mse*"))
+    with open(tmp_path / "summary.csv", newline="") as handle:
+        header = next(csv.reader(handle))
+    assert "accuracy_harder_raw" in header and not [c for c in header if "mse" in c]
+
+
+def test_a_lagging_ema_is_said_and_the_raw_view_leads(tmp_path):
+    primary = {"compare": ["adversarial", "random"], "metric": "mse_id"}
+    write_report(tmp_path, lag_study(1000, 2.2), title="Short", primary=primary)
+    verdict = section((tmp_path / "report.md").read_text(), "## Verdict")
+    lines = [line for line in verdict.splitlines() if line]
+    assert lines[2].startswith("- **The EMA view describes lag, not a model** (random: EMA horizon ~933 steps = 93.3 % "
+                               "of training; EMA 2.2× raw on in-distribution, 2.2× raw on ood, worse beyond the seed "
+                               "spread; adversarial: ")
+    assert lines[3].startswith("- raw: ") and lines[4].startswith("- EMA: ")  # the trustworthy view first
+    assert lines[5].startswith("**EMA lag** (rule: ") and "the raw view leads this report" in lines[5]
+    assert "The raw view is listed first." in section((tmp_path / "report.md").read_text(), "## Comparisons at the end of training")
+    write_report(tmp_path / "long", lag_study(100_000, 1.02), title="Long", primary=primary)
+    verdict = section((tmp_path / "long" / "report.md").read_text(), "## Verdict")
+    lines = [line for line in verdict.splitlines() if line]
+    assert "describes lag, not a model" not in verdict and lines[2].startswith("- EMA: ")
+    assert lines[4].startswith("**EMA:** no group's EMA view describes lag")
 
 
 def test_degenerate_studies_do_not_crash(tmp_path):
@@ -191,3 +230,12 @@ def test_description_lists_the_strategies_actually_run(tmp_path):
     whole = load_study(ROOT / "configs" / "matrix_inversion_mining.yaml")
     expand(whole, tmp_path)
     assert describe(whole).startswith("Matrix inversion (rank 20) with energy diffusion, comparing no energy")
+
+
+def test_groups_level_with_a_yardstick_are_named(tmp_path):
+    runs = accuracy_study()
+    for run in runs:  # 0.62 lies inside both groups' id CIs (0.6 ± 0.25 and 0.717 ± 0.27)
+        run.final["yardsticks"]["id"]["coin"]["accuracy"] = 0.62
+    write_report(tmp_path, runs, title="Level")
+    verdict = section((tmp_path / "report.md").read_text(), "## Verdict")
+    assert "no group beats the coin (random, adversarial level with it)" in verdict

@@ -136,6 +136,8 @@ def test_verdict_words():
     assert verdict(-1.0, 0.05) == "no detectable difference"  # p must be strictly below alpha
     assert verdict(-1.0, 0.08, alpha=0.1) == "better"
     assert verdict(-1.0, NAN) == "no detectable difference"
+    # an accuracy: the higher group is the better one
+    assert verdict(1.0, 0.01, higher_is_better=True) == "better" and verdict(-1.0, 0.01, higher_is_better=True) == "worse"
     r = welch_test(A, B)  # p = 0.069
     assert verdict(r.diff, r.p_value) == "no detectable difference"
 

@@ -330,7 +330,7 @@ def test_a_damaged_study_yaml_is_refused_in_one_line(tmp_path, study_file, capsy
 
 
 # -- the study's primary comparison (item 9) ------------------------------------------------------------
-# item 9: the study primary is kept in Study and study.yaml; old study.yaml files load without one
+# item 9: the study primary is kept in Study and study.yaml (which always says it, None or not)
 def test_primary_is_parsed_saved_and_dropped_with_its_strategies(tmp_path, study_file):
     child = write_study(tmp_path, "extends: tiny.yaml\nprimary: {compare: [adversarial, none], metric: mse_ood}\n")
     study = load_study(child)
@@ -340,13 +340,16 @@ def test_primary_is_parsed_saved_and_dropped_with_its_strategies(tmp_path, study
     StudyDir(out).prepare(study, overwrite=False)
     assert StudyDir(out).load().primary == study.primary
     assert select(load_study(child), ["none"], None).primary is None  # its comparison left the study
-    # a study.yaml written before `primary` existed still loads, with none
+    # resuming with another primary is the same study: it only chooses the report's headline
+    StudyDir(out).check(select(load_study(child), None, None), resume=True, overwrite=False, sharded=False)
+    other = load_study(child)
+    other.primary = None
+    StudyDir(out).check(other, resume=True, overwrite=False, sharded=False)
     saved = yaml.safe_load((out / "study.yaml").read_text())
     del saved["primary"]
     (out / "study.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    assert StudyDir(out).load().primary is None
-    # and resuming it with the primary now in its file is the same study
-    StudyDir(out).check(study, resume=True, overwrite=False, sharded=False)
+    with pytest.raises(ConfigError, match="is damaged: it lacks key 'primary'"):
+        StudyDir(out).load()
 
 
 # item 9: pilot and quick inherit the primary through `extends`
@@ -364,7 +367,9 @@ def test_shipped_studies_carry_the_primary_through_extends():
     [
         ("{compare: [adversarial, random], metric: mse_id}", "'random' is not a strategy of this study (none, adversarial)"),
         ("{compare: [none, none], metric: mse_id}", "compare = ['none', 'none'] must list two different strategy labels"),
-        ("{compare: [none, adversarial], metric: loss}", "metric = 'loss' must be one of mse_id, mse_ood"),
+        ("{compare: [none, adversarial], metric: loss}", "metric = 'loss' must be <metric>_<held-out set>, e.g. mse_id"),
+        ("{compare: [none, adversarial], metric: accuracy_id}",
+         "metric = 'accuracy_id' must be <metric>_<held-out set> with <metric> one of mse (the metrics of task 'inverse')"),
         ("{compare: [none, adversarial]}", "lacks 'metric'"),
         ("{compare: [none, adversarial], metric: mse_id, by: seed}", "has unknown key 'by'; allowed: compare, metric"),
         ("[none, adversarial]", "must be a mapping"),
