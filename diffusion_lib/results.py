@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import shutil
 import signal
 from dataclasses import dataclass
