@@ -254,7 +254,12 @@ def test_a_study_in_which_every_run_failed_says_so_and_exits_non_zero(tmp_path, 
     from diffusion_lib.tasks import InverseTask
 
     original = InverseTask.sample
-    monkeypatch.setattr(InverseTask, "sample", lambda self, *a: (original(self, *a)[0] * float("nan"), original(self, *a)[1]))
+
+    def poisoned(self, *args):
+        batch = original(self, *args)
+        return batch._replace(x=batch.x * float("nan"))
+
+    monkeypatch.setattr(InverseTask, "sample", poisoned)
     out = tmp_path / "out"
     assert compare("--config", study(tmp_path), "--output", out) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from diffusion_lib.schedule import schedule_constants
-from diffusion_lib.tasks import TASKS, make_task
+from diffusion_lib.tasks import TASKS, MatrixTask, make_task
+
+# the matrix tasks (a rank each); tests may register tasks of their own in TASKS
+BUILT_IN = [name for name, task in TASKS.items() if issubclass(task, MatrixTask)]
 
 
 @pytest.mark.parametrize("timesteps", [1, 10, 50])
@@ -60,7 +63,7 @@ def test_addition_and_lowrank_data():
     assert 0.35 < kept.float().mean() < 0.65
 
 
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_batches_are_reproducible_and_held_out_sets_fixed(name):
     _, x1, y1 = _batch(name, seed=3)
     _, x2, y2 = _batch(name, seed=3)
