@@ -54,6 +54,7 @@ def create_diffusion_model(config: RunConfig | Sequence[RunConfig], task: Matrix
         inference_step_scale=settings.inference_step_scale,
         inference_step_schedule=settings.inference_step_schedule,
         answer=settings.answer,
+        sampler=settings.sampler,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from .mining import STEP_SCHEDULES, resolve_mining_config
+from .samplers import SAMPLERS
 from .utils import brief_repr, suggest
 
 
@@ -88,6 +89,8 @@ class DiffusionConfig:
     # the published sampler's quirks, on request: steps after the first scaled by 2; answer sqrt(abar_0) x0
     inference_step_schedule: str = _check(lambda v: v in STEP_SCHEDULES, f"one of {', '.join(STEP_SCHEDULES)}", default="constant")
     answer: str = _check(lambda v: v in ANSWERS, f"one of {', '.join(ANSWERS)}", default="x0")
+    # the inference's inner steps (samplers.py), with the sampler's default options
+    sampler: str = _check(lambda v: v in SAMPLERS, f"one of {', '.join(SAMPLERS)}", default="ired")
 
 
 @dataclass
