@@ -12,8 +12,10 @@ _PUBLIC = {
     "EnergyDenoiser": "models",
     "GaussianDiffusion1D": "diffusion",
     "Negatives": "mining",
+    "SAMPLERS": "samplers",
     "STRATEGIES": "mining",
     "register": "mining",
+    "register_sampler": "samplers",
     "resolve_mining_config": "mining",
     "schedule_constants": "schedule",
 }
