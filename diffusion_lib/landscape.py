@@ -40,7 +40,7 @@ def fixed_noise(count: int, problems: int, dim: int, seed: int) -> Tensor:
 # -- energy as a verifier -----------------------------------------------------------------------------------
 @dataclass
 class Ranking:
-    distances: list[str]  # "sigma=0.1", ..., then the names of the candidates passed in
+    distances: list[str]  # "sigma_0.1", ..., then the names of the candidates passed in
     levels: list[int]
     correct: Tensor  # [P, distances, levels, B]: 1 ranked right (true answer lower), 0 wrong, 0.5 tie
 
@@ -97,7 +97,7 @@ def rank_true_answers(
     x = diffusion._packed(x)
     y = diffusion._packed(y.to(x.dtype))
     others = [y + sigma * d.to(y) for sigma, d in zip(scales, directions)]
-    names = [f"sigma={sigma:g}" for sigma in scales]
+    names = [f"sigma_{sigma:g}" for sigma in scales]
     for name, answer in (candidates or {}).items():
         others.append(diffusion._packed(answer.to(x.dtype)))
         names.append(name)
@@ -130,7 +130,9 @@ def _counted(fn: Callable[[], Any]) -> int:
 
 def model_energy(diffusion: GaussianDiffusion1D) -> Verifier:
     """The model's own verdict: energy at level 0, on the answer as the last inner steps descended it."""
-    return lambda x, answers: energy_at(diffusion, x, answers, 0)
+    # a 'scaled' answer is sqrt(abar_0) x0 already: score the x0 it stands for
+    unscale = diffusion.sqrt_alphas_cumprod[0] if diffusion.answer == "scaled" else 1.0
+    return lambda x, answers: energy_at(diffusion, x, answers / unscale, 0)
 
 
 @torch.no_grad()

@@ -10,8 +10,9 @@ next level); they differ only in the inner steps:
 - `mala`: the same proposal, accepted by Metropolis-Hastings for the density exp(-E / tau) on the clamp
   box (a proposal outside it is rejected); its accept rate is returned.
 A sampler is fn(diffusion, x, noise, inner_steps, step_scale, given, generator, cfg) -> Sampled, with x
-and noise packed [P, B, ...]; `generator` draws a noisy sampler's numbers; `given` holds known entries
-(diffusion.hold_given, contract section 4) and is None on tasks without them.
+and noise packed [P, B, ...]; `generator` draws a noisy sampler's numbers, [B, ...] shared by the runs of
+a pack, so a run samples the same alone or packed; `given` holds known entries (diffusion.hold_given,
+contract section 4) and is None on tasks without them.
 
 Like mining.py, this module imports no torch at load time (the config lists the sampler names quickly).
 """
@@ -164,9 +165,10 @@ def _box(diffusion: GaussianDiffusion1D, t: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _normal(y: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normals [B, D] shared by every run of the pack (so a run draws the same alone or packed)."""
     import torch
 
-    return torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+    return torch.randn(y.shape[1:], generator=generator, device=y.device, dtype=y.dtype)
 
 
 # -- the samplers ----------------------------------------------------------------------------------------
@@ -257,9 +259,10 @@ def _mala_log_ratio(y: Tensor, proposal: Tensor, grad: Tensor, new_grad: Tensor,
 
 
 def _uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Uniforms in [0, 1) for one sample of every run, [B, 1], shared by the pack as `_normal`'s are."""
     import torch
 
-    return torch.rand(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    return torch.rand(like.shape[1:], generator=generator, device=like.device, dtype=like.dtype)
 
 
 def _stack(rows: list[Tensor], like: Tensor) -> Tensor:

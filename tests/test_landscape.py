@@ -236,7 +236,7 @@ def test_ranking_on_a_quadratic_energy_centred_on_the_true_answer(sign, expected
     samples = y + 0.05 * start_noise()
     ranking = rank_true_answers(quadratic(sign, runs=2), y, y, SCALES, fixed_noise(len(SCALES), BATCH, D, seed=0),
                                 candidates={"samples": samples[None].expand(2, -1, -1)})
-    assert ranking.distances == ["sigma=0.01", "sigma=0.1", "sigma=1", "samples"] and ranking.levels == list(range(T))
+    assert ranking.distances == ["sigma_0.01", "sigma_0.1", "sigma_1", "samples"] and ranking.levels == list(range(T))
     assert ranking.correct.shape == (2, 4, T, BATCH)
     assert torch.equal(ranking.fraction(), torch.full((2, 4, T), expected))
     assert ranking.table(1)["samples"]["0"] == expected
@@ -339,3 +339,13 @@ def test_noisy_samplers_keep_given_entries(name):
     torch.testing.assert_close(answer[0][mask], y[mask])
     free = diffusion.sample(x, noise=start_noise(), inner_steps=3, generator=torch.Generator().manual_seed(0))
     assert (free[0][mask] - y[mask]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("name", ["langevin", "mala"])
+def test_a_noisy_sampler_draws_the_same_for_a_run_alone_or_packed(name):
+    x, _ = problems()
+    answers = [make_diffusion(runs=runs, sampler=name).sample_with_stats(
+        x, noise=start_noise(), inner_steps=2, generator=torch.Generator().manual_seed(0)) for runs in (1, 2)]
+    torch.testing.assert_close(answers[1].answer[:1], answers[0].answer)
+    if name == "mala":
+        torch.testing.assert_close(answers[1].stats["accept_rate_steps"][:1], answers[0].stats["accept_rate_steps"])
