@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from .diffusion import GaussianDiffusion1D
-from .samplers import run_sampler
+from .samplers import run_sampler, sampling_flops
 
 VIEWS = ("sampling", "training")
 
@@ -121,13 +121,6 @@ class BestOfN:
     flops_per_answer: float  # n samples, plus scoring the n candidates when n > 1 (as counted on one pass each)
 
 
-def _counted(fn: Callable[[], Any]) -> int:
-    """The matmul FLOPs of fn() (FlopCounterMode, as the trainer counts a training step's)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def model_energy(diffusion: GaussianDiffusion1D) -> Verifier:
     """The model's own verdict: energy at level 0, on the answer as the last inner steps descended it."""
     # a 'scaled' answer is sqrt(abar_0) x0 already: score the x0 it stands for
@@ -161,16 +154,15 @@ def best_of_n(
     step_scale = diffusion.inference_step_scale if step_scale is None else step_scale
     verifier = verifier or model_energy(diffusion)
 
-    def draw(i: int) -> Tensor:
-        noise = diffusion._packed(noises[i].to(x))
-        return run_sampler(diffusion, x, noise, inner_steps, step_scale, given, generator, sampler).answer
-
-    answers = [draw(i) for i in range(max(ns))]
+    starts = [diffusion._packed(noise.to(x)) for noise in noises[: max(ns)]]
+    answers = [run_sampler(diffusion, x, s, inner_steps, step_scale, given, generator, sampler).answer for s in starts]
     stacked = torch.stack(answers, dim=1)  # [P, N, B, D]
     scores = verifier(x, stacked)  # [P, N, B]
     # counted on passes of their own: under FlopCounterMode some kernels round differently
-    sample_flops = _counted(lambda: draw(0)) / x.shape[:2].numel()
-    verify_flops = _counted(lambda: verifier(x, stacked)) / stacked.shape[:3].numel()
+    sample_flops = sampling_flops(diffusion, x, starts[0], inner_steps, step_scale, given, generator, sampler)
+    with FlopCounterMode(display=False) as counter:
+        verifier(x, stacked)
+    verify_flops = counter.get_total_flops() / stacked.shape[:3].numel()
     values = torch.stack([metric(a) for a in answers], dim=1)  # [P, N, B]
     results = []
     for n in ns:
