@@ -24,7 +24,7 @@ from .text import slug
 RESUMABLE_CHANGES = ("device", "results_dir", "train.steps")
 # what scoring a saved model (--evaluate) may change besides: how it samples and on how many problems
 SAMPLING_KEYS = ("diffusion.inference_steps", "diffusion.inference_step_scale", "diffusion.inference_step_schedule",
-                 "diffusion.answer", "eval.num_samples", "eval.inference_steps_sweep")
+                 "diffusion.answer", "diffusion.sampler", "eval.num_samples", "eval.inference_steps_sweep")
 EVALUATION_CHANGES = (*RESUMABLE_CHANGES, *SAMPLING_KEYS, "eval.every", "eval.batch_size")
 
 
