@@ -9,27 +9,27 @@ tensors made for the whole set (`fixed_noise`), so every strategy, seed and shar
   (answer + sigma * noise for a few sigma; any named candidates, e.g. the model's own samples)? The
   fraction of pairs ranked right (ties count half): 1 is a perfect verifier, 0.5 a blind one.
 - `best_of_n`: N samples per problem from N start noises; the error of the lowest-energy pick against a
-  random pick and the oracle best of the N, for nested N (the first 4 of the 16), with FLOPs per answer
-  so that more samples and more inner steps can be compared at equal compute.
+  random pick and the oracle best of the N, for nested N (the first 4 of the 16); `best_of_flops` gives its
+  FLOPs per answer so that more samples and more inner steps can be compared at equal compute.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from .diffusion import GaussianDiffusion1D
-from .samplers import run_sampler, sampling_flops
+from .samplers import run_sampler
 
 VIEWS = ("sampling", "training")
 
 # (x [P, B, inp], candidate answers [P, N, B, D]) -> a score per candidate [P, N, B], lower = preferred
 Verifier = Callable[[Tensor, Tensor], Tensor]
-# answers [P, B, D] -> per-problem metric values [P, B]
-Metric = Callable[[Tensor], Tensor]
+# answers [P, B, D] -> metric name -> per-problem values [P, B] (a task's score on one held-out set)
+Score = Callable[[Tensor], Mapping[str, Tensor]]
 
 
 def fixed_noise(count: int, problems: int, dim: int, seed: int) -> Tensor:
@@ -115,10 +115,9 @@ def rank_true_answers(
 @dataclass
 class BestOfN:
     n: int
-    energy_pick: Tensor  # [P, B]: metric of the candidate the verifier prefers among the first n
-    random_pick: Tensor  # [P, B]: expected metric of a uniformly random pick (the mean over the n)
-    oracle: Tensor  # [P, B]: metric of the best of the n
-    flops_per_answer: float  # n samples, plus scoring the n candidates when n > 1 (as counted on one pass each)
+    energy_pick: dict[str, Tensor]  # metric -> [P, B]: of the candidate the verifier prefers among the first n
+    random_pick: dict[str, Tensor]  # metric -> [P, B]: expected value of a uniformly random pick (the mean over n)
+    oracle: dict[str, Tensor]  # metric -> [P, B]: of the best of the n
 
 
 def model_energy(diffusion: GaussianDiffusion1D) -> Verifier:
@@ -133,8 +132,8 @@ def best_of_n(
     diffusion: GaussianDiffusion1D,
     x: Tensor,
     noises: Tensor,
-    metric: Metric,
-    higher_is_better: bool,
+    score: Score,
+    higher_is_better: Mapping[str, bool],
     ns: Sequence[int] = (1, 4, 16),
     *,
     verifier: Verifier | None = None,
@@ -144,35 +143,44 @@ def best_of_n(
     generator: torch.Generator | None = None,
     sampler: Any = None,
 ) -> list[BestOfN]:
-    """Per n in `ns`: the metric of the verifier's pick (default: the model's energy), a random pick and
-    the oracle among the first n of the candidates sampled from `noises` [N, B, D] (N = max(ns); noises[0]
-    is the set's own start noise, so n = 1 is plain sampling)."""
+    """Per n in `ns`, for each metric `score` gives: the value of the verifier's pick (default: the model's
+    energy), of a random pick and of the oracle among the first n of the candidates sampled from `noises`
+    [N, B, D] (N = max(ns); noises[0] is the set's own start noise and the generator is drawn from in
+    candidate order, so n = 1 is plain sampling)."""
     if not ns or min(ns) < 1 or max(ns) > noises.shape[0]:
         raise ValueError(f"ns = {list(ns)}: each must be in [1, {noises.shape[0]}] (the noises given)")
     x = diffusion._packed(x)
     inner_steps = diffusion.inference_steps if inner_steps is None else inner_steps
     step_scale = diffusion.inference_step_scale if step_scale is None else step_scale
     verifier = verifier or model_energy(diffusion)
-
-    starts = [diffusion._packed(noise.to(x)) for noise in noises[: max(ns)]]
-    answers = [run_sampler(diffusion, x, s, inner_steps, step_scale, given, generator, sampler).answer for s in starts]
-    stacked = torch.stack(answers, dim=1)  # [P, N, B, D]
-    scores = verifier(x, stacked)  # [P, N, B]
-    # counted on passes of their own: under FlopCounterMode some kernels round differently
-    sample_flops = sampling_flops(diffusion, x, starts[0], inner_steps, step_scale, given, generator, sampler)
-    with FlopCounterMode(display=False) as counter:
-        verifier(x, stacked)
-    verify_flops = counter.get_total_flops() / stacked.shape[:3].numel()
-    values = torch.stack([metric(a) for a in answers], dim=1)  # [P, N, B]
+    answers = [run_sampler(diffusion, x, diffusion._packed(noise.to(x)), inner_steps, step_scale, given, generator,
+                           sampler).answer for noise in noises[: max(ns)]]
+    scores = verifier(x, torch.stack(answers, dim=1))  # [P, N, B]
+    per_answer = [score(a) for a in answers]
+    values = {m: torch.stack([v[m] for v in per_answer], dim=1) for m in per_answer[0]}  # metric -> [P, N, B]
     results = []
     for n in ns:
         pick = scores[:, :n].argmin(dim=1, keepdim=True)
-        best = values[:, :n].amax(dim=1) if higher_is_better else values[:, :n].amin(dim=1)
+        best = {m: v[:, :n].amax(dim=1) if higher_is_better[m] else v[:, :n].amin(dim=1) for m, v in values.items()}
         results.append(BestOfN(
             n=n,
-            energy_pick=values[:, :n].gather(1, pick).squeeze(1),
-            random_pick=values[:, :n].mean(dim=1),
+            energy_pick={m: v[:, :n].gather(1, pick.to(v.device)).squeeze(1) for m, v in values.items()},
+            random_pick={m: v[:, :n].mean(dim=1) for m, v in values.items()},
             oracle=best,
-            flops_per_answer=n * sample_flops + (n * verify_flops if n > 1 else 0.0),
         ))
     return results
+
+
+def verifier_flops(diffusion: GaussianDiffusion1D, x: Tensor, candidates: int, verifier: Verifier | None = None) -> float:
+    """Matmul FLOPs of scoring one candidate answer when `candidates` are scored per problem, counted on
+    stand-in answers (the count depends on shapes only); x packed [P, B, inp]."""
+    x = diffusion._packed(x)
+    stand_in = x.new_zeros(x.shape[0], candidates, x.shape[1], diffusion.model.out_dim)
+    with FlopCounterMode(display=False) as counter:
+        (verifier or model_energy(diffusion))(x, stand_in)
+    return counter.get_total_flops() / stand_in.shape[:3].numel()
+
+
+def best_of_flops(n: int, sample_flops: float, verify_flops: float) -> float:
+    """FLOPs per answer of best-of-n: n samples, and scoring the n candidates when there is a choice."""
+    return n * sample_flops + (n * verify_flops if n > 1 else 0.0)

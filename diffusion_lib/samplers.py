@@ -18,7 +18,6 @@ Like mining.py, this module imports no torch at load time (the config lists the 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -105,9 +104,10 @@ def sampling_flops(diffusion: GaussianDiffusion1D, x: Tensor, noise: Tensor, inn
                    sampler_config: Mapping[str, Any] | None = None) -> float:
     """Matmul FLOPs per answer of one sampling pass, counted (FlopCounterMode) as the trainer counts a
     training step's; x and noise packed [P, B, ...], the count divided by P * B."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         run_sampler(diffusion, x, noise, inner_steps, step_scale, given, generator, sampler_config)
     return counter.get_total_flops() / (x.shape[0] * x.shape[1])
 
