@@ -12,7 +12,9 @@ from torch import nn
 import train
 from diffusion_lib import EBM, EnergyDenoiser, GaussianDiffusion1D
 from diffusion_lib.config import ConfigError
-from diffusion_lib.landscape import best_of_n, energy_at, fixed_noise, rank_true_answers
+from diffusion_lib.landscape import (
+    best_of_flops, best_of_n, energy_at, fixed_noise, rank_true_answers, verifier_flops,
+)
 from diffusion_lib.samplers import SAMPLERS, _mala_log_ratio, resolve_sampler_config, sampler_label, sampling_flops
 from diffusion_lib.schedule import schedule_constants
 from diffusion_lib.tasks import make_task
@@ -277,19 +279,33 @@ def test_energy_at_matches_the_model_at_each_level():
 
 # -- best-of-N -----------------------------------------------------------------------------------------------
 def mse_to(y):
-    return lambda answers: (answers - y).pow(2).mean(dim=-1)
+    return lambda answers: {"mse": (answers - y).pow(2).mean(dim=-1)}
+
+
+LOWER = {"mse": False}
 
 
 def test_best_of_one_is_plain_sampling():
     diffusion = make_diffusion(runs=2)
     x, y = problems()
     noises = torch.cat([start_noise()[None], fixed_noise(3, BATCH, D, seed=4)])
-    [one, four] = best_of_n(diffusion, x, noises, mse_to(y), higher_is_better=False, ns=[1, 4], inner_steps=2)
-    plain = mse_to(y)(diffusion.sample(x, noise=start_noise(), inner_steps=2))
-    assert torch.equal(one.energy_pick, plain) and torch.equal(one.random_pick, plain) and torch.equal(one.oracle, plain)
-    assert one.energy_pick.shape == (2, BATCH)
-    assert (four.oracle <= four.energy_pick).all() and (four.oracle <= four.random_pick).all()
-    assert (four.oracle < plain).any()  # the other noises give other answers
+    [one, four] = best_of_n(diffusion, x, noises, mse_to(y), LOWER, ns=[1, 4], inner_steps=2)
+    plain = mse_to(y)(diffusion.sample(x, noise=start_noise(), inner_steps=2))["mse"]
+    for picked in (one.energy_pick, one.random_pick, one.oracle):
+        assert torch.equal(picked["mse"], plain)
+    assert one.energy_pick["mse"].shape == (2, BATCH)
+    assert (four.oracle["mse"] <= four.energy_pick["mse"]).all() and (four.oracle["mse"] <= four.random_pick["mse"]).all()
+    assert (four.oracle["mse"] < plain).any()  # the other noises give other answers
+
+
+@pytest.mark.parametrize("name", ["langevin", "mala"])
+def test_best_of_one_is_plain_sampling_with_a_noisy_sampler_from_the_same_generator(name):
+    diffusion = make_diffusion(sampler=name)
+    x, y = problems()
+    noises = torch.cat([start_noise()[None], fixed_noise(3, BATCH, D, seed=4)])
+    [one] = best_of_n(diffusion, x, noises, mse_to(y), LOWER, ns=[1], inner_steps=2, generator=torch.Generator().manual_seed(5))
+    plain = diffusion.sample(x, noise=start_noise(), inner_steps=2, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(one.energy_pick["mse"], mse_to(y)(plain)["mse"])
 
 
 def test_with_the_true_energy_as_verifier_the_pick_is_the_oracle():
@@ -297,28 +313,38 @@ def test_with_the_true_energy_as_verifier_the_pick_is_the_oracle():
     x, y = problems()
     noises = fixed_noise(8, BATCH, D, seed=4)
     true_error = lambda x_, answers: (answers - y).pow(2).mean(dim=-1)  # noqa: E731
-    for higher, metric in ((False, mse_to(y)), (True, lambda a: -mse_to(y)(a))):
-        for result in best_of_n(diffusion, x, noises, metric, higher, ns=[1, 2, 8], verifier=true_error, inner_steps=1):
-            torch.testing.assert_close(result.energy_pick, result.oracle, rtol=0, atol=0)
-            assert ((result.oracle >= result.random_pick) if higher else (result.oracle <= result.random_pick)).all()
+    both = lambda a: {"mse": mse_to(y)(a)["mse"], "neg_mse": -mse_to(y)(a)["mse"]}  # noqa: E731
+    for result in best_of_n(diffusion, x, noises, both, {"mse": False, "neg_mse": True}, ns=[1, 2, 8],
+                            verifier=true_error, inner_steps=1):
+        for metric in ("mse", "neg_mse"):
+            assert torch.equal(result.energy_pick[metric], result.oracle[metric])
+        assert (result.oracle["mse"] <= result.random_pick["mse"]).all()
+        assert (result.oracle["neg_mse"] >= result.random_pick["neg_mse"]).all()
 
 
-def test_best_of_n_is_nested_and_costs_n_samples_plus_n_energies():
+def test_best_of_n_is_nested_and_picks_the_lowest_final_energy():
     diffusion = make_diffusion()
     x, y = problems()
     noises = fixed_noise(4, BATCH, D, seed=4)
-    results = best_of_n(diffusion, x, noises, mse_to(y), False, ns=[1, 2, 4], inner_steps=2)
-    [again] = best_of_n(diffusion, x, noises[:2], mse_to(y), False, ns=[2], inner_steps=2)
-    assert torch.equal(results[1].energy_pick, again.energy_pick) and torch.equal(results[1].oracle, again.oracle)
-    sample = expected_sampler_flops("ired", 2)
-    # scoring: the condition at level 0 once for the N = 4 candidates, E on each
-    verify = (condition_flops(BATCH) + energy_flops(4 * BATCH)) / (4 * BATCH)
-    assert [r.flops_per_answer for r in results] == pytest.approx([sample, 2 * (sample + verify), 4 * (sample + verify)], rel=1e-12)
-    # the model's energy picks the candidate whose final energy is lowest
+    results = best_of_n(diffusion, x, noises, mse_to(y), LOWER, ns=[1, 2, 4], inner_steps=2)
+    [again] = best_of_n(diffusion, x, noises[:2], mse_to(y), LOWER, ns=[2], inner_steps=2)
+    assert torch.equal(results[1].energy_pick["mse"], again.energy_pick["mse"])
+    assert torch.equal(results[1].oracle["mse"], again.oracle["mse"])
     answers = torch.stack([diffusion.sample(x, noise=n, inner_steps=2) for n in noises], dim=1)
     pick = energy_at(diffusion, x, answers, 0).argmin(dim=1)
-    errors = torch.stack([mse_to(y)(a) for a in answers.unbind(1)], dim=1)
-    assert torch.equal(results[2].energy_pick, errors.gather(1, pick[:, None]).squeeze(1))
+    errors = torch.stack([mse_to(y)(a)["mse"] for a in answers.unbind(1)], dim=1)
+    assert torch.equal(results[2].energy_pick["mse"], errors.gather(1, pick[:, None]).squeeze(1))
+
+
+def test_best_of_n_costs_n_samples_plus_n_energies():
+    diffusion = make_diffusion()
+    x, _ = problems()
+    sample = sampling_flops(diffusion, x[None], start_noise()[None], 2, 1.0)
+    assert sample == expected_sampler_flops("ired", 2)
+    # scoring: the condition at level 0 once for the N = 4 candidates, E on each
+    verify = verifier_flops(diffusion, x, 4)
+    assert verify == pytest.approx((condition_flops(BATCH) + energy_flops(4 * BATCH)) / (4 * BATCH), rel=1e-12)
+    assert [best_of_flops(n, sample, verify) for n in (1, 2, 4)] == [sample, 2 * (sample + verify), 4 * (sample + verify)]
 
 
 def test_evaluate_may_change_the_sampler(tmp_path, tiny_args):
@@ -326,9 +352,9 @@ def test_evaluate_may_change_the_sampler(tmp_path, tiny_args):
     assert train.main(tiny_args("--train-steps", "10", "--evaluate", "diffusion.sampler=langevin")) == 0
     evaluations = tmp_path / "run" / "evaluations"
     [path] = list(evaluations.iterdir())
-    assert path.name == "step-10__sampler=langevin.json"
+    assert path.name == "step-10__sampler=langevin.json"  # the sampler named by its label
     result = json.loads(path.read_text())
-    assert result["settings"]["diffusion.sampler"] == "langevin"
+    assert result["settings"]["diffusion.sampler"] == {"name": "langevin", "temperature": 1.0, "temperature_schedule": "constant"}
     assert result["mse_id"] != json.loads((tmp_path / "run" / "final.json").read_text())["mse_id"]
 
 
@@ -353,3 +379,83 @@ def test_a_noisy_sampler_draws_the_same_for_a_run_alone_or_packed(name):
     torch.testing.assert_close(answers[1].answer[:1], answers[0].answer)
     if name == "mala":
         torch.testing.assert_close(answers[1].stats["accept_rate_steps"][:1], answers[0].stats["accept_rate_steps"])
+
+
+# -- difficulty as a knob ------------------------------------------------------------------------------------
+def test_the_conditioning_keys_change_the_held_out_sets_as_stated():
+    """lambda enters A = 2 U U^T + lambda I only: the same seeds give the same U, so changing task.conditioning
+    moves the in-distribution conditions by exactly (lambda - lambda') I and leaves the ood set alone."""
+    base = make_task({"dataset": "inverse", "rank": RANK}).held_out(16)
+    harder = make_task({"dataset": "inverse", "rank": RANK, "conditioning": 0.05}).held_out(16)
+    eye = torch.eye(RANK).flatten()
+    torch.testing.assert_close(base["id"].x - harder["id"].x, (0.5 - 0.05) * eye.expand(16, -1), atol=1e-6, rtol=0)
+    assert torch.equal(base["ood"].x, harder["ood"].x) and torch.equal(base["ood"].y, harder["ood"].y)
+    a = harder["id"].x.view(-1, RANK, RANK)
+    torch.testing.assert_close(a @ harder["id"].y.view(-1, RANK, RANK), torch.eye(RANK).expand_as(a), atol=1e-3, rtol=0)
+    ood = make_task({"dataset": "inverse", "rank": RANK, "ood_conditioning": 0.02}).held_out(16)
+    torch.testing.assert_close(base["ood"].x - ood["ood"].x, (0.1 - 0.02) * eye.expand(16, -1), atol=1e-6, rtol=0)
+    assert torch.equal(base["id"].x, ood["id"].x)
+
+
+def test_the_difficulty_study_sweeps_the_conditioning_of_every_arm(tmp_path):
+    from conftest import ROOT
+    from diffusion_lib.study import expand, load_study
+
+    runs = expand(load_study(ROOT / "configs" / "ablations" / "difficulty.yaml"), tmp_path)
+    points = {(r.strategy, r.config.task["conditioning"], r.config.task["ood_conditioning"]) for r in runs}
+    strategies = {r.strategy for r in runs}
+    assert points == {(s, c, 0.1) for s in strategies for c in (0.5, 0.2, 0.05)} and len(strategies) == 4
+    assert all(r.config.eval.inference_steps_sweep for r in runs)
+
+
+def test_the_landscape_study_scores_every_part(tmp_path):
+    from conftest import ROOT
+    from diffusion_lib.study import expand, load_study
+
+    runs = expand(load_study(ROOT / "configs" / "landscape.yaml"), tmp_path)
+    assert {r.strategy for r in runs} == {"none", "random", "adversarial", "adversarial_reference"}
+    ev = runs[0].config.eval
+    assert ev.best_of == [1, 4, 16] and ev.ranking_scales and ev.inference_steps_sweep
+    assert [s["name"] for s in ev.samplers] == ["langevin"] and runs[0].config.task["rank"] == 5
+
+
+# -- the trainer's final scoring -------------------------------------------------------------------------------
+LANDSCAPE_ARGS = ("eval.best_of=[1,3]", "eval.ranking_scales=[0.1,1.0]", "eval.ranking_levels=[0,9]",
+                  "eval.inference_steps_sweep=[0,5]", "eval.samplers=[{name: langevin, temperature: 0.01}]")
+
+
+def test_the_trainer_writes_the_landscape_into_final_json(tmp_path, tiny_args):
+    assert train.main(tiny_args("--train-steps", "10", *LANDSCAPE_ARGS)) == 0
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["sampler"] == {"name": "ired"}
+    for suffix in ("", "_raw"):
+        for name in ("id", "ood"):
+            ranking = final[f"ranking_{name}{suffix}"]
+            assert list(ranking) == ["sigma_0.1", "sigma_1", "samples"] and all(list(r) == ["0", "9"] for r in ranking.values())
+            assert all(0 <= v <= 1 for r in ranking.values() for v in r.values())
+            best = final[f"best_of_{name}{suffix}"]
+            assert list(best) == ["1", "3"]
+            # N = 1 is plain sampling: the pick, the random pick and the oracle are the set's score
+            assert best["1"]["mse"] == {p: pytest.approx(final[f"mse_{name}{suffix}"], rel=1e-12) for p in ("energy", "random", "oracle")}
+            assert best["3"]["mse"]["oracle"] <= min(best["3"]["mse"]["energy"], best["3"]["mse"]["random"])
+    # FLOPs per answer: the default 5 inner steps is the sweep's 5; best-of-3 costs 3 samples and their scoring
+    assert final["sampler_flops_per_answer"] == final["inference_steps_sweep_flops"]["5"] > final["inference_steps_sweep_flops"]["0"]
+    assert final["best_of_id"]["1"]["flops_per_answer"] == final["sampler_flops_per_answer"]
+    assert final["best_of_id"]["3"]["flops_per_answer"] > 3 * final["sampler_flops_per_answer"]
+    other = final["samplers"]["langevin(temperature=0.01)"]
+    assert other["sampler"] == {"name": "langevin", "temperature": 0.01, "temperature_schedule": "constant"}
+    assert other["best_of_id"]["1"]["mse"]["energy"] == pytest.approx(other["mse_id"], rel=1e-12)  # same draws
+    assert other["mse_id"] != final["mse_id"] and set(other["inference_steps_sweep"]) == {"0", "5"}
+    # and again by --evaluate: the noisy sampler's numbers are reproducible
+    assert train.main(tiny_args("--train-steps", "10", *LANDSCAPE_ARGS, "--evaluate")) == 0
+    [path] = list((tmp_path / "run" / "evaluations").iterdir())
+    evaluation = json.loads(path.read_text())
+    assert evaluation["samplers"]["langevin(temperature=0.01)"]["mse_id"] == other["mse_id"]
+    assert evaluation["ranking_ood_raw"] == final["ranking_ood_raw"]
+
+
+def test_without_landscape_keys_final_json_has_none_of_them(tmp_path, tiny_args):
+    assert train.main(tiny_args("--train-steps", "10")) == 0
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert not [k for k in final if k.startswith(("ranking_", "best_of_", "samplers"))]
+    assert final["sampler_flops_per_answer"] > 0 and final["inference_steps_sweep_flops"] == {}
