@@ -532,7 +532,7 @@ def _ranking_subsection(a: StudyAnalysis) -> list[str]:
             lines += [f"*{set_words(set_name)}, {BASES[basis]}*", "", *_table(["group", *land.distances], rows)]
     for group in land.ranking:
         words = "; ".join(f"{BASES[b]}: {_landscape_verdicts(a, 'ranking', group, b)}" for b in BASES)
-        lines.append(f"- {group} ranks true answers better than chance — {words}.")
+        lines.append(f"- {group}, ranking accuracy against chance (0.5): {words}.")
     return lines + [""]
 
 
@@ -557,7 +557,7 @@ def _best_of_subsection(a: StudyAnalysis) -> list[str]:
             lines += [f"*{_label(a, metric)} {set_words(set_name)}, {BASES[basis]}*", "", *_table(header, rows)]
     for group in land.best_of:
         words = "; ".join(f"{BASES[b]}: {_landscape_verdicts(a, 'best_of', group, b)}" for b in BASES)
-        lines.append(f"- {group}'s energy pick against a random pick — {words}.")
+        lines.append(f"- {group}, energy pick against a random pick: {words}.")
     return lines + ["", "The plot error_vs_answer_flops.png sets best-of-N against more inner steps at equal "
                     "FLOPs per answer.", ""]
 

@@ -269,12 +269,12 @@ def test_the_landscape_section_says_per_arm_what_its_energy_does(tmp_path):
     land = report[report.index("## The energy landscape\n"):report.index("## Failed, missing and damaged runs\n")]
     assert "Holm-adjusted within a family of its own (24 tests)" in land  # 2 groups x 2 sets x 2 bases x (2 + 1)
     assert "| adversarial | 0.91 ± 0.0248 | 0.5 ± 0 |" in land  # mean of 0.90, 0.91, 0.92; t(2) half width
-    assert "- adversarial ranks true answers better than chance — EMA: better at sigma_0.1 (in-distribution, ood); " \
+    assert "- adversarial, ranking accuracy against chance (0.5): EMA: better at sigma_0.1 (in-distribution, ood); " \
            "no detectable difference elsewhere; raw: better at sigma_0.1" in land
-    assert "- none ranks true answers better than chance — EMA: no detectable difference; raw: no detectable difference." in land
+    assert "- none, ranking accuracy against chance (0.5): EMA: no detectable difference; raw: no detectable difference." in land
     assert "| adversarial | 4 | 0.897 ± 0.0143 | 1 ± 0 | 0.448 ± 0.00717 | 4.2e6 |" in land
-    assert "- adversarial's energy pick against a random pick — EMA: better at N = 4 (in-distribution, ood)" in land
-    assert "- none's energy pick against a random pick — EMA: no detectable difference" in land
+    assert "- adversarial, energy pick against a random pick: EMA: better at N = 4 (in-distribution, ood)" in land
+    assert "- none, energy pick against a random pick: EMA: no detectable difference" in land
     assert (tmp_path / "plots" / "error_vs_answer_flops.png").read_bytes().startswith(b"\x89PNG")
     assert "(plots/error_vs_answer_flops.png)" in report
     with open(tmp_path / "summary.csv", newline="") as handle:
