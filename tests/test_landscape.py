@@ -415,7 +415,7 @@ def test_the_landscape_study_scores_every_part(tmp_path):
     runs = expand(load_study(ROOT / "configs" / "landscape.yaml"), tmp_path)
     assert {r.strategy for r in runs} == {"none", "random", "adversarial", "adversarial_reference"}
     ev = runs[0].config.eval
-    assert ev.best_of == [1, 4, 16] and ev.ranking_scales and ev.inference_steps_sweep
+    assert ev.best_of == [1, 4, 16] and ev.ranking_scales and ev.inference_steps_sweep and ev.num_samples == 64
     assert [s["name"] for s in ev.samplers] == ["langevin"] and runs[0].config.task["rank"] == 5
 
 
