@@ -757,8 +757,9 @@ def _sweep_keys(runs: Sequence[RunRecord]) -> list[str]:
 
 
 def _final_columns(runs: Sequence[RunRecord]) -> list[str]:
-    """Every score any run declares (metric-major, EMA then raw), then compute."""
-    return [*dict.fromkeys(s.key for s in scoring(runs).scores()), *RUN_COLUMNS]
+    """Every score any run declares (metric-major, EMA then raw), then compute, then the landscape's numbers."""
+    landscape_keys = dict.fromkeys(k for r in finished(runs) for k in landscape_columns(r.final))
+    return [*dict.fromkeys(s.key for s in scoring(runs).scores()), *RUN_COLUMNS, *landscape_keys]
 
 
 def summary_columns(runs: Sequence[RunRecord]) -> list[str]:
@@ -780,7 +781,8 @@ def summary_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
         row.update({key: run.sweep.get(key) for key in sweep})
         row.update(seed=run.seed, status=run.status)
         row.update({key: (run.config or {}).get(key) for key in CONFIG_COLUMNS if key not in sweep})
-        row.update({key: v if math.isfinite(v := run.final_number(key)) else None for key in numbers})
+        flat = {**final, **landscape_columns(final)} if run.finished else final
+        row.update({key: v if is_number(v := flat.get(key)) and math.isfinite(v) else None for key in numbers})
         row.update({key: final.get(key) for key in CODE_COLUMNS})
         row.update(steps=final.get("step"), error=final.get("error") or run.damage)
         rows.append(row)
@@ -896,6 +898,7 @@ class StudyAnalysis:
     standing: list[YardstickStanding]  # on the leading basis
     family_size: int  # tests in the Holm family
     flops_ratio: dict[str, float]  # group -> its mean training FLOPs / the smallest group mean
+    landscape: Landscape  # its tests are a Holm family of their own
 
     @property
     def primary_comparisons(self) -> list[Comparison]:
@@ -937,7 +940,7 @@ def analyse(runs: Sequence[RunRecord], primary: Mapping[str, Any] | None = None)
         tally(runs), sorted({r.seed for r in runs}), scores, rows, yardstick_table(runs, scores), spec, comparisons,
         budgets, common_budget_flops(runs), load, disagreements(comparisons, budgets[0].comparisons),
         mining_diagnostics(groups), steps, inference_table(groups, scores, steps), problems(runs),
-        yardstick_standing(rows, scores, lead), len(family), flops_ratios(groups),
+        yardstick_standing(rows, scores, lead), len(family), flops_ratios(groups), landscape(groups, scores),
     )  # fmt: skip
 
 
@@ -946,3 +949,186 @@ def flops_ratios(groups: Mapping[str, Sequence[RunRecord]]) -> dict[str, float]:
     means = {name: _mean_of(final_values(runs, "train_flops")) for name, runs in groups.items()}
     cheapest = min((m for m in means.values() if m > 0), default=math.nan)
     return {name: m / cheapest for name, m in means.items()}
+
+
+# -- the energy landscape (eval.ranking_scales, eval.best_of; final.json "ranking_<set>", "best_of_<set>") -----
+CHANCE = 0.5  # the ranking accuracy of a verifier that cannot tell the true answer from another
+PICKS = ("energy", "random", "oracle")
+
+
+@dataclass
+class LandscapeTest:
+    """One test of the landscape family: a group's ranking accuracy against chance ("ranking", `item` the
+    distance), or its best-of-N energy pick against a random pick ("best_of", `item` "<n>"), per seed."""
+
+    kind: str
+    group: str
+    set: str
+    basis: str
+    item: str
+    metric: str  # the metric of a best-of test ("" for a ranking)
+    higher_is_better: bool
+    n: int
+    mean_a: float  # ranking accuracy, or the energy pick's value
+    mean_b: float  # chance, or the random pick's value
+    diff: float
+    ci_low: float
+    ci_high: float
+    p: float
+    p_adjusted: float = math.nan
+
+    @property
+    def verdict(self) -> str:
+        if math.isnan(self.p_adjusted):
+            return "n/a"
+        return verdict(self.diff, self.p_adjusted, ALPHA, self.higher_is_better)
+
+
+@dataclass
+class FlopCurve:
+    """A group's headline error vs FLOPs per answer: the inner-steps sweep or best-of-N (EMA model)."""
+
+    group: str
+    set: str
+    kind: str  # "inner steps" | "best-of-N"
+    points: list[tuple[float, Estimate, str]]  # (mean FLOPs per answer, score over seeds, "5" or "N=4")
+
+
+@dataclass
+class Landscape:
+    distances: list[str]
+    ranking_level: str  # the level the tables read (0 when ranked there: where the last inner steps descend)
+    ranking: dict[str, dict[str, dict[str, dict[str, Estimate]]]]  # group -> set -> basis -> distance -> accuracy
+    best_of_ns: list[str]
+    best_of: dict[str, dict[str, dict[str, dict[str, dict[str, Estimate]]]]]  # group -> set -> basis -> n -> pick
+    tests: list[LandscapeTest]
+    curves: list[FlopCurve]
+
+    @property
+    def present(self) -> bool:
+        return bool(self.distances or self.best_of_ns)
+
+
+def _nested(run: RunRecord, *keys: str) -> Any:
+    value: Any = run.final if run.finished else None
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _number(value: Any) -> float:
+    return float(value) if is_number(value) else math.nan
+
+
+def ranking_value(run: RunRecord, set_name: str, basis: str, distance: str, level: str) -> float:
+    return _number(_nested(run, f"ranking_{set_name}{'_raw' if basis == 'raw' else ''}", distance, level))
+
+
+def best_of_value(run: RunRecord, set_name: str, basis: str, n: str, metric: str, pick: str) -> float:
+    return _number(_nested(run, f"best_of_{set_name}{'_raw' if basis == 'raw' else ''}", n, metric, pick))
+
+
+def _landscape_keys(runs: Sequence[RunRecord], prefix: str) -> tuple[list[str], list[str]]:
+    """(first-level keys, second-level keys) of the finished runs' "<prefix><set>" tables, first seen first."""
+    outer: dict[str, None] = {}
+    inner: dict[str, None] = {}
+    for run in finished(runs):
+        for key, table in run.final.items():
+            if key.startswith(prefix) and isinstance(table, dict):
+                outer.update(dict.fromkeys(table))
+                for row in table.values():
+                    inner.update(dict.fromkeys(row if isinstance(row, dict) else {}))
+    return list(outer), list(inner)
+
+
+def _test(kind: str, group: str, score: Score, item: str, metric: str, higher: bool,
+          a: list[float], b: list[float]) -> LandscapeTest:
+    pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
+    result = paired_test([x for x, _ in pairs], [y for _, y in pairs])
+    mean = lambda v: float(np.mean(v)) if v else math.nan  # noqa: E731
+    return LandscapeTest(kind, group, score.set, score.basis, item, metric, higher, len(pairs),
+                         mean([x for x, _ in pairs]), mean([y for _, y in pairs]), result.diff, result.ci_low,
+                         result.ci_high, result.p_value)
+
+
+def landscape(groups: Mapping[str, Sequence[RunRecord]], scores: Scoring) -> Landscape:
+    """Ranking accuracy per distance and best-of-N picks per group (mean over seeds, EMA and raw); the
+    tests of the landscape family (Holm-adjusted among themselves, apart from the comparisons of groups);
+    and error-vs-FLOPs curves of the headline metric."""
+    runs = [r for g in groups.values() for r in g]
+    distances, levels = _landscape_keys(runs, "ranking_")
+    level = "0" if "0" in levels else (levels[0] if levels else "0")
+    ns, _ = _landscape_keys(runs, "best_of_")
+    ns = sorted(ns, key=int)
+    headline = next(iter(scores.metrics), None)
+    ranking, best, tests = {}, {}, []
+    for group, members in groups.items():
+        done = finished(members)
+        ranking[group], best[group] = {}, {}
+        for score in scores.scores([headline]) if headline else ():
+            values = {d: [ranking_value(r, score.set, score.basis, d, level) for r in done] for d in distances}
+            ranking[group].setdefault(score.set, {})[score.basis] = {d: estimate(v) for d, v in values.items()}
+            tests += [_test("ranking", group, score, d, "", True, v, [CHANCE] * len(v)) for d, v in values.items()]
+            picks = {n: {p: [best_of_value(r, score.set, score.basis, n, headline, p) for r in done] for p in PICKS}
+                     for n in ns}  # fmt: skip
+            best[group].setdefault(score.set, {})[score.basis] = {n: {p: estimate(v) for p, v in row.items()}
+                                                                  for n, row in picks.items()}  # fmt: skip
+            tests += [_test("best_of", group, score, n, headline, scores.higher(headline), row["energy"], row["random"])
+                      for n, row in picks.items() if n != "1"]
+    family = [t for t in tests if math.isfinite(t.p)]
+    for t, adjusted in zip(family, holm([t.p for t in family])):
+        t.p_adjusted = adjusted
+    return Landscape(distances, level, ranking, ns, best, tests, flop_curves(groups, scores, ns))
+
+
+def flop_curves(groups: Mapping[str, Sequence[RunRecord]], scores: Scoring, ns: Sequence[str]) -> list[FlopCurve]:
+    """Per group and set, the headline EMA score against FLOPs per answer: the inner-steps sweep (each count's
+    measured FLOPs) and best-of-N's energy pick (N samples and their scoring)."""
+    headline = next(iter(scores.metrics), None)
+    curves = []
+    for group, members in groups.items():
+        done = finished(members)
+        for set_name in scores.sets if headline else ():
+            name = f"{headline}_{set_name}"
+            steps = inference_steps(done)
+            sweep = [(_mean_of([_number(_nested(r, "inference_steps_sweep_flops", k)) for r in done]),
+                      estimate([sweep_value(r, k, name) for r in done]), k) for k in steps]  # fmt: skip
+            best = [(_mean_of([_number(_nested(r, f"best_of_{set_name}", n, "flops_per_answer")) for r in done]),
+                     estimate([best_of_value(r, set_name, "ema", n, headline, "energy") for r in done]), f"N={n}")
+                    for n in ns]  # fmt: skip
+            for kind, points in (("inner steps", sweep), ("best-of-N", best)):
+                points = [p for p in points if math.isfinite(p[0]) and p[1].n]
+                if points:
+                    curves.append(FlopCurve(group, set_name, kind, points))
+    return curves
+
+
+def landscape_columns(final: Mapping[str, Any]) -> dict[str, float]:
+    """final.json's landscape numbers as flat summary.csv columns: ranking_<set>_<distance>_t<level>[_raw] at
+    the first level ranked, best_of_<n>_<metric>_<set>_<pick>[_raw], best_of_<n>_flops_per_answer,
+    sampler_flops_per_answer; another sampler's (eval.samplers) as <label>__<the same> and its scores."""
+    flat: dict[str, float] = {}
+    if is_number(final.get("sampler_flops_per_answer")):
+        flat["sampler_flops_per_answer"] = float(final["sampler_flops_per_answer"])
+    for key, table in final.items():
+        if not isinstance(table, dict):
+            continue
+        raw = "_raw" if key.endswith("_raw") else ""
+        base = key[: len(key) - len(raw)]
+        if key.startswith("ranking_"):
+            for distance, row in table.items():
+                if isinstance(row, dict) and row:
+                    level = "0" if "0" in row else next(iter(row))
+                    flat[f"{base}_{distance}_t{level}{raw}"] = _number(row[level])
+        elif key.startswith("best_of_"):
+            for n, row in table.items():
+                for metric, picks in (row.items() if isinstance(row, dict) else ()):
+                    if metric == "flops_per_answer":
+                        flat[f"best_of_{n}_flops_per_answer"] = _number(picks)
+                    elif isinstance(picks, dict):
+                        flat.update({f"best_of_{n}_{metric}_{base[8:]}_{p}{raw}": _number(v) for p, v in picks.items()})
+    for label, block in (final.get("samplers") or {}).items():
+        if isinstance(block, dict):
+            scored = {k: float(v) for k, v in block.items() if is_number(v)}
+            flat.update({f"{label}__{k}": v for k, v in {**scored, **landscape_columns(block)}.items()})
+    return flat

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from .mining import STEP_SCHEDULES, resolve_mining_config
+from .samplers import resolve_sampler_config
 from .text import brief_repr, suggest
 
 
@@ -64,6 +65,22 @@ def _limited(key: str, default: int, low: int = 1) -> Any:
     return _int_in(low, LIMITS[key][0], default)
 
 
+def _resolved(resolve: Callable[[Any], Any], default: Callable[[], Any]) -> Any:
+    """A field whose value a registry validates and fills in (a ValueError names what is wrong)."""
+    return field(metadata={"resolve": resolve}, default_factory=default)
+
+
+MAX_SAMPLERS = 8  # eval.samplers: each is one more scoring of every held-out set at the end
+MAX_BEST_OF = 64  # eval.best_of: the largest N is N sampling passes of every held-out set at the end
+MAX_RANKING_SCALES = 16
+
+
+def _sampler_list(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_SAMPLERS:
+        raise ValueError(f"must be a list of at most {MAX_SAMPLERS} samplers (names or maps)")
+    return [resolve_sampler_config(v) for v in value]
+
+
 @dataclass
 class DiffusionConfig:
     timesteps: int = _limited("diffusion.timesteps", 10)
@@ -72,6 +89,8 @@ class DiffusionConfig:
     # the published sampler's quirks, on request: steps after the first scaled by 2; answer sqrt(abar_0) x0
     inference_step_schedule: str = _check(lambda v: v in STEP_SCHEDULES, f"one of {', '.join(STEP_SCHEDULES)}", default="constant")
     answer: str = _check(lambda v: v in ANSWERS, f"one of {', '.join(ANSWERS)}", default="x0")
+    # the inference's inner steps (samplers.py): a name, or {name: ..., <its options>}; resolved to the map
+    sampler: dict = _resolved(resolve_sampler_config, lambda: resolve_sampler_config("ired"))
 
 
 @dataclass
@@ -110,6 +129,23 @@ class EvalConfig:
         f"a list of at most {MAX_SWEEP_ENTRIES} ints in [0, {LIMITS['eval.inference_steps_sweep'][0]}]",
         default_factory=list,
     )
+    # the energy landscape (landscape.py), scored at the end only when asked for (each costs scoring time):
+    # best-of-N for each N (energy pick vs random pick vs oracle among N samples from N start noises)
+    best_of: list[int] = _check(
+        lambda v: len(v) <= MAX_SWEEP_ENTRIES and all(1 <= n <= MAX_BEST_OF for n in v),
+        f"a list of ints in [1, {MAX_BEST_OF}]", default_factory=list,
+    )
+    # ranking of the true answer against answer + sigma * noise for each sigma (and the model's own samples)
+    ranking_scales: list[float] = _check(
+        lambda v: len(v) <= MAX_RANKING_SCALES and all(s > 0 for s in v),
+        f"a list of at most {MAX_RANKING_SCALES} floats > 0", default_factory=list,
+    )
+    ranking_levels: list[int] = _check(  # the diffusion levels ranked at; empty: every level
+        lambda v: all(0 <= t < LIMITS["diffusion.timesteps"][0] for t in v),
+        "a list of diffusion levels (ints >= 0, below diffusion.timesteps)", default_factory=list,
+    )
+    # more samplers scored at the end like the configured one (metrics, inference-steps sweep, best-of-N)
+    samplers: list = _resolved(_sampler_list, list)
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -331,6 +367,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 # -- validation ----------------------------------------------------------------------------------------
 def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    if "resolve" in f.metadata:
+        try:
+            return f.metadata["resolve"](value)
+        except ValueError as error:
+            raise ConfigError(f"config key '{key}' = {brief_repr(value)} is invalid: {error}") from None
     kind = _TYPE_NAMES[key]
     bad = ConfigError(f"config key '{key}' = {brief_repr(value)} has the wrong type: expected {kind}")
     if kind == "bool":
@@ -403,7 +444,17 @@ def build_config(*layers: Mapping[str, Any]) -> RunConfig:
         value = _coerce(key, _ALL_KEYS[key], value)
         section, _, name = key.rpartition(".")
         (sections[section] if section else top)[name] = value
-    return RunConfig(**{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}, **_resolve_maps(maps), **top)
+    config = RunConfig(**{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}, **_resolve_maps(maps), **top)
+    _check_levels(config)
+    return config
+
+
+def _check_levels(config: RunConfig) -> None:
+    """Keys whose range depends on another key."""
+    levels, timesteps = config.eval.ranking_levels, config.diffusion.timesteps
+    if any(t >= timesteps for t in levels):
+        raise ConfigError(f"config key 'eval.ranking_levels' = {levels} is out of range: levels must be below "
+                          f"diffusion.timesteps = {timesteps}")
 
 
 def _task_defaults(given: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .config import ANSWERS
 from .mining import STEP_SCHEDULES, mining_strategy, resolve_mining_config
 from .models import EnergyDenoiser
+from .samplers import Sampled, resolve_sampler_config, run_sampler
 from .schedule import schedule_constants
 
 
@@ -56,6 +57,7 @@ class GaussianDiffusion1D(nn.Module):
     `use_innerloop_opt` only switches inference's inner steps (5 or 0); `inference_steps` overrides it.
     `inference_step_schedule` and `answer` reproduce the published sampler on request ('reference',
     'scaled'); the defaults follow the spec's intent (see README, "Where the published code differs").
+    `sampler` picks the inference's inner steps by name or {'name': ..., options} (samplers.py; 'ired').
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class GaussianDiffusion1D(nn.Module):
         inference_step_schedule: str = "constant",
         answer: str = "x0",
         data_bound: float = 2.0,
+        sampler: str | Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if timesteps < 1:
@@ -87,6 +90,7 @@ class GaussianDiffusion1D(nn.Module):
         self.inference_step_scale = inference_step_scale
         self.inference_step_schedule = inference_step_schedule
         self.answer = answer
+        self.sampler_config = resolve_sampler_config(sampler)
         # answers live in [-data_bound, data_bound]; 2 on continuous tasks (1 on discrete ones)
         self.data_bound = data_bound
         for name, value in schedule_constants(timesteps).items():
@@ -237,28 +241,25 @@ class GaussianDiffusion1D(nn.Module):
         given: Given | None = None,
     ) -> Tensor:
         """Answers [P, B, D] for conditions x ([P, B, dim], or [B, dim] shared by every run): T denoising
-        steps, each followed by `inner_steps` of opt_step. `given` entries are held at their value
-        throughout, and the answer has them exactly."""
-        inner_steps = default(inner_steps, self.inference_steps)
-        step_scale = default(step_scale, self.inference_step_scale)
+        steps, each followed by `inner_steps` of the configured sampler's inner steps (samplers.py). `given`
+        entries are held at their value throughout, and the answer has them exactly."""
+        return self.sample_with_stats(x, noise, inner_steps, step_scale, generator, given).answer
+
+    @torch.no_grad()
+    def sample_with_stats(
+        self,
+        x: Tensor,
+        noise: Tensor | None = None,
+        inner_steps: int | None = None,
+        step_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        given: Given | None = None,
+        sampler: str | Mapping[str, Any] | None = None,
+    ) -> Sampled:
+        """`sample`, keeping the sampler's statistics (e.g. MALA's accept rate); `sampler` overrides the
+        configured one for this call."""
         x = self._packed(x)
-        runs, batch = x.shape[:2]
         if noise is None:
-            noise = torch.randn(runs, batch, self.model.out_dim, device=x.device, generator=generator)
-        y = self._packed(noise).to(x.dtype)
-        t = torch.empty(runs, batch, dtype=torch.long, device=x.device)
-        for step in reversed(range(self.num_timesteps)):
-            t.fill_(step)
-            y = self.hold_given(y, t, given)
-            cond = self.condition(x, t)
-            _, eps_hat = self.model.energy_and_grad(cond, y)
-            x0 = self.x0_from_noise(y, t, eps_hat).clamp(-self.data_bound, self.data_bound)
-            scale_t = self.sqrt_alphas_cumprod[step]
-            y = self.hold_given(scale_t * x0, t, given)
-            if inner_steps > 0:
-                y = self.opt_step(cond, y, t, inner_steps, step_scale, self.inference_step_schedule, given=given).y
-            y = y.clamp(-self.data_bound * scale_t, self.data_bound * scale_t)
-            x0 = y / scale_t if given is None else torch.where(given[0], given[1], y / scale_t)
-            if step > 0:
-                y = self.sqrt_alphas_cumprod[step - 1] * x0
-        return x0 * self.sqrt_alphas_cumprod[0] if self.answer == "scaled" else x0
+            noise = torch.randn(*x.shape[:2], self.model.out_dim, device=x.device, generator=generator)
+        return run_sampler(self, x, self._packed(noise), default(inner_steps, self.inference_steps),
+                           default(step_scale, self.inference_step_scale), given, generator, sampler)

@@ -254,6 +254,33 @@ def _inference_steps(path: Path, groups: Groups, colors: dict[str, Any], analysi
     _save_figure(fig, path)
 
 
+def _answer_flops(path: Path, colors: dict[str, Any], analysis: StudyAnalysis) -> None:
+    """The headline error vs FLOPs per answer: per group, the inner-steps sweep (solid) and best-of-N with the
+    energy pick (dashed), so the two ways of spending test-time compute meet on one axis."""
+    metric = next(iter(analysis.scoring.metrics))
+    label, sets = analysis.scoring.metrics[metric].label, analysis.scoring.sets
+    fig, axes = _figure(1, len(sets), f"Final EMA model's {label} vs FLOPs per answer: more inner steps (solid) "
+                                      "or best-of-N by energy (dashed)", (6.5 * len(sets), 5))  # fmt: skip
+    styles = {"inner steps": "-", "best-of-N": "--"}
+    for ax, set_name in zip(axes[0], sets):
+        plotted: list[float] = []
+        counts: dict[str, int] = {}
+        for curve in (c for c in analysis.landscape.curves if c.set == set_name):
+            x = np.array([p[0] for p in curve.points])
+            mean, half = np.array([p[1].mean for p in curve.points]), np.array([p[1].half for p in curve.points])
+            ax.errorbar(x, mean, yerr=np.nan_to_num(half), color=colors[curve.group], marker="o", capsize=3,
+                        linestyle=styles[curve.kind])
+            for xi, yi, text in zip(x, mean, (p[2] for p in curve.points)):
+                ax.annotate(text, (xi, yi), fontsize="x-small", textcoords="offset points", xytext=(3, 3))
+            counts[curve.group] = max(counts.get(curve.group, 0), max(p[1].n for p in curve.points))
+            plotted += mean.tolist()
+        ax.set_xscale("log")
+        _style_axes(ax, set_words(set_name), "FLOPs per answer (sampling and, for best-of-N, scoring)", label, plotted)
+        kinds = [Line2D([], [], color="black", linestyle=v, label=k) for k, v in styles.items()]
+        _legend(ax, colors, counts, kinds)
+    _save_figure(fig, path)
+
+
 def _metric_plots(groups: Groups, colors: dict[str, Any], analysis: StudyAnalysis, metric: str) -> list[tuple]:
     """(file name, caption, draw) of the figures of one metric."""
     label = analysis.scoring.metrics[metric].label
@@ -286,4 +313,10 @@ def write_plots(plot_dir: Path, groups: Groups, analysis: StudyAnalysis) -> list
             written.append((inference.name, f"Final EMA {spec.label} vs inference inner steps"))
         else:
             inference.unlink(missing_ok=True)  # a stale plot from an earlier report would contradict this one
+    flops = plot_dir / "error_vs_answer_flops.png"
+    if analysis.landscape.curves:
+        _answer_flops(flops, colors, analysis)
+        written.append((flops.name, "Final EMA headline score vs FLOPs per answer: inner steps and best-of-N"))
+    else:
+        flops.unlink(missing_ok=True)
     return written

@@ -487,6 +487,81 @@ def _test_time_section(a: StudyAnalysis) -> list[str]:
     return lines
 
 
+def _landscape_section(a: StudyAnalysis) -> list[str]:
+    land = a.landscape
+    lines = ["## The energy landscape", ""]
+    if not land.present:
+        return lines + ["No run measured its energy landscape (eval.ranking_scales and eval.best_of were empty).", ""]
+    tested = [t for t in land.tests if math.isfinite(t.p_adjusted)]
+    lines += [
+        "Where the strategies differ by construction: how the energy, which sampling descends, treats the true "
+        "answer. Each test is paired over seeds (a seed's ranking accuracy against chance, 0.5; a seed's "
+        "energy pick against its random pick among the same N samples) and Holm-adjusted within a family of "
+        f"its own ({len(tested)} tests), apart from the comparisons of groups above.", "",
+    ]  # fmt: skip
+    if land.distances:
+        lines += _ranking_subsection(a)
+    if land.best_of_ns:
+        lines += _best_of_subsection(a)
+    return lines
+
+
+def _landscape_verdicts(a: StudyAnalysis, kind: str, group: str, basis: str) -> str:
+    """'better at sigma_0.1 (id, ood), worse at samples (ood); no detectable difference elsewhere'."""
+    found: dict[str, dict[str, list[str]]] = {}
+    for t in a.landscape.tests:
+        if t.kind == kind and t.group == group and t.basis == basis and t.verdict in ("better", "worse"):
+            found.setdefault(t.verdict, {}).setdefault(t.item if kind == "ranking" else f"N = {t.item}", []).append(set_words(t.set))
+    parts = [f"{word} at " + ", ".join(f"{item} ({', '.join(sets)})" for item, sets in items.items())
+             for word, items in found.items()]  # fmt: skip
+    return "; ".join(parts) + ("; no detectable difference elsewhere" if parts else "no detectable difference")
+
+
+def _ranking_subsection(a: StudyAnalysis) -> list[str]:
+    land = a.landscape
+    lines = [
+        f"**Energy as a verifier.** The fraction of pairs (true answer, other answer) whose energy at diffusion "
+        f"level {land.ranking_level} puts the true answer lower (ties count half): 1 is a perfect verifier, 0.5 "
+        "a blind one. The other answer is the true one plus sigma times Gaussian noise (sigma_<s>), or the "
+        "model's own sample (samples). Mean ± 95 % CI over the finished seeds.", "",
+    ]  # fmt: skip
+    for set_name in a.scoring.sets:
+        for basis in BASES:
+            rows = [[g, *(pm(cells[set_name][basis][d]) for d in land.distances)] for g, cells in land.ranking.items()
+                    if set_name in cells]  # fmt: skip
+            lines += [f"*{set_words(set_name)}, {BASES[basis]}*", "", *_table(["group", *land.distances], rows)]
+    for group in land.ranking:
+        words = "; ".join(f"{BASES[b]}: {_landscape_verdicts(a, 'ranking', group, b)}" for b in BASES)
+        lines.append(f"- {group}, ranking accuracy against chance (0.5): {words}.")
+    return lines + [""]
+
+
+def _best_of_subsection(a: StudyAnalysis) -> list[str]:
+    land = a.landscape
+    metric = next(iter(a.scoring.metrics))
+    lines = [
+        f"**Best-of-N.** N answers per problem from N start noises (the first is the set's own), and the "
+        f"{_label(a, metric)} of the lowest-energy one (energy), of a random one (random: the mean over the N) "
+        f"and of the best one (oracle); {_direction(a, metric)}. FLOPs per answer count the N samples and "
+        "their scoring. Mean over the finished seeds.", "",
+    ]  # fmt: skip
+    header = ["group", "N", "energy pick", "random pick", "oracle", "FLOPs per answer"]
+    for set_name in a.scoring.sets:
+        for basis in BASES:
+            rows = []
+            for group, cells in land.best_of.items():
+                for n, picks in cells.get(set_name, {}).get(basis, {}).items():
+                    flops = next((p[0] for c in land.curves if c.group == group and c.set == set_name
+                                  and c.kind == "best-of-N" for p in c.points if p[2] == f"N={n}"), math.nan)  # fmt: skip
+                    rows.append([group, n, pm(picks["energy"]), pm(picks["random"]), pm(picks["oracle"]), fmt(flops)])
+            lines += [f"*{_label(a, metric)} {set_words(set_name)}, {BASES[basis]}*", "", *_table(header, rows)]
+    for group in land.best_of:
+        words = "; ".join(f"{BASES[b]}: {_landscape_verdicts(a, 'best_of', group, b)}" for b in BASES)
+        lines.append(f"- {group}, energy pick against a random pick: {words}.")
+    return lines + ["", "The plot error_vs_answer_flops.png sets best-of-N against more inner steps at equal "
+                    "FLOPs per answer.", ""]
+
+
 def _problems_section(a: StudyAnalysis) -> list[str]:
     lines = ["## Failed, missing and damaged runs", ""]
     if not a.problems:
@@ -557,11 +632,12 @@ def write_report(
         "comparisons": [_comparison_json(c) for c in a.comparisons],
         "budgets": [{"axis": t.axis, "budget": t.budget, "rows": [dataclasses.asdict(r) for r in t.rows],
                      "comparisons": [_comparison_json(c) for c in t.comparisons]} for t in a.budgets],
+        "landscape": dataclasses.asdict(a.landscape),
         "rows": rows,
     }))  # fmt: skip
     sections = [
         _header(title, description, a), _verdict_section(a), _yardsticks_section(a), _groups_section(a),
         _comparisons_section(a), _equal_compute_section(a), _diagnostics_section(a), _test_time_section(a),
-        _problems_section(a), _plots_section(plots),
+        _landscape_section(a), _problems_section(a), _plots_section(plots),
     ]  # fmt: skip
     atomic_write_text(out_dir / "report.md", "\n".join(line for section in sections for line in section))

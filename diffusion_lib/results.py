@@ -18,13 +18,15 @@ from .config import ConfigError, RunConfig, config_differences, config_from_file
 from .files import append_line, atomic_write_json, atomic_write_text, make_folder, remove_temp_files, writing
 from .locks import FolderBusy, FolderLock
 from .provenance import code_comment
+from .samplers import sampler_label
 from .text import slug
 
 # keys a resumed run may change: where it runs, where it writes, and how long it trains
 RESUMABLE_CHANGES = ("device", "results_dir", "train.steps")
 # what scoring a saved model (--evaluate) may change besides: how it samples and on how many problems
 SAMPLING_KEYS = ("diffusion.inference_steps", "diffusion.inference_step_scale", "diffusion.inference_step_schedule",
-                 "diffusion.answer", "eval.num_samples", "eval.inference_steps_sweep")
+                 "diffusion.answer", "diffusion.sampler", "eval.num_samples", "eval.inference_steps_sweep",
+                 "eval.best_of", "eval.ranking_scales", "eval.ranking_levels", "eval.samplers")
 EVALUATION_CHANGES = (*RESUMABLE_CHANGES, *SAMPLING_KEYS, "eval.every", "eval.batch_size")
 
 
@@ -35,6 +37,13 @@ def sampling_settings(config: RunConfig) -> dict[str, Any]:
     """The settings an evaluation samples with (recorded with its result)."""
     flat = flatten(config.to_dict())
     return {key: flat[key] for key in SAMPLING_KEYS}
+
+
+def _setting_text(value: Any) -> str:
+    """A sampling setting in a file name: a list joined by '-', a sampler by its label."""
+    if isinstance(value, dict):
+        return sampler_label(value)
+    return "-".join(map(_setting_text, value)) if isinstance(value, list) else str(value)
 
 
 class RunLocked(FolderBusy):
@@ -96,7 +105,7 @@ class RunDir:
         file name (a long sweep) are named by their digest instead; the file records them in full."""
         saved = self.saved_config()
         trained = sampling_settings(saved) if saved is not None else {}
-        changed = "__".join(f"{key.rsplit('.', 1)[1]}={slug('-'.join(map(str, value)) if isinstance(value, list) else value)}"
+        changed = "__".join(f"{key.rsplit('.', 1)[1]}={slug(_setting_text(value))}"
                             for key, value in sampling_settings(config).items() if trained.get(key) != value)
         if len(changed) > MAX_EVALUATION_NAME:
             changed = "settings-" + hashlib.sha256(changed.encode()).hexdigest()[:16]

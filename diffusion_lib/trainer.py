@@ -13,10 +13,11 @@ import math
 import os
 import sys
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -27,10 +28,12 @@ from .checkpoint import load_pack, save_pack
 from .config import PER_RUN_KEYS, ConfigError, RunConfig, config_differences
 from .diffusion import Draws, GaussianDiffusion1D
 from .ema import make_ema, restore_ema_step
+from .landscape import best_of_flops, best_of_n, fixed_noise, rank_true_answers, verifier_flops
 from .locks import FolderLock
 from .malloc import keep_freed_memory
 from .provenance import code_version
 from .results import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir, TrainingInterrupted
+from .samplers import sampler_label, sampling_flops
 from .seeds import mix_seed
 from .stopping import Divergence, ScoringInterrupted, StopRequest
 from .tasks import HeldOutSet, Task
@@ -41,6 +44,7 @@ LOGGED = ("loss", "loss_denoise", "loss_energy", "energy_pos", "energy_neg",
           "accept_rate", "accept_rate_steps", "energy_decrease", "move_rms")
 # model.dtype -> the dtype of weights and data (bfloat16 is mixed precision: float32 weights, bf16 autocast)
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
+FLOP_PROBLEMS = 64  # problems a sampling pass's FLOPs per answer are counted on
 
 
 @lru_cache(maxsize=None)
@@ -416,55 +420,208 @@ class Trainer1D:
             if run.tracker is not None:
                 run.tracker.log(record)
 
-    # -- validation ----------------------------------------------------------------------------------
+    # -- validation ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, diffusion: GaussianDiffusion1D | None = None, inner_steps: int | None = None) -> list[dict[str, float]]:
-        """Per run, '<metric>_<set>' of `diffusion` (default: the EMA model): each metric's mean over the
-        problems of each held-out set (each process scores its slice; the sums are reduced)."""
+    def evaluate(self, diffusion: GaussianDiffusion1D | None = None, inner_steps: int | None = None,
+                 sampler: Mapping[str, Any] | None = None) -> list[dict[str, float]]:
+        """Per run, '<metric>_<set>' of `diffusion` (default: the EMA model) sampling with `sampler` (default:
+        its own): each metric's mean over the problems of each held-out set (each process scores its slice;
+        the sums are reduced)."""
         diffusion = diffusion or self.ema.ema_model
-        results: list[dict[str, float]] = [{} for _ in self.runs]
+        means = self._set_means(lambda name, data: self._score_sums(diffusion, name, data, inner_steps, sampler))
+        return [{f"{metric}_{name}": value for name, values in run.items() for metric, value in values.items()}
+                for run in means]
+
+    def _set_means(self, sums_of: Callable[[str, HeldOutSet], dict[str, torch.Tensor]]) -> list[dict[str, dict[str, Any]]]:
+        """Per run and held-out set name, key -> the mean over the set's problems of what `sums_of(name, slice)`
+        sums over this process's slice (key -> [P, ...]); the sums are reduced across processes."""
+        results: list[dict[str, dict[str, Any]]] = [{} for _ in self.runs]
         for name, data in self.local_held_out.items():
             count = self.held_out[name].y.shape[0]
-            for metric, total in self._score_sums(diffusion, data, inner_steps).items():
-                reduced = self.accelerator.reduce(total, reduction="sum").tolist()
+            for key, total in sums_of(name, data).items():
+                reduced = (self.accelerator.reduce(total, reduction="sum") / count).tolist()
                 for result, value in zip(results, reduced):
-                    result[f"{metric}_{name}"] = value / count
+                    result.setdefault(name, {})[key] = value
             if self.scoring_bar is not None:
                 self.scoring_bar.update(1)
         return results
 
-    def _score_sums(self, diffusion: GaussianDiffusion1D, data: HeldOutSet, inner_steps: int | None) -> dict[str, torch.Tensor]:
-        """Per metric, each run's sum [P] over this process's problems of the task's per-problem score."""
+    def _chunks(self, data: HeldOutSet) -> Iterator[tuple[int, HeldOutSet]]:
         chunk = self.config.eval.batch_size
-        sums: dict[str, torch.Tensor] = {}
         for start in range(0, data.x.shape[0], chunk):
-            part = data.select(slice(start, start + chunk))
-            given = None if part.mask is None else (part.mask, part.y.to(self.dtype))
-            with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                answer = diffusion.sample(part.x.to(self.dtype), noise=part.noise, inner_steps=inner_steps, given=given)
+            yield start, data.select(slice(start, start + chunk))
+
+    def _given(self, part: HeldOutSet) -> Any:
+        return None if part.mask is None else (part.mask, part.y.to(self.dtype))
+
+    def _generator(self, name: str, start: int) -> torch.Generator:
+        """A noisy sampler's numbers for the chunk of held-out set `name` at `start`: fixed by the set, the
+        process and the chunk, so scoring is reproducible and every strategy and seed draws the same."""
+        seed = mix_seed(zlib.crc32(name.encode()), self.accelerator.process_index, start)
+        return torch.Generator(device=self.accelerator.device).manual_seed(seed)
+
+    def _sample(self, diffusion: GaussianDiffusion1D, name: str, start: int, part: HeldOutSet,
+                inner_steps: int | None = None, sampler: Mapping[str, Any] | None = None) -> torch.Tensor:
+        with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return diffusion.sample_with_stats(part.x.to(self.dtype), noise=part.noise, inner_steps=inner_steps,
+                                               generator=self._generator(name, start), given=self._given(part),
+                                               sampler=sampler).answer
+
+    def _score_sums(self, diffusion: GaussianDiffusion1D, name: str, data: HeldOutSet, inner_steps: int | None,
+                    sampler: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """Per metric, each run's sum [P] over this process's problems of the task's per-problem score."""
+        sums: dict[str, torch.Tensor] = {}
+        for start, part in self._chunks(data):
+            answer = self._sample(diffusion, name, start, part, inner_steps, sampler)
             for metric, values in self.task.score(answer, part).items():
                 total = values.to(self._sum_dtype).sum(dim=-1)
                 sums[metric] = sums[metric] + total if metric in sums else total
         return sums
 
+    @torch.no_grad()
     def _score_models(self, sweep: bool) -> list[dict[str, Any]]:
-        """Per run: held-out MSE of the EMA and the raw model, and (if `sweep`) of the EMA model per inference
-        inner-step count."""
-        ema, raw = self.evaluate(), self.evaluate(self.accelerator.unwrap_model(self.model))
-        scores = [{**e, **{f"{k}_raw": v for k, v in r.items()}} for e, r in zip(ema, raw)]
-        if sweep:
-            for steps in self.config.eval.inference_steps_sweep:
-                for score, result in zip(scores, self.evaluate(inner_steps=steps)):
-                    score.setdefault("inference_steps_sweep", {})[str(steps)] = result
-            for score in scores:
-                score.setdefault("inference_steps_sweep", {})
+        """Per run: held-out metrics of the EMA and the raw model; at the end (`sweep`) also, per sampler
+        (the configured one at the top level, eval.samplers under "samplers"), the inference inner-step sweep
+        and best-of-N, with FLOPs per answer, and the ranking of true answers (eval.ranking_scales)."""
+        if not sweep:
+            return self._model_scores(None)
+        scores = self._sampler_scores(None)
+        if self.config.eval.ranking_scales:
+            for score, ranking in zip(scores, self._rankings()):
+                score.update(ranking)
+        for config in self.config.eval.samplers:
+            for score, other in zip(scores, self._sampler_scores(config)):
+                score.setdefault("samplers", {})[sampler_label(config)] = other
         return scores
+
+    def _model_scores(self, sampler: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+        ema, raw = self.evaluate(sampler=sampler), self.evaluate(self.accelerator.unwrap_model(self.model), sampler=sampler)
+        return [{**e, **{f"{k}_raw": v for k, v in r.items()}} for e, r in zip(ema, raw)]
+
+    def _sampler_scores(self, sampler: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+        """What scoring with `sampler` (None: the configured one) gives, per run: see _score_models."""
+        scores = self._model_scores(sampler)
+        steps = self.config.eval.inference_steps_sweep
+        for score in scores:
+            score["inference_steps_sweep"] = {}
+        for n in steps:
+            for score, result in zip(scores, self.evaluate(inner_steps=n, sampler=sampler)):
+                score["inference_steps_sweep"][str(n)] = result
+        flops = self._sampling_flops(sampler, [self.diffusion.inference_steps, *steps])
+        config = sampler or self.diffusion.sampler_config
+        for score in scores:
+            score.update(sampler=config, sampler_flops_per_answer=flops[0],
+                         inference_steps_sweep_flops=dict(zip(map(str, steps), flops[1:])))
+        if self.config.eval.best_of:
+            models = {"": self.ema.ema_model, "_raw": self.accelerator.unwrap_model(self.model)}
+            for suffix, diffusion in models.items():
+                for score, best in zip(scores, self._best_of(diffusion, sampler, flops[0])):
+                    score.update({f"best_of_{name}{suffix}": table for name, table in best.items()})
+        return scores
+
+    # -- the energy landscape (landscape.py), final scoring only -----------------------------------------
+    def _sampling_flops(self, sampler: Mapping[str, Any] | None, inner_steps: Sequence[int]) -> list[float]:
+        """Matmul FLOPs per answer of one sampling pass with each inner-step count, counted on (at most)
+        FLOP_PROBLEMS problems of the first held-out set (the count grows with the problems, plus a per-batch
+        term for the time embedding that this many problems make small)."""
+        diffusion = self.ema.ema_model
+        name, data = next(iter(self.local_held_out.items()))
+        part = data.select(slice(0, FLOP_PROBLEMS))
+        x, noise = diffusion._packed(part.x.to(self.dtype)), diffusion._packed(part.noise)
+        return [sampling_flops(diffusion, x, noise, n, diffusion.inference_step_scale, self._given(part),
+                               self._generator(name, 0), sampler) for n in inner_steps]
+
+    def _extra_noise(self, name: str, count: int, salt: int) -> torch.Tensor:
+        """[count, this process's problems, D] standard normals fixed by the held-out set (every strategy,
+        seed and process count sees the same per problem)."""
+        full = self.held_out[name].y
+        noise = fixed_noise(count, full.shape[0], full.shape[1], mix_seed(zlib.crc32(name.encode()), salt))
+        acc = self.accelerator
+        return torch.tensor_split(noise, acc.num_processes, dim=1)[acc.process_index].to(acc.device)
+
+    def _rankings(self) -> list[dict[str, Any]]:
+        """Per run, "ranking_<set>" (EMA) and "ranking_<set>_raw": {distance: {level: fraction ranked right}}."""
+        scales, levels = self.config.eval.ranking_scales, self.config.eval.ranking_levels
+        levels = levels or list(range(self.diffusion.num_timesteps))
+        distances = [f"sigma_{sigma:g}" for sigma in scales] + ["samples"]
+        results: list[dict[str, Any]] = [{} for _ in self.runs]
+        for suffix, diffusion in (("", self.ema.ema_model), ("_raw", self.accelerator.unwrap_model(self.model))):
+            means = self._set_means(lambda name, data: self._ranking_sums(diffusion, name, data, levels))
+            for result, run in zip(results, means):
+                for name, values in run.items():
+                    result[f"ranking_{name}{suffix}"] = {
+                        d: {str(t): v for t, v in zip(levels, row)} for d, row in zip(distances, values["correct"])
+                    }
+        return results
+
+    def _ranking_sums(self, diffusion: GaussianDiffusion1D, name: str, data: HeldOutSet, levels: list[int]) -> dict[str, torch.Tensor]:
+        """{"correct": [P, distances, levels]}: pairs ranked right, summed over this process's problems; the
+        candidates are the true answer plus sigma * noise per scale, and the model's own samples."""
+        scales = self.config.eval.ranking_scales
+        directions = self._extra_noise(name, len(scales), salt=1)
+        # a 'scaled' answer is sqrt(abar_0) x0: rank the x0 it stands for
+        unscale = diffusion.sqrt_alphas_cumprod[0] if diffusion.answer == "scaled" else 1.0
+        total = None
+        for start, part in self._chunks(data):
+            samples = self._sample(diffusion, name, start, part) / unscale
+            with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                ranking = rank_true_answers(diffusion, part.x.to(self.dtype), part.y.to(self.dtype), scales,
+                                            directions[:, start:start + part.x.shape[0]], candidates={"samples": samples},
+                                            levels=levels, given=self._given(part))
+            sums = ranking.correct.to(self._sum_dtype).sum(dim=-1)
+            total = sums if total is None else total + sums
+        return {"correct": total}
+
+    def _best_of(self, diffusion: GaussianDiffusion1D, sampler: Mapping[str, Any] | None,
+                 sample_flops: float) -> list[dict[str, Any]]:
+        """Per run and held-out set: {"<n>": {"<metric>": {"energy", "random", "oracle"}, "flops_per_answer"}}."""
+        ns = sorted(set(self.config.eval.best_of))
+        means = self._set_means(lambda name, data: self._best_of_sums(diffusion, name, data, ns, sampler))
+        name, data = next(iter(self.local_held_out.items()))
+        x = diffusion._packed(data.x[:FLOP_PROBLEMS].to(self.dtype))
+        flops = {n: best_of_flops(n, sample_flops, verifier_flops(diffusion, x, n)) for n in ns}
+        results = []
+        for run in means:
+            tables = {}
+            for set_name, values in run.items():
+                table: dict[str, Any] = {str(n): {"flops_per_answer": flops[n]} for n in ns}
+                for key, value in values.items():
+                    n, metric, pick = key.split("/")
+                    table[n].setdefault(metric, {})[pick] = value
+                tables[set_name] = table
+            results.append(tables)
+        return results
+
+    def _best_of_sums(self, diffusion: GaussianDiffusion1D, name: str, data: HeldOutSet, ns: list[int],
+                      sampler: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+        """'<n>/<metric>/<pick>' -> [P] sums over this process's problems; candidate 0 is the set's own start
+        noise and generator, so n = 1 is plain scoring."""
+        extra = self._extra_noise(name, max(ns) - 1, salt=2)
+        directions = {m.name: m.higher_is_better for m in self.task.metrics}
+        sums: dict[str, torch.Tensor] = {}
+        for start, part in self._chunks(data):
+            noises = torch.cat([part.noise[None], extra[:, start:start + part.x.shape[0]]])
+            with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                results = best_of_n(diffusion, part.x.to(self.dtype), noises, lambda a: self.task.score(a, part),
+                                    directions, ns, given=self._given(part), generator=self._generator(name, start),
+                                    sampler=sampler)
+            for result in results:
+                for pick, values in (("energy", result.energy_pick), ("random", result.random_pick), ("oracle", result.oracle)):
+                    for metric, v in values.items():
+                        key, total = f"{result.n}/{metric}/{pick}", v.to(self._sum_dtype).sum(dim=-1)
+                        sums[key] = sums[key] + total if key in sums else total
+        return sums
+
+    def _scoring_passes(self) -> int:
+        """Held-out set passes of the final scoring (for its progress bar)."""
+        ev = self.config.eval
+        per_sampler = 2 + len(ev.inference_steps_sweep) + (2 if ev.best_of else 0)
+        return len(self.held_out) * (per_sampler * (1 + len(ev.samplers)) + (2 if ev.ranking_scales else 0))
 
     def _finish(self) -> list[dict[str, Any]]:
         """Score the runs still going (EMA, raw, inference sweep), write their final.json; every run's result."""
         if self.runs:
-            passes = 2 * (2 + len(self.config.eval.inference_steps_sweep))
-            self.scoring_bar = tqdm(total=passes, desc=f"{self.label}: scoring", leave=False, disable=not self.main,
+            self.scoring_bar = tqdm(total=self._scoring_passes(), desc=f"{self.label}: scoring", leave=False, disable=not self.main,
                                     **_bar_rate())
             try:
                 scores = self._score_models(sweep=True)

@@ -19,7 +19,7 @@ from test_analysis import accuracy_study, lag_study, make_metrics, make_run
 PLOTS = ("val_mse_vs_step.png", "val_mse_vs_flops.png", "val_mse_vs_seconds.png", "final_mse.png",
          "training_curves.png", "mse_vs_inference_steps.png")  # fmt: skip
 SECTIONS = ("## Verdict", "## Yardsticks", "## Final results per group", "## Comparisons at the end of training",
-            "## Equal-compute view", "## Mining diagnostics", "## Test-time compute",
+            "## Equal-compute view", "## Mining diagnostics", "## Test-time compute", "## The energy landscape",
             "## Failed, missing and damaged runs", "## Plots")  # fmt: skip
 PRIMARY = {"compare": ["adversarial", "random"], "metric": "mse_id"}
 
@@ -239,3 +239,52 @@ def test_groups_level_with_a_yardstick_are_named(tmp_path):
     write_report(tmp_path, runs, title="Level")
     verdict = section((tmp_path / "report.md").read_text(), "## Verdict")
     assert "no group beats the coin (random, adversarial level with it)" in verdict
+
+
+def landscape_run(strategy, seed, ranking, energy, random_pick):
+    """A finished run with the landscape keys: ranking accuracy `ranking` at sigma_0.1 (0.5 at samples), and
+    best-of-4's energy and random picks (MSE), the same on both sets and models."""
+    run = make_run(f"{strategy}__seed{seed}", strategy, seed, 1.0)
+    table = {"sigma_0.1": {"0": ranking, "9": 0.5}, "samples": {"0": 0.5, "9": 0.5}}
+    best = {"1": {"mse": {"energy": random_pick, "random": random_pick, "oracle": random_pick}, "flops_per_answer": 1e6},
+            "4": {"mse": {"energy": energy, "random": random_pick, "oracle": energy / 2}, "flops_per_answer": 4.2e6}}
+    for name in ("id", "ood"):
+        for suffix in ("", "_raw"):
+            run.final[f"ranking_{name}{suffix}"] = table
+            run.final[f"best_of_{name}{suffix}"] = best
+    run.final["sampler_flops_per_answer"] = 1e6
+    run.final["inference_steps_sweep_flops"] = {"0": 2e5, "1": 4e5, "2": 6e5, "5": 1e6}
+    return run
+
+
+def test_the_landscape_section_says_per_arm_what_its_energy_does(tmp_path):
+    """adversarial ranks true answers at sigma 0.1 clearly above chance and its energy pick beats its random pick
+    on every seed; none is a blind verifier and picks no better than at random."""
+    runs = []
+    for seed, (jitter, gap) in enumerate(((0.0, 0.10), (0.01, 0.11), (0.02, 0.10))):
+        runs.append(landscape_run("none", seed, 0.5, 1.0 + jitter, 1.0 + jitter))
+        runs.append(landscape_run("adversarial", seed, 0.9 + jitter, 1.0 - gap, 1.0))
+    write_report(tmp_path, runs, title="Landscape")
+    report = (tmp_path / "report.md").read_text()
+    land = report[report.index("## The energy landscape\n"):report.index("## Failed, missing and damaged runs\n")]
+    assert "Holm-adjusted within a family of its own (24 tests)" in land  # 2 groups x 2 sets x 2 bases x (2 + 1)
+    assert "| adversarial | 0.91 ± 0.0248 | 0.5 ± 0 |" in land  # mean of 0.90, 0.91, 0.92; t(2) half width
+    assert "- adversarial, ranking accuracy against chance (0.5): EMA: better at sigma_0.1 (in-distribution, ood); " \
+           "no detectable difference elsewhere; raw: better at sigma_0.1" in land
+    assert "- none, ranking accuracy against chance (0.5): EMA: no detectable difference; raw: no detectable difference." in land
+    assert "| adversarial | 4 | 0.897 ± 0.0143 | 1 ± 0 | 0.448 ± 0.00717 | 4.2e6 |" in land
+    assert "- adversarial, energy pick against a random pick: EMA: better at N = 4 (in-distribution, ood)" in land
+    assert "- none, energy pick against a random pick: EMA: no detectable difference" in land
+    assert (tmp_path / "plots" / "error_vs_answer_flops.png").read_bytes().startswith(b"\x89PNG")
+    assert "(plots/error_vs_answer_flops.png)" in report
+    with open(tmp_path / "summary.csv", newline="") as handle:
+        row = next(csv.DictReader(handle))
+    assert row["ranking_id_sigma_0.1_t0"] == "0.5" and row["best_of_4_mse_id_energy_raw"] == "1.0"
+    assert row["best_of_4_flops_per_answer"] == "4200000.0" and row["sampler_flops_per_answer"] == "1000000.0"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["landscape"]["tests"]) == 24
+
+
+def test_a_study_without_landscape_keys_says_so(study):
+    _, _, report = study
+    assert "No run measured its energy landscape (eval.ranking_scales and eval.best_of were empty)." in report
