@@ -48,8 +48,8 @@ class SudokuProblems:
 
 
 # -- an exact solver (bitmask backtracking, fewest candidates first) -------------------------------------
-_PEERS = [sorted({int(c) for u in UNITS if cell in u for c in u} - {cell}) for cell in range(81)]
 _FULL = (1 << 9) - 1
+_UNIT_CELLS = [[int(c) for c in unit] for unit in UNITS]
 
 
 def solve(grid: list[int], cap: int = 2, rng: random.Random | None = None) -> tuple[int, list[int] | None]:
@@ -72,22 +72,27 @@ def solve(grid: list[int], cap: int = 2, rng: random.Random | None = None) -> tu
     index = [(int(_ROWS[c]), int(_COLS[c]), int(_BOXES[c])) for c in range(81)]
 
     def search() -> None:
-        best, best_free, best_count = -1, 0, 10
+        free, best, best_count = {}, -1, 10
         for cell in blanks:
-            if cells[cell]:
-                continue
-            r, c, b = index[cell]
-            free = _FULL & ~(rows[r] | cols[c] | boxes[b])
-            count = free.bit_count()
-            if count < best_count:
-                best, best_free, best_count = cell, free, count
-                if count <= 1:
-                    break
+            if not cells[cell]:
+                r, c, b = index[cell]
+                free[cell] = _FULL & ~(rows[r] | cols[c] | boxes[b])
+                count = free[cell].bit_count()
+                if count == 0:
+                    return  # a blank with no digit left: dead end
+                if count < best_count:
+                    best, best_count = cell, count
         if best < 0:  # no blank left: a solution
             state["count"] += 1
             state["first"] = state["first"] or list(cells)
             return
-        digits = [d for d in range(9) if best_free >> d & 1]
+        digits = [d for d in range(9) if free[best] >> d & 1]
+        if best_count > 1:
+            forced = _hidden_single(free, (rows, cols, boxes))
+            if forced is None:
+                return  # some unit has a digit with nowhere to go
+            if forced:
+                best, digits = forced
         if rng is not None:
             rng.shuffle(digits)
         r, c, b = index[best]
@@ -103,6 +108,28 @@ def solve(grid: list[int], cap: int = 2, rng: random.Random | None = None) -> tu
 
     search()
     return state["count"], state["first"]
+
+
+def _hidden_single(free: dict[int, int], used: tuple[list[int], ...]) -> tuple[int, list[int]] | tuple[()] | None:
+    """A (cell, [digit]) that is the only place for a digit in some unit; () if none; None on a dead end.
+
+    `free` maps each blank to its candidate bits; `used` holds the rows', columns' and boxes' digit bits.
+    Pruning dead ends here keeps the search's rare very long runs (seconds on sparse puzzles) away.
+    """
+    for unit, cells in enumerate(_UNIT_CELLS):
+        once = twice = 0
+        for cell in cells:
+            bits = free.get(cell, 0)
+            twice |= once & bits
+            once |= bits
+        if _FULL & ~used[unit // 9][unit % 9] & ~once:
+            return None
+        single = once & ~twice
+        if single:
+            bit = single & -single
+            cell = next(cell for cell in cells if free.get(cell, 0) & bit)
+            return cell, [bit.bit_length() - 1]
+    return ()
 
 
 @lru_cache(maxsize=4)
