@@ -50,6 +50,8 @@ class SudokuProblems:
 # -- an exact solver (bitmask backtracking, fewest candidates first) -------------------------------------
 _FULL = (1 << 9) - 1
 _UNIT_CELLS = [[int(c) for c in unit] for unit in UNITS]
+_PEERS = [sorted({c for unit in _UNIT_CELLS if cell in unit for c in unit} - {cell}) for cell in range(81)]
+_PLACES = [(cell // 9, cell % 9, (cell // 27) * 3 + (cell % 9) // 3) for cell in range(81)]  # (row, col, box)
 
 
 def solve(grid: list[int], cap: int = 2, rng: random.Random | None = None) -> tuple[int, list[int] | None]:
@@ -63,19 +65,18 @@ def solve(grid: list[int], cap: int = 2, rng: random.Random | None = None) -> tu
     for cell, digit in enumerate(cells):
         if digit:
             bit = 1 << (digit - 1)
-            r, c, b = int(_ROWS[cell]), int(_COLS[cell]), int(_BOXES[cell])
+            r, c, b = _PLACES[cell]
             if (rows[r] | cols[c] | boxes[b]) & bit:
                 return 0, None  # the givens already clash
             rows[r] |= bit; cols[c] |= bit; boxes[b] |= bit
     state = {"count": 0, "first": None}
     blanks = [cell for cell in range(81) if not cells[cell]]
-    index = [(int(_ROWS[c]), int(_COLS[c]), int(_BOXES[c])) for c in range(81)]
 
     def search() -> None:
         free, best, best_count = {}, -1, 10
         for cell in blanks:
             if not cells[cell]:
-                r, c, b = index[cell]
+                r, c, b = _PLACES[cell]
                 free[cell] = _FULL & ~(rows[r] | cols[c] | boxes[b])
                 count = free[cell].bit_count()
                 if count == 0:
@@ -95,7 +96,7 @@ def solve(grid: list[int], cap: int = 2, rng: random.Random | None = None) -> tu
                 best, digits = forced
         if rng is not None:
             rng.shuffle(digits)
-        r, c, b = index[best]
+        r, c, b = _PLACES[best]
         for d in digits:
             bit = 1 << d
             cells[best] = d + 1
@@ -189,15 +190,54 @@ def set_seed(givens: tuple[int, int]) -> int:
     return mix_seed(_NAME_SEED, givens[0], givens[1])
 
 
+def carve_unique(solution: list[int], target: int, rng: random.Random) -> list[bool]:
+    """Given cells [81]: blank cells in random order, each only if one solution remains, down to `target`.
+
+    Stops above `target` when no further cell can go (a minimal puzzle): sparse targets are then missed.
+    Costs an exact solve per tried cell whose peers do not force it, tens of milliseconds a puzzle.
+    """
+    grid = [d + 1 for d in solution]
+    order = list(range(81))
+    rng.shuffle(order)
+    count = 81
+    for cell in order:
+        if count <= target:
+            break
+        digit, grid[cell] = grid[cell], 0
+        # a blank whose peers leave it one digit is forced, so the puzzle keeps its one solution: no solve
+        forced = len({grid[peer] for peer in _PEERS[cell]} - {0}) == 8
+        if forced or solve(grid)[0] == 1:
+            count -= 1
+        else:
+            grid[cell] = digit
+    return [bool(d) for d in grid]
+
+
+def unique_puzzles(batch: int, givens: tuple[int, int], generator: torch.Generator) -> SudokuProblems:
+    """Like `sample_puzzles` but every puzzle has one solution: givens carved by `carve_unique` (CPU)."""
+    solutions = random_solutions(batch, generator).cpu()
+    targets = torch.randint(givens[0], givens[1] + 1, (batch,), generator=generator, device=generator.device)
+    rng = random.Random(int(torch.randint(2**62, (1,), generator=generator, device=generator.device)))
+    masks = [carve_unique(solutions[b].tolist(), int(targets[b]), rng) for b in range(batch)]
+    return encode(solutions, torch.tensor(masks, dtype=torch.bool))
+
+
 @lru_cache(maxsize=8)
-def _held_out_one(num_samples: int, givens: tuple[int, int]) -> SudokuProblems:
-    return sample_puzzles(num_samples, givens, torch.Generator().manual_seed(set_seed(givens)))
+def _held_out_one(num_samples: int, givens: tuple[int, int], unique: bool) -> SudokuProblems:
+    generator = torch.Generator().manual_seed(set_seed(givens))
+    make = unique_puzzles if unique else sample_puzzles
+    return make(num_samples, givens, generator)
 
 
 def held_out_puzzles(num_samples: int, givens: tuple[int, int] = ID_GIVENS,
-                     harder: tuple[int, int] = HARDER_GIVENS) -> dict[str, SudokuProblems]:
-    """The fixed held-out sets on the CPU: "id" and the harder "ood" (fewer givens)."""
-    return {"id": _held_out_one(num_samples, tuple(givens)), "ood": _held_out_one(num_samples, tuple(harder))}
+                     harder: tuple[int, int] = HARDER_GIVENS, unique: bool = False) -> dict[str, SudokuProblems]:
+    """The fixed held-out sets on the CPU: "id" and the harder "ood" (fewer givens).
+
+    unique=True carves the givens so that every puzzle has one solution (slower; sparse targets may be
+    missed: see `carve_unique`).
+    """
+    return {"id": _held_out_one(num_samples, tuple(givens), unique),
+            "ood": _held_out_one(num_samples, tuple(harder), unique)}
 
 
 def puzzle_grid(problems: SudokuProblems, index: int) -> list[int]:

@@ -95,6 +95,17 @@ def test_unique_fraction_counts_the_puzzles_with_one_solution(puzzles):
     assert S.unique_fraction(small) == expected
 
 
+def test_carved_puzzles_have_one_solution_and_keep_their_givens():
+    problems = S.unique_puzzles(6, (17, 30), torch.Generator().manual_seed(4))
+    counts = problems.givens.sum(-1)
+    assert counts.min() >= 17 and counts.max() <= 30
+    for b in range(6):
+        count, first = S.solve(S.puzzle_grid(problems, b))
+        assert count == 1 and [d - 1 for d in first] == problems.solutions[b].tolist()
+        assert grid_is_valid(problems.solutions[b].tolist())
+    assert S.unique_fraction(problems) == 1.0
+
+
 def test_sudoku_corruption_redraws_the_stated_fraction_of_blank_cells(puzzles):
     y = puzzles.y.repeat(20, 1)
     mask = puzzles.mask.repeat(20, 1)
