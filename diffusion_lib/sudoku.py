@@ -4,8 +4,9 @@ Solutions: a pool of grids filled by randomised backtracking (fixed by a seed of
 drawn grid then put through a random validity-preserving transformation in batched torch on the
 generator's device: digit relabelling, row permutations within bands, band permutations, the same for
 columns and stacks, and a transpose. Puzzles: a uniformly random number of givens in a range (in
-distribution 30-45, harder 17-28) at uniformly random cells. Givens are not removed with uniqueness in
-mind, so a puzzle may have several solutions; `solve` (exact, solution count capped at 2) says which.
+distribution 30-45, harder 17-28) at uniformly random cells, so a puzzle may have several solutions
+(`solve`, exact with the solution count capped at 2, says which); `unique_puzzles` instead carves the
+givens so that one solution remains (tens of milliseconds a puzzle on the CPU).
 
 Encoding, cell-major (entry = 9 * cell + digit, cell = 9 * row + col, digit 0..8 for 1..9):
   condition x [B, 729]: the givens one-hot in 0/1 (a blank cell is all zeros);
@@ -136,6 +137,7 @@ def _hidden_single(free: dict[int, int], used: tuple[list[int], ...]) -> tuple[i
 @lru_cache(maxsize=4)
 def solution_pool(size: int = POOL_SIZE) -> Tensor:
     """`size` random solution grids (randomised backtracking fills), digits 0..8 [size, 81], from a fixed seed."""
+    # the fills follow `solve`'s search order: a change to the solver changes every generated set
     rng = random.Random(mix_seed(_NAME_SEED, size, 1))
     grids = [solve([0] * 81, cap=1, rng=rng)[1] for _ in range(size)]
     return torch.tensor(grids, dtype=torch.long) - 1

@@ -250,6 +250,17 @@ def test_connectivity_metrics_and_yardsticks_on_a_hand_made_set():
 
 
 # -- energy models ---------------------------------------------------------------------------------------
+def assert_trains_through_its_gradient(model, cond, y):
+    """The denoiser is grad_y E, and the score loss is differentiated through it: both must be finite."""
+    y = y.clone().requires_grad_()
+    grad, = torch.autograd.grad(model.energy(cond, y).sum(), y, create_graph=True)
+    assert grad.shape == y.shape and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    grad.pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.embed_y.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("nodes", [12, 20])
 def test_the_graph_model_runs_unchanged_at_any_node_count(nodes):
     torch.manual_seed(0)
@@ -263,8 +274,7 @@ def test_the_graph_model_runs_unchanged_at_any_node_count(nodes):
     energies = model.energy(cond, stacked)
     assert energies.shape == (1, 3, 5, 1)
     assert torch.allclose(energies[:, 0], energy, rtol=1e-5) and torch.allclose(energies[:, 1], model.energy(cond, -y), rtol=1e-5)
-    grad, = torch.autograd.grad(model.energy(cond, y.requires_grad_()).sum(), y)
-    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert_trains_through_its_gradient(model, cond, y)
 
 
 def test_the_sudoku_model_gives_one_finite_energy_per_answer(puzzles):
@@ -276,5 +286,6 @@ def test_the_sudoku_model_gives_one_finite_energy_per_answer(puzzles):
     assert energy.shape == (1, 4, 1) and torch.isfinite(energy).all()
     energies = model.energy(cond, torch.stack([y, torch.zeros_like(y)], dim=1))
     assert energies.shape == (1, 2, 4, 1) and torch.allclose(energies[:, 0], energy, rtol=1e-5)
+    assert_trains_through_its_gradient(model, cond, y)
     with pytest.raises(ValueError, match="runs"):
         S.SudokuEnergyModel(runs=2)
