@@ -175,6 +175,43 @@ def test_sudoku_yardsticks_on_a_tiny_set_by_hand(puzzles):
     assert marks["random_fill"]["blank_accuracy"] == pytest.approx(expected)
 
 
+def singles_by_hand(grid: list[int]) -> list[int]:
+    """Naked and hidden singles to a fixed point, one placement at a time (digits 1..9, 0 = blank)."""
+    grid = list(grid)
+    units = [[9 * r + c for c in range(9)] for r in range(9)] + [[9 * r + c for r in range(9)] for c in range(9)]
+    units += [[9 * (br + r) + bc + c for r in range(3) for c in range(3)] for br in (0, 3, 6) for bc in (0, 3, 6)]
+    def candidates(cell):
+        peers = {p for u in units if cell in u for p in u}
+        return {d for d in range(1, 10)} - {grid[p] for p in peers}
+    progress = True
+    while progress:
+        progress = False
+        for cell in range(81):
+            if grid[cell] == 0 and len(candidates(cell)) == 1:
+                grid[cell], progress = candidates(cell).pop(), True
+        for unit in units:
+            for digit in set(range(1, 10)) - {grid[c] for c in unit}:
+                spots = [c for c in unit if grid[c] == 0 and digit in candidates(c)]
+                if len(spots) == 1:
+                    grid[spots[0]], progress = digit, True
+    return grid
+
+
+def test_propagation_places_what_naked_and_hidden_singles_place_by_hand():
+    problems = S.sample_puzzles(12, (24, 36), torch.Generator().manual_seed(11))
+    digits = S.propagate(problems)
+    for b in range(12):
+        assert [int(d) + 1 for d in digits[b]] == singles_by_hand(S.puzzle_grid(problems, b))
+
+
+def test_a_latin_square_that_breaks_the_boxes_is_no_board():
+    latin = torch.tensor([(r + c) % 9 for r in range(9) for c in range(9)]).unsqueeze(0)
+    assert not grid_is_valid(latin[0].tolist())
+    assert not S.board_valid(latin).item()
+    scores = S.grid_scores(latin, latin, torch.zeros(1, 81, dtype=torch.bool))
+    assert scores["board_accuracy"].item() == 0.0 and scores["blank_accuracy"].item() == 1.0
+
+
 def test_propagation_matches_the_generated_solution_wherever_it_decides():
     problems = S.sample_puzzles(64, (25, 40), torch.Generator().manual_seed(9))
     digits = S.propagate(problems)
