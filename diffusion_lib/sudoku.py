@@ -58,58 +58,79 @@ _PLACES = [(cell // 9, cell % 9, (cell // 27) * 3 + (cell % 9) // 3) for cell in
 def solve(grid: list[int], cap: int = 2, rng: random.Random | None = None) -> tuple[int, list[int] | None]:
     """(number of solutions, capped at `cap`; the first solution found) of a grid of digits 1..9, 0 = blank.
 
-    Depth-first search that always branches on the blank with the fewest candidates; with `rng` the
-    candidates are tried in random order (used to fill an empty grid at random).
+    Depth-first search that branches on a digit forced by a hidden single, else on the blank with the
+    fewest candidates; with `rng` the candidates are tried in random order (to fill a grid at random).
     """
-    cells = list(grid)
-    rows, cols, boxes = [0] * 9, [0] * 9, [0] * 9
-    for cell, digit in enumerate(cells):
-        if digit:
-            bit = 1 << (digit - 1)
-            r, c, b = _PLACES[cell]
-            if (rows[r] | cols[c] | boxes[b]) & bit:
-                return 0, None  # the givens already clash
-            rows[r] |= bit; cols[c] |= bit; boxes[b] |= bit
-    state = {"count": 0, "first": None}
-    blanks = [cell for cell in range(81) if not cells[cell]]
+    search = _Search(grid, cap, rng)
+    if not search.place_givens():
+        return 0, None  # the givens already clash
+    search.run()
+    return search.count, search.first
 
-    def search() -> None:
+
+class _Search:
+    """The solver's state: the grid and each row's, column's and box's digit bits."""
+
+    def __init__(self, grid: list[int], cap: int, rng: random.Random | None):
+        self.cells, self.cap, self.rng = list(grid), cap, rng
+        self.used = ([0] * 9, [0] * 9, [0] * 9)  # rows, columns, boxes
+        self.blanks = [cell for cell in range(81) if not grid[cell]]
+        self.count, self.first = 0, None
+
+    def place_givens(self) -> bool:
+        """Record the givens' digits; False if two of them clash."""
+        rows, cols, boxes = self.used
+        for cell, digit in enumerate(self.cells):
+            if digit:
+                bit, (r, c, b) = 1 << (digit - 1), _PLACES[cell]
+                if (rows[r] | cols[c] | boxes[b]) & bit:
+                    return False
+                rows[r] |= bit; cols[c] |= bit; boxes[b] |= bit
+        return True
+
+    def _branch(self) -> tuple[int, list[int]] | tuple[()] | None:
+        """(cell, digits to try); () when the grid is full; None at a dead end."""
+        rows, cols, boxes = self.used
         free, best, best_count = {}, -1, 10
-        for cell in blanks:
-            if not cells[cell]:
+        for cell in self.blanks:
+            if not self.cells[cell]:
                 r, c, b = _PLACES[cell]
                 free[cell] = _FULL & ~(rows[r] | cols[c] | boxes[b])
                 count = free[cell].bit_count()
                 if count == 0:
-                    return  # a blank with no digit left: dead end
+                    return None  # a blank with no digit left
                 if count < best_count:
                     best, best_count = cell, count
-        if best < 0:  # no blank left: a solution
-            state["count"] += 1
-            state["first"] = state["first"] or list(cells)
-            return
-        digits = [d for d in range(9) if free[best] >> d & 1]
+        if best < 0:
+            return ()
         if best_count > 1:
-            forced = _hidden_single(free, (rows, cols, boxes))
-            if forced is None:
-                return  # some unit has a digit with nowhere to go
-            if forced:
-                best, digits = forced
-        if rng is not None:
-            rng.shuffle(digits)
-        r, c, b = _PLACES[best]
+            forced = _hidden_single(free, self.used)
+            if forced != ():
+                return forced  # None: some unit has a digit with nowhere to go
+        return best, [d for d in range(9) if free[best] >> d & 1]
+
+    def run(self) -> None:
+        branch = self._branch()
+        if branch == ():  # no blank left: a solution
+            self.count += 1
+            self.first = self.first or list(self.cells)
+            return
+        if branch is None:
+            return
+        cell, digits = branch
+        if self.rng is not None:
+            self.rng.shuffle(digits)
+        rows, cols, boxes = self.used
+        r, c, b = _PLACES[cell]
         for d in digits:
             bit = 1 << d
-            cells[best] = d + 1
+            self.cells[cell] = d + 1
             rows[r] |= bit; cols[c] |= bit; boxes[b] |= bit
-            search()
+            self.run()
             rows[r] ^= bit; cols[c] ^= bit; boxes[b] ^= bit
-            cells[best] = 0
-            if state["count"] >= cap:
+            self.cells[cell] = 0
+            if self.count >= self.cap:
                 return
-
-    search()
-    return state["count"], state["first"]
 
 
 def _hidden_single(free: dict[int, int], used: tuple[list[int], ...]) -> tuple[int, list[int]] | tuple[()] | None:
