@@ -6,8 +6,8 @@ drawn in one batched torch call on the generator's device. The condition is the 
 included (a node reaches itself), as in the published code. Both are flattened row-major, n^2 entries.
 
 Held-out sets are fixed by seed: "id" at the training node count (12 by default) and harder sets of
-larger graphs at the same edge density ("ood15", "ood20"), which is why the energy model below has no
-weight whose shape depends on n. Answers are decoded by their sign.
+larger graphs ("ood15", "ood20") at the same edge probability or the same mean degree, which is why the
+energy model below has no weight whose shape depends on n. Answers are decoded by their sign.
 
 This module stands alone; the task registry wraps these functions (see CONTRACT.md, sections 3 and 5).
 """
@@ -82,10 +82,16 @@ def _held_out_one(num_samples: int, nodes: int, density: float) -> GraphProblems
 
 
 def held_out_graphs(num_samples: int, nodes: int = TRAIN_NODES, harder: tuple[int, ...] = HARDER_NODES,
-                    density: float = DENSITY) -> dict[str, GraphProblems]:
-    """The fixed held-out sets on the CPU: "id" at `nodes`, "ood<n>" for each harder node count."""
+                    density: float = DENSITY, keep_degree: bool = False) -> dict[str, GraphProblems]:
+    """The fixed held-out sets on the CPU: "id" at `nodes`, "ood<n>" for each harder node count.
+
+    The harder sets keep the edge probability (their graphs are denser in degree, and more of their pairs
+    are connected) or, with keep_degree, the mean degree: density (nodes - 1) / (n - 1).
+    """
     sets = {"id": _held_out_one(num_samples, nodes, density)}
-    sets.update({f"ood{n}": _held_out_one(num_samples, n, density) for n in harder})
+    for n in harder:
+        scaled = density * (nodes - 1) / (n - 1) if keep_degree else density
+        sets[f"ood{n}"] = _held_out_one(num_samples, n, scaled)
     return sets
 
 

@@ -251,6 +251,10 @@ def test_held_out_graph_sets_are_fixed_by_seed():
         assert first[name].x.shape == (16, nodes * nodes)
         assert torch.equal(first[name].x, second[name].x) and torch.equal(first[name].y, second[name].y)
     assert not torch.equal(C.held_out_graphs(16, density=0.2)["id"].x, first["id"].x)
+    kept = C.held_out_graphs(4000, harder=(20,), keep_degree=True)
+    degree = {name: (p.x > 0).float().sum(-1).mean().item() / p.nodes for name, p in kept.items()}
+    assert degree["ood20"] == pytest.approx(degree["id"], rel=0.03)
+    assert degree["id"] == pytest.approx(C.DENSITY * 11, rel=0.03)
 
 
 def test_connectivity_corruption_sets_the_stated_fraction_to_minus_one_only():
