@@ -156,10 +156,14 @@ def _hidden_single(free: dict[int, int], used: tuple[list[int], ...]) -> tuple[i
 
 
 @lru_cache(maxsize=4)
-def solution_pool(size: int = POOL_SIZE) -> Tensor:
-    """`size` random solution grids (randomised backtracking fills), digits 0..8 [size, 81], from a fixed seed."""
+def solution_pool(size: int = POOL_SIZE, held_out: bool = False) -> Tensor:
+    """`size` random solution grids (randomised backtracking fills), digits 0..8 [size, 81], from a fixed seed.
+
+    Training and the held-out sets draw from different pools, so no held-out solution is a transform
+    of a grid seen in training (short of a chance coincidence).
+    """
     # the fills follow `solve`'s search order: a change to the solver changes every generated set
-    rng = random.Random(mix_seed(_NAME_SEED, size, 1))
+    rng = random.Random(mix_seed(_NAME_SEED, size, 1, int(held_out)))
     grids = [solve([0] * 81, cap=1, rng=rng)[1] for _ in range(size)]
     return torch.tensor(grids, dtype=torch.long) - 1
 
@@ -204,9 +208,10 @@ def encode(solutions: Tensor, givens: Tensor) -> SudokuProblems:
     return SudokuProblems(x, (onehot * 2 - 1).flatten(1), mask, solutions, givens)
 
 
-def sample_puzzles(batch: int, givens: tuple[int, int], generator: torch.Generator) -> SudokuProblems:
-    """A batch of puzzles on the generator's device."""
-    return encode(random_solutions(batch, generator), random_givens(batch, givens, generator))
+def sample_puzzles(batch: int, givens: tuple[int, int], generator: torch.Generator,
+                   pool: Tensor | None = None) -> SudokuProblems:
+    """A batch of puzzles on the generator's device (solutions from `pool`, default the training pool)."""
+    return encode(random_solutions(batch, generator, pool), random_givens(batch, givens, generator))
 
 
 def set_seed(givens: tuple[int, int]) -> int:
@@ -236,9 +241,10 @@ def carve_unique(solution: list[int], target: int, rng: random.Random) -> list[b
     return [bool(d) for d in grid]
 
 
-def unique_puzzles(batch: int, givens: tuple[int, int], generator: torch.Generator) -> SudokuProblems:
+def unique_puzzles(batch: int, givens: tuple[int, int], generator: torch.Generator,
+                   pool: Tensor | None = None) -> SudokuProblems:
     """Like `sample_puzzles` but every puzzle has one solution: givens carved by `carve_unique` (CPU)."""
-    solutions = random_solutions(batch, generator).cpu()
+    solutions = random_solutions(batch, generator, pool).cpu()
     targets = torch.randint(givens[0], givens[1] + 1, (batch,), generator=generator, device=generator.device)
     rng = random.Random(int(torch.randint(2**62, (1,), generator=generator, device=generator.device)))
     masks = [carve_unique(solutions[b].tolist(), int(targets[b]), rng) for b in range(batch)]
@@ -249,7 +255,7 @@ def unique_puzzles(batch: int, givens: tuple[int, int], generator: torch.Generat
 def _held_out_one(num_samples: int, givens: tuple[int, int], unique: bool) -> SudokuProblems:
     generator = torch.Generator().manual_seed(set_seed(givens))
     make = unique_puzzles if unique else sample_puzzles
-    return make(num_samples, givens, generator)
+    return make(num_samples, givens, generator, solution_pool(POOL_SIZE, held_out=True))
 
 
 def held_out_puzzles(num_samples: int, givens: tuple[int, int] = ID_GIVENS,

@@ -63,6 +63,10 @@ def test_held_out_sudoku_sets_are_fixed_by_seed_and_in_their_ranges():
     for name in ("id", "ood"):
         assert torch.equal(first[name].x, second[name].x) and torch.equal(first[name].y, second[name].y)
     assert not torch.equal(first["id"].solutions, first["ood"].solutions)
+    # the held-out grids come from a pool of their own: the two pools share no grid
+    training = {tuple(g) for g in S.solution_pool().tolist()}
+    held_out = S.solution_pool(held_out=True).tolist()
+    assert len(held_out) == S.POOL_SIZE and not training & {tuple(g) for g in held_out}
     for name, (lo, hi) in (("id", S.ID_GIVENS), ("ood", S.HARDER_GIVENS)):
         counts = first[name].givens.sum(-1)
         assert counts.min() >= lo and counts.max() <= hi
