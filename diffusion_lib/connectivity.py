@@ -9,7 +9,8 @@ Held-out sets are fixed by seed: "id" at the training node count (12 by default)
 larger graphs ("ood15", "ood20") at the same edge probability or the same mean degree, which is why the
 energy model below has no weight whose shape depends on n. Answers are decoded by their sign.
 
-This module stands alone; the task registry wraps these functions (see CONTRACT.md, sections 3 and 5).
+The task (`task.dataset: connectivity`) and its energy model (`model.name: graph`) are registered at
+the end of this module.
 """
 from __future__ import annotations
 
@@ -18,12 +19,16 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models import SinusoidalPosEmb
-from .utils import mix_seed
+from .models import Condition, EnergyModel, SinusoidalPosEmb, register_model
+from .registry import Option, int_in
+from .seeds import mix_seed
+from .tasks import Batch, HeldOutSet, Metric, Task, register_task
 
 TRAIN_NODES = 12
 HARDER_NODES = (15, 20)
@@ -96,16 +101,15 @@ def held_out_graphs(num_samples: int, nodes: int = TRAIN_NODES, harder: tuple[in
 
 
 # -- negatives -------------------------------------------------------------------------------------------
-def corrupt_reachability(y: Tensor, fraction: float, generator: torch.Generator | None = None) -> Tensor:
+def corrupt_reachability(y: Tensor, fraction: float, uniform: Tensor) -> Tensor:
     """The 'random' negatives: each entry set to -1 with probability `fraction`, independently.
 
-    As in the published code, whose replacement draw randint(0, 1) can only give 0 (i.e. -1): entries
-    only ever flip from +1 to -1, so the share of entries that change is `fraction` times the share of
-    +1 entries, and no unreachable pair is ever claimed reachable.
+    `uniform`: random numbers in [0, 1) of y's shape (the run's own draws); an entry is hit where its
+    number is below `fraction`. As in the published code, whose replacement draw randint(0, 1) can only
+    give 0 (i.e. -1): entries only ever flip from +1 to -1, so the share of entries that change is
+    `fraction` times the share of +1 entries, and no unreachable pair is ever claimed reachable.
     """
-    device = y.device if generator is None else generator.device
-    hit = torch.rand(y.shape, generator=generator, device=device) < fraction
-    return torch.where(hit.to(y.device), torch.full_like(y, -1.0), y)
+    return torch.where(uniform < fraction, torch.full_like(y, -1.0), y)
 
 
 # -- metrics and yardsticks ------------------------------------------------------------------------------
@@ -153,7 +157,7 @@ def connectivity_yardsticks(problems: GraphProblems, train_nodes: int = TRAIN_NO
 
 # -- energy model ----------------------------------------------------------------------------------------
 @dataclass
-class GraphCondition:
+class GraphCondition(Condition):
     pairs: Tensor  # the adjacency's pair embedding [P, B, n, n, H]
     film: Tensor  # per-layer FiLM (scale, shift) [P, B, L, 2H]
 
@@ -175,19 +179,25 @@ class TriangleBlock(nn.Module):
         return h + self.out(F.silu(z))
 
 
-class GraphEnergyModel(nn.Module):
+@register_model("graph", options={
+    "hidden_dim": int_in(1, 4096, 64),
+    "layers": int_in(1, 64, 3),
+    "time_dim": Option(int, 64, lambda v: 4 <= v <= 4096 and v % 2 == 0, "an even int in [4, 4096]"),
+})
+class GraphEnergyModel(EnergyModel):
     """E(x, y, t) = sum over pairs (i, j) of |W h_ij|^2, h from a few triangle blocks over the n x n pairs.
 
     Pair features: (a_ij, self-pair flag) from the condition, (y_ij, y_ji) from the answer. No weight
     depends on n, so a model trained on 12 nodes scores 20-node graphs unchanged. The energy sums over
-    pairs so that each entry's gradient (the denoiser) keeps its scale at any n. Weights are shared by
-    every leading index of x and y (one run: P = 1).
+    pairs so that each entry's gradient (the denoiser) keeps its scale at any n. One run at a time
+    (packs = False); grad_y E is autograd's.
     """
 
-    def __init__(self, hidden_dim: int = 64, layers: int = 3, time_dim: int = 64, runs: int = 1):
-        super().__init__()
-        if runs != 1:
-            raise ValueError(f"runs = {runs!r} is not supported by the graph model: it trains one run (runs = 1)")
+    def __init__(self, task: Any, runs: int = 1, hidden_dim: int = 64, layers: int = 3, time_dim: int = 64):
+        super().__init__(task, runs)
+        if math.isqrt(task.out_dim) ** 2 != task.out_dim or task.inp_dim != task.out_dim:
+            raise ValueError(f"model 'graph' needs n x n conditions and answers (task 'connectivity'), "
+                             f"got {task.inp_dim} inputs and {task.out_dim} outputs")
         self.hidden_dim, self.layers = hidden_dim, layers
         self.embed_x, self.embed_y = nn.Linear(2, hidden_dim), nn.Linear(2, hidden_dim)
         self.time_mlp = nn.Sequential(SinusoidalPosEmb(time_dim), nn.Linear(time_dim, time_dim), nn.GELU(),
@@ -206,11 +216,10 @@ class GraphEnergyModel(nn.Module):
         return GraphCondition(pairs, film)
 
     def energy(self, cond: GraphCondition, y: Tensor) -> Tensor:
-        """y [P, B, n^2] or [P, k, B, n^2] (k answers share a condition) -> energy [..., 1]."""
-        pairs, film = cond.pairs, cond.film
-        if y.dim() == 4:  # views over the k stacked answers, no copy
-            pairs = pairs.unsqueeze(1).expand(y.shape[0], y.shape[1], *pairs.shape[1:])
-            film = film.unsqueeze(1).expand(y.shape[0], y.shape[1], *film.shape[1:])
+        """y [P, B, n^2] or [P, k, B, n^2] (cond broadcast to it: k answers share a condition) -> [..., 1]."""
+        lead = y.shape[:-1]
+        pairs = cond.pairs.expand(*lead, *cond.pairs.shape[-3:])  # views over the k stacked answers, no copy
+        film = cond.film.expand(*lead, *cond.film.shape[-2:])
         n = math.isqrt(y.shape[-1])
         grid = y.reshape(-1, n, n)
         h = pairs.reshape(-1, n, n, self.hidden_dim) + self.embed_y(torch.stack([grid, grid.transpose(1, 2)], -1))
@@ -218,4 +227,67 @@ class GraphEnergyModel(nn.Module):
         for layer, block in enumerate(self.blocks):
             h = block(h, film[:, layer, 0], film[:, layer, 1])
         energy = self.readout(h).pow(2).sum(dim=(1, 2, 3))
-        return energy.view(*y.shape[:-1], 1)
+        return energy.view(*lead, 1)
+
+
+# -- the task ----------------------------------------------------------------------------------------------
+def _node_counts(value: list) -> bool:
+    return all(isinstance(n, int) and not isinstance(n, bool) and 2 <= n <= 64 for n in value) and len(set(value)) == len(value)
+
+
+@register_task
+class ConnectivityTask(Task):
+    """Reachability in random undirected graphs: x the adjacency, y the reachability matrix, both in +-1.
+
+    Sets: "id" at `nodes`, "ood<n>" for each of `harder` (larger graphs; their answers have n^2 entries,
+    so each set brings its own noise of its own shape). Metrics: graph accuracy (every entry right) and
+    entry accuracy, answers decoded by sign.
+    """
+
+    name = "connectivity"
+    options = {
+        "nodes": int_in(2, 64, TRAIN_NODES),
+        "density": Option(float, DENSITY, lambda v: 0 < v <= 1, "a float in (0, 1]"),
+        "harder": Option(list, list(HARDER_NODES), _node_counts, "a list of distinct ints in [2, 64]"),
+        "keep_degree": Option(bool, False, lambda v: True, "true or false"),
+    }
+    metrics = (Metric("graph_accuracy", True, "graph accuracy"), Metric("entry_accuracy", True, "entry accuracy"))
+    answer_bound = 1.0
+    defaults = {"mining.loss_scale": 0.05, "model.name": "graph"}
+    nodes: int
+    density: float
+    harder: list
+    keep_degree: bool
+
+    @property
+    def inp_dim(self) -> int:
+        return self.nodes * self.nodes
+
+    @property
+    def out_dim(self) -> int:
+        return self.nodes * self.nodes
+
+    def sample(self, batch: int, generator: torch.Generator) -> Batch:
+        problems = sample_graphs(batch, self.nodes, self.density, generator)
+        return Batch(problems.x, problems.y)
+
+    def held_out(self, num_samples: int) -> dict[str, HeldOutSet]:
+        sets = held_out_graphs(num_samples, self.nodes, tuple(self.harder), self.density, self.keep_degree)
+        return {name: HeldOutSet(p.x, p.y, _start_noise(p.y, p.nodes)) for name, p in sets.items()}
+
+    def score(self, answer: Tensor, data: HeldOutSet) -> dict[str, Tensor]:
+        return connectivity_scores(answer, data.y.to(answer.device))
+
+    def yardsticks(self, data: HeldOutSet) -> dict[str, dict[str, float]]:
+        problems = GraphProblems(data.x.cpu(), data.y.cpu(), math.isqrt(data.y.shape[-1]))
+        return connectivity_yardsticks(problems, self.nodes, self.density)
+
+    @staticmethod
+    def corrupt(y: Tensor, mask: Tensor | None, fraction: float, uniform: Tensor) -> Tensor:
+        return corrupt_reachability(y, fraction, uniform)
+
+
+def _start_noise(y: Tensor, nodes: int) -> Tensor:
+    """The sampler's fixed starting noise for a held-out set of y's shape (a seed of its own per node count)."""
+    generator = torch.Generator().manual_seed(mix_seed(_NAME_SEED, nodes, y.shape[0], 3))
+    return torch.randn(y.shape, generator=generator)

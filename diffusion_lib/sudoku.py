@@ -13,21 +13,30 @@ Encoding, cell-major (entry = 9 * cell + digit, cell = 9 * row + col, digit 0..8
   answer y [B, 729]: the solution one-hot in +-1; mask [B, 729] bool: True on the 9 entries of a given.
 Answers are decoded by the argmax over each cell's 9 entries.
 
-This module stands alone; the task registry wraps these functions (see CONTRACT.md, sections 3 and 5).
+The task (`task.dataset: sudoku`) and its energy model (`model.name: sudoku_net`) are registered at the
+end of this module. Carved (unique) held-out sets take minutes to make, so they are cached on disk
+(`cache_folder`, keyed by everything that fixes them); a missing or damaged cache file is made again.
 """
 from __future__ import annotations
 
+import io
+import os
 import random
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models import SinusoidalPosEmb
-from .utils import mix_seed
+from .files import atomic_write_bytes
+from .models import Condition, EnergyModel, SinusoidalPosEmb, register_model
+from .registry import Option, int_in
+from .seeds import mix_seed
+from .tasks import Batch, HeldOutSet, Metric, Task, register_task
 
 ID_GIVENS = (30, 45)
 HARDER_GIVENS = (17, 28)
@@ -251,11 +260,54 @@ def unique_puzzles(batch: int, givens: tuple[int, int], generator: torch.Generat
     return encode(solutions, torch.tensor(masks, dtype=torch.bool))
 
 
+# the version of the generated data: bump it when a change to the generator or solver changes the sets
+DATA_VERSION = 1
+
+
+def cache_folder() -> Path:
+    """Where carved held-out sets are kept: $IRED_CACHE, else ~/.cache/ired-diffusion (safe to delete)."""
+    return Path(os.environ.get("IRED_CACHE") or Path.home() / ".cache" / "ired-diffusion")
+
+
+def _cache_path(num_samples: int, givens: tuple[int, int]) -> Path:
+    name = f"sudoku_unique_v{DATA_VERSION}_n{num_samples}_givens{givens[0]}-{givens[1]}_pool{POOL_SIZE}_seed{set_seed(givens)}.pt"
+    return cache_folder() / name
+
+
+def _read_cached(path: Path, num_samples: int) -> SudokuProblems | None:
+    """The cached set, or None if the file is missing, unreadable or not a set of valid boards."""
+    try:
+        data = torch.load(path, weights_only=True)
+        solutions, givens = data["solutions"], data["givens"]
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError, ValueError):
+        return None
+    shapes_fit = solutions.shape == givens.shape == (num_samples, 81)
+    if not shapes_fit or solutions.dtype != torch.long or givens.dtype != torch.bool or not board_valid(solutions).all():
+        return None
+    return encode(solutions, givens)
+
+
+def _write_cached(path: Path, problems: SudokuProblems) -> None:
+    buffer = io.BytesIO()
+    torch.save({"solutions": problems.solutions, "givens": problems.givens}, buffer)
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError:  # a read-only home: the set is only made again next time
+        pass
+
+
 @lru_cache(maxsize=8)
 def _held_out_one(num_samples: int, givens: tuple[int, int], unique: bool) -> SudokuProblems:
+    if unique:
+        cached = _read_cached(_cache_path(num_samples, givens), num_samples)
+        if cached is not None:
+            return cached
     generator = torch.Generator().manual_seed(set_seed(givens))
     make = unique_puzzles if unique else sample_puzzles
-    return make(num_samples, givens, generator, solution_pool(POOL_SIZE, held_out=True))
+    problems = make(num_samples, givens, generator, solution_pool(POOL_SIZE, held_out=True))
+    if unique:
+        _write_cached(_cache_path(num_samples, givens), problems)
+    return problems
 
 
 def held_out_puzzles(num_samples: int, givens: tuple[int, int] = ID_GIVENS,
@@ -282,18 +334,20 @@ def unique_fraction(problems: SudokuProblems) -> float:
 
 
 # -- negatives -------------------------------------------------------------------------------------------
-def corrupt_grid(y: Tensor, mask: Tensor | None, fraction: float, generator: torch.Generator | None = None) -> Tensor:
+def corrupt_grid(y: Tensor, mask: Tensor | None, fraction: float, uniform: Tensor) -> Tensor:
     """The 'random' negatives: each blank cell re-draws a uniform digit with probability `fraction`.
 
+    `uniform`: random numbers in [0, 1) of y's shape [..., 729] (the run's own draws): a cell is hit
+    where its first entry's number is below `fraction`, and its new digit is floor(9 u) of its second.
     As in the published code (which re-draws every cell; the givens are held at their values anyway)
-    a re-draw may give the same digit back, so about 8/9 of the re-drawn cells change. y [..., 729].
+    a re-draw may give the same digit back, so about 8/9 of the re-drawn cells change.
     """
-    device = y.device if generator is None else generator.device
     cells = y.view(*y.shape[:-1], 81, 9)
-    hit = torch.rand(cells.shape[:-1], generator=generator, device=device).to(y.device) < fraction
+    draws = uniform.view(cells.shape)
+    hit = draws[..., 0] < fraction
     if mask is not None:
         hit &= ~mask.view(*mask.shape[:-1], 81, 9)[..., 0]
-    digits = torch.randint(9, cells.shape[:-1], generator=generator, device=device).to(y.device)
+    digits = (draws[..., 1] * 9).long().clamp(max=8)
     fresh = F.one_hot(digits, 9).to(y.dtype) * 2 - 1
     return torch.where(hit.unsqueeze(-1), fresh, cells).reshape(y.shape)
 
@@ -381,7 +435,7 @@ def sudoku_yardsticks(problems: SudokuProblems, with_solver: bool = True) -> dic
 
 # -- energy model ----------------------------------------------------------------------------------------
 @dataclass
-class SudokuCondition:
+class SudokuCondition(Condition):
     cells: Tensor  # the givens' cell embedding [P, B, 81, H]
     film: Tensor  # per-layer FiLM (scale, shift) [P, B, L, 2H]
 
@@ -405,19 +459,25 @@ class UnitBlock(nn.Module):
         return h + self.out(F.silu(z))
 
 
-class SudokuEnergyModel(nn.Module):
+@register_model("sudoku_net", options={
+    "hidden_dim": int_in(1, 4096, 128),
+    "layers": int_in(1, 64, 6),
+    "time_dim": Option(int, 64, lambda v: 4 <= v <= 4096 and v % 2 == 0, "an even int in [4, 4096]"),
+})
+class SudokuEnergyModel(EnergyModel):
     """E(x, y, t) = sum over cells of |W h_c|^2, h from residual blocks over the 81 cells.
 
     Each block is a per-cell (1 x 1) layer over the cell's features and the means over its row,
     column and box (the cells it must differ from), with time FiLM. Inputs per cell: the answer's 9
-    entries, the givens' 9 entries and a given flag. Weights are shared by every leading index of x
-    and y (one run: P = 1).
+    entries, the givens' 9 entries and a given flag. One run at a time (packs = False); grad_y E is
+    autograd's.
     """
 
-    def __init__(self, hidden_dim: int = 128, layers: int = 6, time_dim: int = 64, runs: int = 1):
-        super().__init__()
-        if runs != 1:
-            raise ValueError(f"runs = {runs!r} is not supported by the Sudoku model: it trains one run (runs = 1)")
+    def __init__(self, task: Any, runs: int = 1, hidden_dim: int = 128, layers: int = 6, time_dim: int = 64):
+        super().__init__(task, runs)
+        if (task.inp_dim, task.out_dim) != (729, 729):
+            raise ValueError(f"model 'sudoku_net' needs 9 x 9 x 9 conditions and answers (task 'sudoku'), "
+                             f"got {task.inp_dim} inputs and {task.out_dim} outputs")
         self.hidden_dim, self.layers = hidden_dim, layers
         self.embed_x, self.embed_y = nn.Linear(10, hidden_dim), nn.Linear(9, hidden_dim)
         self.time_mlp = nn.Sequential(SinusoidalPosEmb(time_dim), nn.Linear(time_dim, time_dim), nn.GELU(),
@@ -434,14 +494,77 @@ class SudokuEnergyModel(nn.Module):
         return SudokuCondition(cells, film)
 
     def energy(self, cond: SudokuCondition, y: Tensor) -> Tensor:
-        """y [P, B, 729] or [P, k, B, 729] (k answers share a condition) -> energy [..., 1]."""
-        cells, film = cond.cells, cond.film
-        if y.dim() == 4:  # views over the k stacked answers, no copy
-            cells = cells.unsqueeze(1).expand(y.shape[0], y.shape[1], *cells.shape[1:])
-            film = film.unsqueeze(1).expand(y.shape[0], y.shape[1], *film.shape[1:])
+        """y [P, B, 729] or [P, k, B, 729] (cond broadcast to it: k answers share a condition) -> [..., 1]."""
+        lead = y.shape[:-1]
+        cells = cond.cells.expand(*lead, *cond.cells.shape[-2:])  # views over the k stacked answers, no copy
+        film = cond.film.expand(*lead, *cond.film.shape[-2:])
         h = cells.reshape(-1, 81, self.hidden_dim) + self.embed_y(y.reshape(-1, 81, 9))
         film = film.reshape(-1, self.layers, 2, 1, self.hidden_dim)
         for layer, block in enumerate(self.blocks):
             h = block(h, film[:, layer, 0], film[:, layer, 1])
         energy = self.readout(h).pow(2).sum(dim=(1, 2))
-        return energy.view(*y.shape[:-1], 1)
+        return energy.view(*lead, 1)
+
+
+# -- the task ----------------------------------------------------------------------------------------------
+def _givens_range(value: list) -> bool:
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return len(value) == 2 and ints and 0 <= value[0] <= value[1] <= 81
+
+
+def _range_option(default: tuple[int, int]) -> Option:
+    return Option(list, list(default), _givens_range, "a list [low, high] of ints, 0 <= low <= high <= 81")
+
+
+def _problems(data: HeldOutSet) -> SudokuProblems:
+    """A held-out set as the module's problems (solutions decoded from y, given cells from the mask), on the CPU."""
+    y, mask = data.y.cpu(), data.mask.cpu()
+    return SudokuProblems(data.x.cpu(), y, mask, decode(y), mask.view(-1, 81, 9)[..., 0])
+
+
+@register_task
+class SudokuTask(Task):
+    """Fill a 9 x 9 grid from its givens: x the givens one-hot, y the solution one-hot in +-1, the givens'
+    entries held fixed (the mask). Training puzzles have a uniform number of givens in `givens` at random
+    cells; held-out "id" (`givens`) and "ood" (`harder`) puzzles are carved to a unique solution when
+    `unique` (so the carving's floor, ~22 givens, bounds how sparse "ood" gets; see README)."""
+
+    name = "sudoku"
+    options = {
+        "givens": _range_option(ID_GIVENS),
+        "harder": _range_option(HARDER_GIVENS),
+        "unique": Option(bool, True, lambda v: True, "true or false"),
+    }
+    metrics = (Metric("board_accuracy", True, "board accuracy"), Metric("blank_accuracy", True, "blank-cell accuracy"))
+    answer_bound = 1.0
+    defaults = {"mining.loss_scale": 0.05, "diffusion.inference_steps": 20, "model.name": "sudoku_net"}
+    inp_dim = 729
+    out_dim = 729
+    givens: list
+    harder: list
+    unique: bool
+
+    def sample(self, batch: int, generator: torch.Generator) -> Batch:
+        problems = sample_puzzles(batch, tuple(self.givens), generator)
+        return Batch(problems.x, problems.y, problems.mask)
+
+    def held_out(self, num_samples: int) -> dict[str, HeldOutSet]:
+        sets = held_out_puzzles(num_samples, tuple(self.givens), tuple(self.harder), self.unique)
+        return {name: HeldOutSet(p.x, p.y, _start_noise(p.y, role), p.mask) for role, (name, p) in enumerate(sets.items())}
+
+    def score(self, answer: Tensor, data: HeldOutSet) -> dict[str, Tensor]:
+        cells = data.mask.view(*data.mask.shape[:-1], 81, 9)[..., 0].to(answer.device)
+        return grid_scores(decode(answer), decode(data.y).to(answer.device), cells)
+
+    def yardsticks(self, data: HeldOutSet) -> dict[str, dict[str, float]]:
+        return sudoku_yardsticks(_problems(data))
+
+    @staticmethod
+    def corrupt(y: Tensor, mask: Tensor | None, fraction: float, uniform: Tensor) -> Tensor:
+        return corrupt_grid(y, mask, fraction, uniform)
+
+
+def _start_noise(y: Tensor, role: int) -> Tensor:
+    """The sampler's fixed starting noise for a held-out set (a seed of its own per set)."""
+    generator = torch.Generator().manual_seed(mix_seed(_NAME_SEED, y.shape[0], role, 3))
+    return torch.randn(y.shape, generator=generator)

@@ -290,3 +290,7 @@ class LowRankTask(MatrixTask):
         r = 0.1 * self._normal((batch_size, n, n), generator) + u @ v.transpose(-1, -2) / (5 if ood else 20)
         mask = (self._uniform((batch_size, n, n), 0.0, 1.0, generator) < 0.5).float()
         return rearrange(r * mask, "b i j -> b (i j)"), rearrange(r, "b i j -> b (i j)")
+
+
+# the discrete tasks (and their energy models) register themselves in their own modules
+from . import connectivity, sudoku  # noqa: E402,F401
