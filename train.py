@@ -62,6 +62,7 @@ def create_diffusion_model(config: RunConfig | Sequence[RunConfig], task: Task) 
         inference_step_schedule=settings.inference_step_schedule,
         answer=settings.answer,
         data_bound=task.answer_bound,
+        corrupt=task.corrupt,
     )
 
 
