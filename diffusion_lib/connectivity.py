@@ -245,6 +245,7 @@ class ConnectivityTask(Task):
     """
 
     name = "connectivity"
+    title = "graph connectivity"
     options = {
         "nodes": int_in(2, 64, TRAIN_NODES),
         "density": Option(float, DENSITY, lambda v: 0 < v <= 1, "a float in (0, 1]"),

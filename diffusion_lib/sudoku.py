@@ -530,6 +530,7 @@ class SudokuTask(Task):
     `unique` (so the carving's floor, ~22 givens, bounds how sparse "ood" gets; see README)."""
 
     name = "sudoku"
+    title = "Sudoku"
     options = {
         "givens": _range_option(ID_GIVENS),
         "harder": _range_option(HARDER_GIVENS),
