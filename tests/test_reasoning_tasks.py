@@ -7,6 +7,8 @@ import torch
 
 from diffusion_lib import connectivity as C
 from diffusion_lib import sudoku as S
+from diffusion_lib.models import build_model
+from diffusion_lib.tasks import make_task
 
 
 # -- independent checks ----------------------------------------------------------------------------------
@@ -114,7 +116,7 @@ def test_sudoku_corruption_redraws_the_stated_fraction_of_blank_cells(puzzles):
     y = puzzles.y.repeat(20, 1)
     mask = puzzles.mask.repeat(20, 1)
     fraction = 0.2
-    out = S.corrupt_grid(y, mask, fraction, torch.Generator().manual_seed(5))
+    out = S.corrupt_grid(y, mask, fraction, torch.rand(y.shape, generator=torch.Generator().manual_seed(5)))
     cells_in, cells_out = y.view(-1, 81, 9), out.view(-1, 81, 9)
     assert ((cells_out == 1).sum(-1) == 1).all()  # still one digit per cell, in +-1
     changed = (cells_in != cells_out).any(-1)
@@ -263,7 +265,7 @@ def test_held_out_graph_sets_are_fixed_by_seed():
 
 def test_connectivity_corruption_sets_the_stated_fraction_to_minus_one_only():
     y = C.sample_graphs(2000, 12, 0.12, torch.Generator().manual_seed(1)).y
-    out = C.corrupt_reachability(y, 0.1, torch.Generator().manual_seed(2))
+    out = C.corrupt_reachability(y, 0.1, torch.rand(y.shape, generator=torch.Generator().manual_seed(2)))
     assert torch.equal(out[y < 0], y[y < 0])  # one-way: an unreachable pair is never made reachable
     flipped = (out != y)[y > 0].float().mean().item()
     assert abs(flipped - 0.1) < 0.005
@@ -301,22 +303,23 @@ def assert_trains_through_its_gradient(model, cond, y):
     grad, = torch.autograd.grad(model.energy(cond, y).sum(), y, create_graph=True)
     assert grad.shape == y.shape and torch.isfinite(grad).all() and grad.abs().sum() > 0
     grad.pow(2).mean().backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-    assert model.embed_y.weight.grad.abs().sum() > 0
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+    assert grads["embed_y.parametrizations.weight.original"].abs().sum() > 0
 
 
 @pytest.mark.parametrize("nodes", [12, 20])
 def test_the_graph_model_runs_unchanged_at_any_node_count(nodes):
     torch.manual_seed(0)
-    model = C.GraphEnergyModel(hidden_dim=16, layers=2, time_dim=16)
+    # built for 12-node graphs (the task's training size), run at `nodes`
+    model = build_model({"name": "graph", "hidden_dim": 16, "layers": 2, "time_dim": 16}, make_task({"dataset": "connectivity"})).ebm
     problems = C.sample_graphs(5, nodes, 0.12, torch.Generator().manual_seed(0))
     x, y = problems.x.unsqueeze(0), problems.y.unsqueeze(0)
     cond = model.condition(x, torch.randint(10, (1, 5)), 10)
     energy = model.energy(cond, y)
     assert energy.shape == (1, 5, 1) and torch.isfinite(energy).all()
     stacked = torch.stack([y, -y, 0.3 * y], dim=1)  # [P, k, B, D]
-    energies = model.energy(cond, stacked)
+    energies = model.energy(cond.broadcast_to(stacked), stacked)
     assert energies.shape == (1, 3, 5, 1)
     assert torch.allclose(energies[:, 0], energy, rtol=1e-5) and torch.allclose(energies[:, 1], model.energy(cond, -y), rtol=1e-5)
     assert_trains_through_its_gradient(model, cond, y)
@@ -324,13 +327,16 @@ def test_the_graph_model_runs_unchanged_at_any_node_count(nodes):
 
 def test_the_sudoku_model_gives_one_finite_energy_per_answer(puzzles):
     torch.manual_seed(0)
-    model = S.SudokuEnergyModel(hidden_dim=16, layers=2, time_dim=16)
+    model = build_model({"name": "sudoku_net", "hidden_dim": 16, "layers": 2, "time_dim": 16}, make_task({"dataset": "sudoku"})).ebm
     x, y = puzzles.x[:4].unsqueeze(0), puzzles.y[:4].unsqueeze(0)
     cond = model.condition(x, torch.randint(10, (1, 4)), 10)
     energy = model.energy(cond, y)
     assert energy.shape == (1, 4, 1) and torch.isfinite(energy).all()
-    energies = model.energy(cond, torch.stack([y, torch.zeros_like(y)], dim=1))
+    pair = torch.stack([y, torch.zeros_like(y)], dim=1)
+    energies = model.energy(cond.broadcast_to(pair), pair)
     assert energies.shape == (1, 2, 4, 1) and torch.allclose(energies[:, 0], energy, rtol=1e-5)
     assert_trains_through_its_gradient(model, cond, y)
-    with pytest.raises(ValueError, match="runs"):
-        S.SudokuEnergyModel(runs=2)
+    with pytest.raises(ValueError, match="model 'sudoku_net' trains one run at a time"):
+        build_model({"name": "sudoku_net"}, make_task({"dataset": "sudoku"}), runs=2)
+    with pytest.raises(ValueError, match="model 'sudoku_net' needs 9 x 9 x 9"):
+        build_model({"name": "sudoku_net"}, make_task({"dataset": "inverse", "rank": 3}))
