@@ -212,7 +212,8 @@ class GraphEnergyModel(EnergyModel):
         adjacency = x.view(*x.shape[:-1], n, n)
         diag = torch.eye(n, device=x.device, dtype=x.dtype).expand_as(adjacency)
         pairs = self.embed_x(torch.stack([adjacency, diag], dim=-1))
-        film = self.film(self.time_mlp(t.reshape(-1)).to(x.dtype)).view(*t.shape, self.layers, 2 * self.hidden_dim)
+        embedding = self.time_mlp[0](t.reshape(-1)).to(x.dtype)  # sinusoids come in float32: cast before the layers
+        film = self.film(self.time_mlp[1:](embedding)).view(*t.shape, self.layers, 2 * self.hidden_dim)
         return GraphCondition(pairs, film)
 
     def energy(self, cond: GraphCondition, y: Tensor) -> Tensor:

@@ -114,14 +114,12 @@ def mine_adversarial(
     diffusion: GaussianDiffusion1D, cond: Any, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int,
     given: Given | None = None, corrupted: Tensor | None = None,
 ) -> Negatives:
-    base = mine_random(diffusion, cond, y0, t, noise, cfg, step, given, corrupted).y
-    # from the corruption, the descent starts where the loss sees the random negative: noised with eps'
-    start = base if corrupted is None else diffusion.hold_given(diffusion.q_sample(corrupted, t, noise), t, given)
+    # from a corruption the start is sqrt(abar_t) * corrupted: a noise-free answer at level t inside the clamp
+    # bound, where the sampler's inner steps work too; the loss then renoises the result with eps'
+    start = mine_random(diffusion, cond, y0, t, noise, cfg, step, given, corrupted).y
     result = diffusion.opt_step(cond, start, t, steps=cfg["opt_steps"], scale=cfg["scale_factor"],
                                 schedule=cfg["step_schedule"], clamp_bound=cfg["clamp_bound"], given=given)
-    # ... and its move is added to the random negative, so 0 steps would give `random` back exactly
-    mined = result.y if corrupted is None else base + (result.y - start)
-    return Negatives(mined, descent_stats(start, result), grad_evals=float(cfg["opt_steps"]))
+    return Negatives(result.y, descent_stats(start, result), grad_evals=float(cfg["opt_steps"]))
 
 
 @register(

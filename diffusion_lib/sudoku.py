@@ -279,12 +279,12 @@ def _read_cached(path: Path, num_samples: int) -> SudokuProblems | None:
     try:
         data = torch.load(path, weights_only=True)
         solutions, givens = data["solutions"], data["givens"]
-    except (OSError, RuntimeError, KeyError, TypeError, EOFError, ValueError):
-        return None
-    shapes_fit = solutions.shape == givens.shape == (num_samples, 81)
-    if not shapes_fit or solutions.dtype != torch.long or givens.dtype != torch.bool or not board_valid(solutions).all():
-        return None
-    return encode(solutions, givens)
+        fits = solutions.shape == givens.shape == (num_samples, 81) and (solutions.dtype, givens.dtype) == (torch.long, torch.bool)
+        if fits and bool(board_valid(solutions).all()):
+            return encode(solutions, givens)
+    except Exception:  # anything unreadable is made again: the cache only saves time
+        pass
+    return None
 
 
 def _write_cached(path: Path, problems: SudokuProblems) -> None:
@@ -490,7 +490,8 @@ class SudokuEnergyModel(EnergyModel):
         """x [P, B, 729] givens one-hot, t [P, B] -> cell embedding and FiLM (num_timesteps: unused)."""
         given = x.view(*x.shape[:-1], 81, 9)
         cells = self.embed_x(torch.cat([given, given.sum(-1, keepdim=True)], dim=-1))
-        film = self.film(self.time_mlp(t.reshape(-1)).to(x.dtype)).view(*t.shape, self.layers, 2 * self.hidden_dim)
+        embedding = self.time_mlp[0](t.reshape(-1)).to(x.dtype)  # sinusoids come in float32: cast before the layers
+        film = self.film(self.time_mlp[1:](embedding)).view(*t.shape, self.layers, 2 * self.hidden_dim)
         return SudokuCondition(cells, film)
 
     def energy(self, cond: SudokuCondition, y: Tensor) -> Tensor:
