@@ -213,11 +213,20 @@ device: cpu
 """
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors on one thread: two threads spin-waiting on each other took 7x as long on a shared 2-core CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("task, primary, sets", [
     ("{dataset: connectivity, nodes: 4, harder: [5]}", "graph_accuracy_id", ["id", "ood5"]),
     ("{dataset: sudoku, unique: false}", "board_accuracy_id", ["id", "ood"]),
 ])
-def test_a_tiny_study_of_each_discrete_task_runs_end_to_end_with_report_and_plots(tmp_path, capsys, task, primary, sets):
+def test_a_tiny_study_of_each_discrete_task_runs_end_to_end_with_report_and_plots(tmp_path, capsys, one_thread, task, primary, sets):
     path = tmp_path / "study.yaml"
     path.write_text(STUDY.format(name="tiny", task=task, primary=primary))
     out = tmp_path / "tiny"
