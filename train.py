@@ -63,6 +63,7 @@ def create_diffusion_model(config: RunConfig | Sequence[RunConfig], task: Task) 
         answer=settings.answer,
         data_bound=task.answer_bound,
         sampler=settings.sampler,
+        corrupt=task.corrupt,
     )
 
 

@@ -7,7 +7,7 @@ computes the same numbers whether it trains alone or in a pack.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Tuple
+from typing import Any, Callable, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +31,13 @@ Given = Tuple[Tensor, Tensor]
 
 @dataclass
 class Draws:
-    """One training step's random numbers for a pack: t [P, B], the score noise and the positive's noise."""
+    """One training step's random numbers for a pack: t [P, B], the score noise and the positive's noise,
+    and the uniforms [P, B, D] a task's corruption makes the 'random' negatives' start from."""
 
     t: Tensor
     noise: Tensor
     noise_pos: Tensor | None  # only strategies with an energy loss draw it
+    uniform: Tensor | None = None  # only on tasks with a corruption, for strategies that start from it
 
 
 @dataclass
@@ -74,6 +76,7 @@ class GaussianDiffusion1D(nn.Module):
         answer: str = "x0",
         data_bound: float = 2.0,
         sampler: str | Mapping[str, Any] | None = None,
+        corrupt: Callable[..., Tensor] | None = None,
     ):
         super().__init__()
         if timesteps < 1:
@@ -93,6 +96,8 @@ class GaussianDiffusion1D(nn.Module):
         self.sampler_config = resolve_sampler_config(sampler)
         # answers live in [-data_bound, data_bound]; 2 on continuous tasks (1 on discrete ones)
         self.data_bound = data_bound
+        # the task's corruption (y, mask, fraction, uniforms) -> negatives' start; None on continuous tasks
+        self.corrupt = corrupt
         for name, value in schedule_constants(timesteps).items():
             self.register_buffer(name, value, persistent=False)
 
@@ -165,16 +170,25 @@ class GaussianDiffusion1D(nn.Module):
         return OptResult(y, torch.stack(accepted, dim=-1) if accepted else y.new_zeros(y.shape[0], 0), energy_start, energy)
 
     # -- training loss -------------------------------------------------------------------------------
+    @property
+    def starts_from_corruption(self) -> bool:
+        """Whether negatives start from the task's corruption of the answer (mining.start: corrupt)."""
+        return self.corrupt is not None and self.strategy.mine is not None and self.mining_config["start"] == "corrupt"
+
     def draw(self, batch: int, generators: Sequence[torch.Generator], device: torch.device | str) -> Draws:
-        """A step's random numbers, run by run from each run's generator, always in the order t, eps, eps'."""
-        t, noise, noise_pos = [], [], []
-        supervised = self.strategy.mine is not None
+        """A step's random numbers, run by run from each run's generator, always in the order t, eps, eps',
+        then the corruption's uniforms (where negatives start from it)."""
+        t, noise, noise_pos, uniform = [], [], [], []
+        supervised, corrupts = self.strategy.mine is not None, self.starts_from_corruption
         for generator in generators:
             t.append(torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator))
             noise.append(torch.randn(batch, self.model.out_dim, device=device, generator=generator))
             if supervised:
                 noise_pos.append(torch.randn(batch, self.model.out_dim, device=device, generator=generator))
-        return Draws(torch.stack(t), torch.stack(noise), torch.stack(noise_pos) if supervised else None)
+            if corrupts:
+                uniform.append(torch.rand(batch, self.model.out_dim, device=device, generator=generator))
+        return Draws(torch.stack(t), torch.stack(noise), torch.stack(noise_pos) if supervised else None,
+                     torch.stack(uniform) if corrupts else None)
 
     def forward(
         self,
@@ -210,7 +224,10 @@ class GaussianDiffusion1D(nn.Module):
         cfg = self.mining_config
         noise_pos = draws.noise_pos.to(y0.dtype)
         y_pos = self.hold_given(self.q_sample(y0, t, noise_pos), t, given)
-        negatives = self.strategy.mine(self, cond.detach(), y0, t, noise_pos, cfg, step, given)
+        corrupted = None
+        if self.starts_from_corruption:
+            corrupted = self.corrupt(y0, mask, cfg["corrupt_fraction"], draws.uniform.to(y0.device))
+        negatives = self.strategy.mine(self, cond.detach(), y0, t, noise_pos, cfg, step, given, corrupted)
         x0_neg = self.x0_from_noise(negatives.y, t, 0.0).clamp(-self.data_bound, self.data_bound)
         y_neg = self.hold_given(self.q_sample(x0_neg, t, noise_pos), t, given)
         # one pass for both: y stacked as [P, 2, B, D], over which the per-sample condition broadcasts

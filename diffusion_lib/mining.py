@@ -1,6 +1,10 @@
 """Negative mining for the contrastive energy loss: one registry, one small function per strategy.
 
 A strategy maps (diffusion, condition, clean answer y0, t, noise eps') to negatives at noise level t.
+On a task with a corruption of its answers (the discrete tasks), `start: corrupt` (the default) hands
+each strategy the corrupted answer too: `random` is then that corruption (the published code's
+negatives) and `adversarial` descends from it; `start: noise` (and every task without a corruption)
+starts from q_sample(y0, t, noise_scale eps').
 Adding one is a function plus a `@register(...)` line; nothing else in the library changes.
 Tensors are packed [P, B, ...] (see models.py); statistics are per run.
 
@@ -27,9 +31,10 @@ class Negatives:
     grad_evals: float = 0.0  # energy-gradient evaluations per sample spent mining
 
 
-# (diffusion, condition, y0, t, eps', mining config, step, given entries or None) -> negatives; a strategy holds
-# the given entries of what it forms (diffusion.hold_given; opt_step(..., given=given) does it per step)
-MineFn = Callable[["GaussianDiffusion1D", Any, "Tensor", "Tensor", "Tensor", dict, int, "Given | None"], Negatives]
+# (diffusion, condition, y0, t, eps', mining config, step, given entries or None, the task's corruption of y0
+# or None) -> negatives; a strategy holds the given entries of what it forms (diffusion.hold_given;
+# opt_step(..., given=given) does it per step)
+MineFn = Callable[["GaussianDiffusion1D", Any, "Tensor", "Tensor", "Tensor", dict, int, "Given | None", "Tensor | None"], Negatives]
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,10 @@ COMMON_OPTIONS: dict[str, Option] = {
     "scale_factor": Option(float, 1.0, lambda v: v > 0, "a float > 0"),
     "noise_scale": Option(float, 3.0, lambda v: v > 0, "a float > 0"),
     "loss_scale": Option(float, 0.5, lambda v: v >= 0, "a float >= 0"),
+    # discrete tasks: the negatives' start (the task's corruption of the answer, or noise as on continuous
+    # tasks) and the share of entries the corruption hits (the published code's 0.05)
+    "start": one_of("corrupt", "noise"),
+    "corrupt_fraction": Option(float, 0.05, lambda v: 0 <= v <= 1, "a float in [0, 1]"),
     # the published code's mining quirks, on request (README: "Where the published code differs")
     "step_schedule": one_of(*STEP_SCHEDULES),
     "clamp_bound": one_of("per_sample", "first_sample"),
@@ -88,20 +97,26 @@ def descent_stats(start: Tensor, result: OptResult) -> dict[str, Tensor]:
 register("none", description="no energy supervision: score loss only")(None)
 
 
-@register("random", description="the positive's noise scaled by noise_scale")
+@register("random", description="the positive's noise scaled by noise_scale, or the task's corruption")
 def mine_random(
     diffusion: GaussianDiffusion1D, cond: Any, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int,
-    given: Given | None = None,
+    given: Given | None = None, corrupted: Tensor | None = None,
 ) -> Negatives:
-    return Negatives(diffusion.hold_given(diffusion.q_sample(y0, t, cfg["noise_scale"] * noise), t, given))
+    if corrupted is None:
+        return Negatives(diffusion.hold_given(diffusion.q_sample(y0, t, cfg["noise_scale"] * noise), t, given))
+    # the corrupted answer at level t with zero noise: the loss's renoising with eps' then gives
+    # q_sample(corrupted, t, eps'), the published code's negative
+    return Negatives(diffusion.hold_given(diffusion.q_sample(corrupted, t, 0.0), t, given))
 
 
 @register("adversarial", description="random start, then opt_steps of energy descent")
 def mine_adversarial(
     diffusion: GaussianDiffusion1D, cond: Any, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int,
-    given: Given | None = None,
+    given: Given | None = None, corrupted: Tensor | None = None,
 ) -> Negatives:
-    start = mine_random(diffusion, cond, y0, t, noise, cfg, step, given).y
+    # from a corruption the start is sqrt(abar_t) * corrupted: a noise-free answer at level t inside the clamp
+    # bound, where the sampler's inner steps work too; the loss then renoises the result with eps'
+    start = mine_random(diffusion, cond, y0, t, noise, cfg, step, given, corrupted).y
     result = diffusion.opt_step(cond, start, t, steps=cfg["opt_steps"], scale=cfg["scale_factor"],
                                 schedule=cfg["step_schedule"], clamp_bound=cfg["clamp_bound"], given=given)
     return Negatives(result.y, descent_stats(start, result), grad_evals=float(cfg["opt_steps"]))
@@ -115,10 +130,10 @@ def mine_adversarial(
 )
 def mine_periodic(
     diffusion: GaussianDiffusion1D, cond: Any, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int,
-    given: Given | None = None,
+    given: Given | None = None, corrupted: Tensor | None = None,
 ) -> Negatives:
     mine = mine_adversarial if step % cfg["every"] == 0 else mine_random
-    return mine(diffusion, cond, y0, t, noise, cfg, step, given)
+    return mine(diffusion, cond, y0, t, noise, cfg, step, given, corrupted)
 
 
 @register(
@@ -128,16 +143,18 @@ def mine_periodic(
 )
 def mine_mixed(
     diffusion: GaussianDiffusion1D, cond: Any, y0: Tensor, t: Tensor, noise: Tensor, cfg: dict, step: int,
-    given: Given | None = None,
+    given: Given | None = None, corrupted: Tensor | None = None,
 ) -> Negatives:
-    negatives = mine_random(diffusion, cond, y0, t, noise, cfg, step, given)
+    negatives = mine_random(diffusion, cond, y0, t, noise, cfg, step, given, corrupted)
     batch = y0.shape[1]
     k = round(cfg["fraction"] * batch)
     if k == 0:
         return negatives
     head = slice(0, k)  # samples are i.i.d., so the first k are as good a subset as any
     head_given = None if given is None else (given[0][:, head], given[1][:, head])
-    mined = mine_adversarial(diffusion, cond.select(head), y0[:, head], t[:, head], noise[:, head], cfg, step, head_given)
+    head_corrupted = None if corrupted is None else corrupted[:, head]
+    mined = mine_adversarial(diffusion, cond.select(head), y0[:, head], t[:, head], noise[:, head], cfg, step,
+                             head_given, head_corrupted)
     y = negatives.y.clone()
     y[:, head] = mined.y
     return Negatives(y, mined.stats, grad_evals=mined.grad_evals * k / batch)

@@ -28,7 +28,7 @@ from .results import RunRecord  # noqa: E402
 from .files import atomic_write, make_folder  # noqa: E402
 
 Groups = Mapping[str, Sequence[RunRecord]]
-YARDSTICK_STYLES = (":", "-.", "--", (0, (1, 3)), (0, (5, 1)))  # by the yardstick's position in the study
+YARDSTICK_STYLES = (":", "-.", "--", (0, (1, 3)), (0, (5, 1)), (0, (3, 1, 1, 1)))  # by the yardstick's position
 # words for the names runs record (report.md uses them too); a name not listed here is shown as it is
 SET_WORDS = {"id": "in-distribution"}
 YARDSTICK_WORDS = {  # name -> (short name, what it is)
@@ -36,6 +36,15 @@ YARDSTICK_WORDS = {  # name -> (short name, what it is)
     "train_mean": ("training-mean predictor", "predicts the per-entry mean of the training answers"),
     "linear": ("linear map", "least-squares linear map from the condition to the answer, fit on training problems"),
     "clamp_floor": ("clamp floor", "the true answer clamped to the answer bound: the error clamping alone causes"),
+    # connectivity
+    "adjacent": ("adjacency", "connected iff adjacent, taken literally (so every diagonal entry is wrong)"),
+    "all_connected": ("all connected", "every pair connected"),
+    "majority": ("majority label", "the training distribution's majority answer off the diagonal, connected on it"),
+    **{f"within_{k}_hops": (f"within {k} hops", f"connected iff at most {k} edges apart") for k in (1, 2, 3)},
+    # Sudoku
+    "random_fill": ("random fill", "the givens kept, every blank a uniform random digit"),
+    "propagation": ("propagation alone", "naked and hidden singles to a fixed point, blanks it cannot decide left wrong"),
+    "solver": ("exact solver", "a complete backtracking search: every board valid"),
 }
 
 

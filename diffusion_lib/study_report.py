@@ -29,23 +29,30 @@ def describe(study: Study) -> str:
     lines = [
         text,
         f"Strategies ({len(flow)}): " + "; ".join(f"`{label}: {mining}`" for label, mining in flow.items()) + ".",
-        f"Task: {config.task['dataset']}, rank {config.task.get('rank')}{' (trained on ood)' if config.task.get('ood') else ''}; "
-        f"{length} of batch {config.train.batch_size}, lr {config.train.lr}, "
-        f"{config.diffusion.timesteps} diffusion steps, hidden {config.model.get('hidden_dim')}; "
-        f"held-out sets of {config.eval.num_samples} problems; seeds {', '.join(map(str, study.seeds))}.",
+        f"Task: {config.task['dataset']} ({_keys(config.task, 'dataset')}); model {config.model['name']} "
+        f"({_keys(config.model, 'name')}); {length} of batch {config.train.batch_size}, lr {config.train.lr}, "
+        f"{config.diffusion.timesteps} diffusion steps, {config.diffusion.inference_steps} inner steps per step "
+        f"when sampling; held-out sets of {config.eval.num_samples} problems; seeds {', '.join(map(str, study.seeds))}.",
     ]
     if study.sweep:
         lines.append("Sweep: " + "; ".join(f"{key} in {values}" for key, values in study.sweep.items()) + ".")
     return "\n\n".join(line for line in lines if line)
 
 
+def _keys(options: dict, skip: str) -> str:
+    """'rank 20, ood False': a resolved task or model map's keys but its name."""
+    return ", ".join(f"{key} {value}" for key, value in options.items() if key != skip)
+
+
 def report(study: Study, study_dir: Path) -> int:
     """Write the study's report.md (tables and plots) from its runs' records, and say where; the exit
     code: 1 when no run finished (the report then has no result)."""
     from .report import write_report
+    from .tasks import task_title  # torch: not needed to answer --help
 
     records = [run.record() for run in study.runs]
-    write_report(study_dir, records, title=f"Negative mining on matrix inversion: study '{study.name}'",
+    tasks = ", ".join(dict.fromkeys(task_title(run.config.task) for run in study.runs))
+    write_report(study_dir, records, title=f"Negative mining on {tasks}: study '{study.name}'",
                  description=describe(study), primary=study.primary)
     print(f"report: {study_dir / 'report.md'}")
     if not any(record.finished for record in records):

@@ -61,6 +61,7 @@ class Task:
     (and `score`/`yardsticks` if its metrics are not the continuous tasks' MSE)."""
 
     name: ClassVar[str] = ""
+    title: ClassVar[str] = ""  # what a report calls the task ("matrix inversion"); the name if empty
     options: ClassVar[dict[str, Option]] = {}
     metrics: ClassVar[tuple[Metric, ...]] = ()  # the first is the headline metric
     answer_bound: ClassVar[float] = 2.0  # answers and clamps live in +-answer_bound (* sqrt(abar_t))
@@ -118,6 +119,11 @@ def resolve_task_config(task_cfg: Mapping[str, Any]) -> dict[str, Any]:
 def task_defaults(task_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The dotted config defaults of the task `task_cfg` names."""
     return dict(_task_class(task_cfg).defaults)
+
+
+def task_title(task_cfg: Mapping[str, Any]) -> str:
+    cls = _task_class(task_cfg)
+    return cls.title or cls.name
 
 
 def make_task(task_cfg: Mapping[str, Any]) -> Task:
@@ -239,6 +245,7 @@ class InverseTask(MatrixTask):
     ood_conditioning (0.1, worse conditioned) on the harder set."""
 
     name = "inverse"
+    title = "matrix inversion"
     options = {**MatrixTask.options, "conditioning": _positive_float(0.5), "ood_conditioning": _positive_float(0.1)}
     conditioning: float
     ood_conditioning: float
@@ -264,6 +271,7 @@ class AdditionTask(MatrixTask):
     """x = [vec(a), vec(b)], y = vec(a + b), entries uniform in [-c, c], c = 1 (ood: 2.5)."""
 
     name = "addition"
+    title = "matrix addition"
 
     @property
     def inp_dim(self) -> int:
@@ -281,6 +289,7 @@ class LowRankTask(MatrixTask):
     """Matrix completion: R = 0.1 N + U V^T / 20 (ood: / 5), half the entries masked; y = vec(R)."""
 
     name = "lowrank"
+    title = "low-rank matrix completion"
     factor_rank = 10
 
     def generate(self, batch_size: int, generator: torch.Generator, ood: bool) -> tuple[Tensor, Tensor]:
@@ -290,3 +299,7 @@ class LowRankTask(MatrixTask):
         r = 0.1 * self._normal((batch_size, n, n), generator) + u @ v.transpose(-1, -2) / (5 if ood else 20)
         mask = (self._uniform((batch_size, n, n), 0.0, 1.0, generator) < 0.5).float()
         return rearrange(r * mask, "b i j -> b (i j)"), rearrange(r, "b i j -> b (i j)")
+
+
+# the discrete tasks (and their energy models) register themselves in their own modules
+from . import connectivity, sudoku  # noqa: E402,F401

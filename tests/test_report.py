@@ -167,8 +167,8 @@ def test_a_higher_is_better_task_reports_the_higher_group_better(tmp_path):
     assert "- EMA: **better**: A − B = +0.117 (+19.4 % of random)" in verdict  # 0.11667 / 0.6
     assert "| adversarial vs random | strategy | board accuracy harder, EMA | paired t, 3 pairs |" in report
     assert "| worse |" in section(report, "## Comparisons at the end of training")
-    # 'givens_only' 0.1 is below every group: beaten; 'solver' 10 is above: behind
-    assert "in-distribution: every group beats the givens_only; no group beats the coin and the solver." in verdict
+    # 'givens_only' 0.1 is below every group: beaten; 'solver' (the exact solver) 10 is above: behind
+    assert "in-distribution: every group beats the givens_only; no group beats the coin and the exact solver." in verdict
     assert "mse" not in report.lower()
     for name in ("val_accuracy_vs_step.png", "val_accuracy_vs_flops.png", "val_accuracy_vs_seconds.png",
                  "final_accuracy.png", "accuracy_vs_inference_steps.png"):  # fmt: skip
@@ -226,7 +226,8 @@ def test_description_lists_the_strategies_actually_run(tmp_path):
     assert "no energy supervision (none)" not in text and "it names none, which this study does not run" in text
     assert "Strategies (2): `random: {strategy: random}`; `adversarial: {strategy: adversarial, opt_steps: 2, " \
            "scale_factor: 1.0}`." in text
-    assert "rank 20; 100000 steps of batch 2048, lr 0.0001" in text and "hidden 512" in text and "seeds 0, 1." in text
+    assert "Task: inverse (rank 20, ood False, conditioning 0.5, ood_conditioning 0.1); model mlp (dtype float32, " \
+           "hidden_dim 512, grad sweep); 100000 steps of batch 2048, lr 0.0001" in text and "seeds 0, 1." in text
     whole = load_study(ROOT / "configs" / "matrix_inversion_mining.yaml")
     expand(whole, tmp_path)
     assert describe(whole).startswith("Matrix inversion (rank 20) with energy diffusion, comparing no energy")
