@@ -37,7 +37,7 @@ def refused(args, capsys, tmp_path):
         (["--mining-scale-factor", "0"], "mining_config['scale_factor'] = 0.0 is invalid: must be a float > 0"),
         (["train.lr=0"], "'train.lr' = 0.0 is out of range: must be a float > 0"),
         (["--mining-strategy", "greedy"], "mining_config['strategy'] = 'greedy' is unknown"),
-        (["--dataset", "sudoku"], "task['dataset'] = 'sudoku' is unknown; allowed: inverse, addition, lowrank"),
+        (["--dataset", "maze"], "task['dataset'] = 'maze' is unknown; allowed: inverse, addition, lowrank, connectivity, sudoku"),
         (["train.steps"], "override 'train.steps' must look like key=value"),
         (["--supervise-energy-landscape", "False", "--mining-strategy", "adversarial"], "contradicts mining.strategy"),
         (["--resume", "--overwrite"], "exclude each other"),
