@@ -414,7 +414,7 @@ class Comparison:
     score: Score
     higher_is_better: bool  # the score's direction: the verdict's "better" follows it
     view: str
-    test: str  # "paired" | "Welch" | "none"
+    test: str  # "paired" | "Welch" | "sign-flip" | "permutation" (exact, no spread) | "none"
     n_a: int  # values of a in the test (= n_pairs when paired)
     n_b: int
     unpaired: list[str]  # run ids of finished runs left out of a paired test: their partner has no value

@@ -87,6 +87,10 @@ def _test_text(c: Comparison) -> str:
         return f"paired t, {c.n_a} pairs"
     if c.test == "Welch":
         return f"Welch t, n = {c.n_a} / {c.n_b}"
+    if c.test == "sign-flip":  # differences without spread: t is undefined
+        return f"exact sign-flip test, {c.n_a} pairs without spread"
+    if c.test == "permutation":
+        return f"exact permutation test, n = {c.n_a} / {c.n_b} without spread"
     return f"none (n = {c.n_a} / {c.n_b})"
 
 
@@ -105,13 +109,18 @@ def _reason(code: str, a: StudyAnalysis, c: Comparison | None = None) -> str:
     }[code]
 
 
+def _ci(c: Comparison) -> str:
+    """'[low, high]', or 'n/a' where no t interval exists (no test, or values without spread)."""
+    return "n/a" if math.isnan(c.ci_low) or math.isnan(c.ci_high) else f"[{fmt(c.ci_low)}, {fmt(c.ci_high)}]"
+
+
 def _result_text(c: Comparison, a: StudyAnalysis) -> str:
     """'worse: A − B = +0.00073 (+7.5 % of random), 95 % CI [...], p = ..., paired t, 3 pairs'."""
     if c.refused:
         return f"no verdict ({_reason(c.refused, a, c)}); A − B = {fmt(c.diff, signed=True)}"
     p = f"p = {fmt(c.p)}" + ("" if c.primary else f", Holm-adjusted p = {fmt(c.p_adjusted)}")
     return (f"**{c.verdict}**: A − B = {fmt(c.diff, signed=True)} ({percent(c.effect_pct)} of {c.b}), "
-            f"95 % CI [{fmt(c.ci_low)}, {fmt(c.ci_high)}], {p}, {_test_text(c)}")
+            f"95 % CI {_ci(c)}, {p}, {_test_text(c)}")
 
 
 # -- report.md sections ----------------------------------------------------------------------------------
@@ -350,7 +359,7 @@ def _comparison_rows(comparisons: Sequence[Comparison], a: StudyAnalysis) -> lis
     return [[
         f"{c.a} vs {c.b}" + (" (primary)" if c.primary else ""), c.factor, _score_label(a, c.score), _test_text(c),
         fmt(c.mean_a), fmt(c.mean_b), fmt(c.diff, signed=True), percent(c.effect_pct),
-        f"[{fmt(c.ci_low)}, {fmt(c.ci_high)}]", fmt(c.p), "uncorrected" if c.primary else fmt(c.p_adjusted),
+        _ci(c), fmt(c.p), "uncorrected" if c.primary else fmt(c.p_adjusted),
         c.verdict if c.refused is None else f"no verdict: {_reason(c.refused, a, c)}",
     ] for c in comparisons]  # fmt: skip
 
@@ -377,7 +386,9 @@ def _comparisons_section(a: StudyAnalysis) -> list[str]:
         f"model, at each run's last step (compute: see the group table; seeds {_seeds(a.seeds)}). "
         "Runs of the two groups with the same seed share initial weights, batches and noise, so the test is "
         "paired on the per-seed differences A − B when at least two seeds are shared by finished runs of both; "
-        "otherwise Welch's unequal-variance test on every value. A − B and its 95 % CI are for that test (paired: "
+        "otherwise Welch's unequal-variance test on every value. Where the values have no spread (two seeds "
+        "can tie on an accuracy) t is undefined and an exact sign-flip or permutation test gives p, with no CI. "
+        "A − B and its 95 % CI are for that test (paired: "
         "the mean per-seed difference); '% of B' is A − B relative to B's mean; whether a positive A − B is "
         "better follows the metric's direction. The primary comparison comes first and is not corrected; every "
         f"other p is Holm-adjusted over the whole report's family. The {BASES[a.lead_basis]} view is listed first.",

@@ -41,7 +41,7 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
 class TTestResult:
     """A two-sided t test of the difference mean(a) - mean(b) (Welch) or mean(a - b) (paired)."""
 
-    test: str  # "paired" or "Welch"
+    test: str  # "paired" or "Welch"; "sign-flip" or "permutation" (exact) when the values have no spread
     diff: float
     ci_low: float  # confidence interval of diff (95 % by default)
     ci_high: float
@@ -50,26 +50,29 @@ class TTestResult:
     p_value: float
 
 
-def _exact(test: str, diff: float, dof: float) -> TTestResult:
-    """No spread at all: the difference is exact. p is the limit of the test as the spread shrinks to
-    zero: 1 when the means are equal (t = 0), 0 when they differ (t = +-inf)."""
-    if diff == 0:
-        return TTestResult(test, diff, diff, diff, 0.0, dof, 1.0)
-    return TTestResult(test, diff, diff, diff, math.copysign(math.inf, diff), dof, 0.0)
+def _no_spread(test: str, diff: float, dof: float, p_apart: float) -> TTestResult:
+    """Values without spread: t is undefined (0 / 0 or d / 0), so p comes from the exact permutation test
+    instead: `p_apart` when the means differ (the share of equally likely relabellings as extreme as the
+    observed one), 1 when they do not. On a discrete score (an accuracy over 64 problems) two seeds can tie
+    by chance; t's limit, p = 0, would call that certain. No t interval exists, so the CI is NaN."""
+    return TTestResult(test, diff, NAN, NAN, NAN, dof, 1.0 if diff == 0 else p_apart)
 
 
 def welch_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> TTestResult:
     """Welch's unequal-variance t test and the Welch-Satterthwaite interval of mean(a) - mean(b).
 
     Either group with fewer than two values: every field NaN except `diff` (NaN too if a group is empty).
-    Both groups without spread: see `_exact`, with dof NaN (Welch-Satterthwaite divides 0 by 0).
+    Both groups without spread: see `_no_spread` (test "permutation": of the C(n_a + n_b, n_a) relabellings
+    only the observed one, and its swap when the groups are the same size, are as extreme), dof NaN
+    (Welch-Satterthwaite divides 0 by 0).
     """
     xa, xb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     diff = float(xa.mean() - xb.mean()) if xa.size and xb.size else NAN
     if xa.size < 2 or xb.size < 2:
         return TTestResult("Welch", diff, NAN, NAN, NAN, NAN, NAN)
     if xa.var(ddof=1) == 0 and xb.var(ddof=1) == 0:
-        return _exact("Welch", diff, NAN)
+        extreme = 2 if xa.size == xb.size else 1
+        return _no_spread("permutation", diff, NAN, extreme / math.comb(xa.size + xb.size, xa.size))
     with warnings.catch_warnings():  # one group without spread is fine for Welch; scipy warns of precision loss
         warnings.simplefilter("ignore", RuntimeWarning)
         result = sps.ttest_ind(xa, xb, equal_var=False)
@@ -82,7 +85,8 @@ def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95
     """Paired t test on the differences a[i] - b[i] (a[i] and b[i] share a seed): their mean, t interval, p.
 
     Fewer than two pairs: every field NaN except `diff` (NaN for none). Differences without spread: see
-    `_exact`, with dof = pairs - 1.
+    `_no_spread` (test "sign-flip": of the 2^pairs sign assignments only all + and all - are as extreme),
+    dof = pairs - 1.
     """
     xa, xb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if xa.shape != xb.shape:
@@ -92,7 +96,7 @@ def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95
     if d.size < 2:
         return TTestResult("paired", diff, NAN, NAN, NAN, NAN, NAN)
     if d.var(ddof=1) == 0:
-        return _exact("paired", diff, float(d.size - 1))
+        return _no_spread("sign-flip", diff, float(d.size - 1), min(1.0, 2.0 / 2.0**d.size))
     result = sps.ttest_rel(xa, xb)
     low, high = result.confidence_interval(confidence)
     return TTestResult("paired", diff, float(low), float(high), float(result.statistic), float(result.df),

@@ -60,12 +60,16 @@ def test_welch_degenerate_inputs():
     assert too_few.diff == pytest.approx(-1.5)
     assert all(math.isnan(v) for v in (too_few.ci_low, too_few.ci_high, too_few.t, too_few.dof, too_few.p_value))
     assert math.isnan(welch_test([], [1.0, 2.0]).diff)
-    # no spread in either group: the difference is exact
+    # no spread in either group: t is undefined, so the exact permutation test gives p and there is no CI
     same = welch_test([2.0, 2.0], [2.0, 2.0, 2.0])
-    assert (same.diff, same.ci_low, same.ci_high, same.t, same.p_value) == (0.0, 0.0, 0.0, 0.0, 1.0)
+    assert (same.test, same.diff, same.p_value) == ("permutation", 0.0, 1.0)
+    assert math.isnan(same.ci_low) and math.isnan(same.ci_high)
     apart = welch_test([1.0, 1.0], [3.0, 3.0])
-    assert (apart.diff, apart.ci_low, apart.ci_high, apart.p_value) == (-2.0, -2.0, -2.0, 0.0)
-    assert apart.t == -math.inf and math.isnan(apart.dof)
+    # 4 values, C(4, 2) = 6 ways to label two of them 'a': {1, 1} and its swap {3, 3} are the extreme two
+    assert (apart.test, apart.diff, apart.p_value) == ("permutation", -2.0, pytest.approx(2 / 6))
+    assert math.isnan(apart.ci_low) and math.isnan(apart.dof)
+    uneven = welch_test([1.0, 1.0], [3.0, 3.0, 3.0])
+    assert uneven.p_value == pytest.approx(1 / 10)  # C(5, 2) = 10 labellings; only the observed one is as extreme
     # spread in one group only: dof comes from that group alone (n - 1)
     one = welch_test([1.0, 1.0, 1.0], [2.0, 3.0, 4.0])
     assert one.dof == pytest.approx(2.0)
@@ -102,12 +106,17 @@ def test_paired_degenerate_inputs():
     one = paired_test([2.0], [1.0])
     assert one.diff == 1.0 and all(math.isnan(v) for v in (one.ci_low, one.ci_high, one.t, one.dof, one.p_value))
     assert math.isnan(paired_test([], []).diff)
-    # differences without spread: exact, p = 0 (they differ) or 1 (they do not), dof = pairs - 1
+    # differences without spread: t is undefined; the exact sign-flip test has 2^3 = 8 sign assignments of
+    # which all + and all - are as extreme, p = 2 / 8, and there is no CI
     steady = paired_test([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])
-    assert (steady.diff, steady.ci_low, steady.ci_high, steady.p_value, steady.dof) == (2.0, 2.0, 2.0, 0.0, 2.0)
-    assert steady.t == math.inf
+    assert (steady.test, steady.diff, steady.p_value, steady.dof) == ("sign-flip", 2.0, pytest.approx(0.25), 2.0)
+    assert math.isnan(steady.ci_low) and math.isnan(steady.ci_high)
+    # two seeds tied by chance on a discrete score: p = 2 / 4, not the t limit 0
+    assert paired_test([0.5, 0.75], [0.25, 0.5]).p_value == pytest.approx(0.5)
+    six = paired_test([1.0] * 6, [0.0] * 6)
+    assert six.p_value == pytest.approx(2 / 64) and six.p_value < 0.05
     equal = paired_test([1.0, 2.0], [1.0, 2.0])
-    assert (equal.diff, equal.t, equal.p_value) == (0.0, 0.0, 1.0)
+    assert (equal.diff, equal.p_value) == (0.0, 1.0)
     with pytest.raises(ValueError, match="as many"):
         paired_test([1.0, 2.0], [1.0])
 
