@@ -958,8 +958,9 @@ PICKS = ("energy", "random", "oracle")
 
 @dataclass
 class LandscapeTest:
-    """One test of the landscape family: a group's ranking accuracy against chance ("ranking", `item` the
-    distance), or its best-of-N energy pick against a random pick ("best_of", `item` "<n>"), per seed."""
+    """One test of the landscape family, per seed: a group's ranking accuracy against chance ("ranking", `item`
+    the distance), two groups' ranking accuracies ("ranking_pair", `group` "A vs B", paired by seed), or a
+    group's best-of-N energy pick against a random pick ("best_of", `item` "<n>")."""
 
     kind: str
     group: str
@@ -969,8 +970,8 @@ class LandscapeTest:
     metric: str  # the metric of a best-of test ("" for a ranking)
     higher_is_better: bool
     n: int
-    mean_a: float  # ranking accuracy, or the energy pick's value
-    mean_b: float  # chance, or the random pick's value
+    mean_a: float  # ranking accuracy (of A), or the energy pick's value
+    mean_b: float  # chance, B's ranking accuracy, or the random pick's value
     diff: float
     ci_low: float
     ci_high: float
@@ -1071,14 +1072,38 @@ def landscape(groups: Mapping[str, Sequence[RunRecord]], scores: Scoring) -> Lan
             tests += [_test("ranking", group, score, d, "", True, v, [CHANCE] * len(v)) for d, v in values.items()]
             picks = {n: {p: [best_of_value(r, score.set, score.basis, n, headline, p) for r in done] for p in PICKS}
                      for n in ns}  # fmt: skip
-            best[group].setdefault(score.set, {})[score.basis] = {n: {p: estimate(v) for p, v in row.items()}
-                                                                  for n, row in picks.items()}  # fmt: skip
+            best[group].setdefault(score.set, {})[score.basis] = {
+                n: {**{p: estimate(v) for p, v in row.items()}, "room": estimate(room(row["oracle"], row["random"]))}
+                for n, row in picks.items()}  # fmt: skip
             tests += [_test("best_of", group, score, n, headline, scores.higher(headline), row["energy"], row["random"])
                       for n, row in picks.items() if n != "1"]
+    tests += ranking_pair_tests(groups, scores, distances, level)
     family = [t for t in tests if math.isfinite(t.p)]
     for t, adjusted in zip(family, holm([t.p for t in family])):
         t.p_adjusted = adjusted
     return Landscape(distances, level, ranking, ns, best, tests, flop_curves(groups, scores, ns))
+
+
+def room(oracle: Sequence[float], random: Sequence[float]) -> list[float]:
+    """Per seed, how far the oracle pick is from the random pick, in % of the random pick's value (either
+    direction of metric: the oracle is never the worse of the two)."""
+    return [abs(o - r) / abs(r) * 100 if r else math.nan for o, r in zip(oracle, random)]
+
+
+def ranking_pair_tests(groups: Mapping[str, Sequence[RunRecord]], scores: Scoring, distances: Sequence[str],
+                       level: str) -> list[LandscapeTest]:
+    """Does one arm's energy rank true answers better than another's? Groups differing in one factor ('later
+    vs earlier'), per set, view and distance, paired on the seeds both finished."""
+    tests = []
+    for a, b, _ in group_pairs(groups, None):
+        by_seed = [{r.seed: r for r in finished(groups[name])} for name in (a, b)]
+        shared = [seed for seed in by_seed[0] if seed in by_seed[1]]
+        for score in scores.scores([next(iter(scores.metrics))]) if distances else ():
+            for d in distances:
+                va, vb = ([ranking_value(side[seed], score.set, score.basis, d, level) for seed in shared]
+                          for side in by_seed)  # fmt: skip
+                tests.append(_test("ranking_pair", f"{a} vs {b}", score, d, "", True, va, vb))
+    return tests
 
 
 def flop_curves(groups: Mapping[str, Sequence[RunRecord]], scores: Scoring, ns: Sequence[str]) -> list[FlopCurve]:

@@ -49,8 +49,8 @@ def pm(e: Estimate) -> str:
     return "n/a" if not math.isfinite(e.mean) else f"{fmt(e.mean)} ± {fmt(e.half)}"
 
 
-def percent(value: float) -> str:
-    return "n/a" if not math.isfinite(value) else f"{fmt(value, signed=True)} %"
+def percent(value: float, signed: bool = True) -> str:
+    return "n/a" if not math.isfinite(value) else f"{fmt(value, signed=signed)} %"
 
 
 def _seeds(seeds: Sequence[int]) -> str:
@@ -506,7 +506,8 @@ def _landscape_section(a: StudyAnalysis) -> list[str]:
     tested = [t for t in land.tests if math.isfinite(t.p_adjusted)]
     lines += [
         "Where the strategies differ by construction: how the energy, which sampling descends, treats the true "
-        "answer. Each test is paired over seeds (a seed's ranking accuracy against chance, 0.5; a seed's "
+        "answer. Each test is paired over seeds (a seed's ranking accuracy against chance, 0.5, and against "
+        "the same seed of an arm differing in one factor; a seed's "
         "energy pick against its random pick among the same N samples) and Holm-adjusted within a family of "
         f"its own ({len(tested)} tests), apart from the comparisons of groups above.", "",
     ]  # fmt: skip
@@ -522,7 +523,8 @@ def _landscape_verdicts(a: StudyAnalysis, kind: str, group: str, basis: str) -> 
     found: dict[str, dict[str, list[str]]] = {}
     for t in a.landscape.tests:
         if t.kind == kind and t.group == group and t.basis == basis and t.verdict in ("better", "worse"):
-            found.setdefault(t.verdict, {}).setdefault(t.item if kind == "ranking" else f"N = {t.item}", []).append(set_words(t.set))
+            item = f"N = {t.item}" if kind == "best_of" else t.item
+            found.setdefault(t.verdict, {}).setdefault(item, []).append(set_words(t.set))
     parts = [f"{word} at " + ", ".join(f"{item} ({', '.join(sets)})" for item, sets in items.items())
              for word, items in found.items()]  # fmt: skip
     return "; ".join(parts) + ("; no detectable difference elsewhere" if parts else "no detectable difference")
@@ -544,6 +546,9 @@ def _ranking_subsection(a: StudyAnalysis) -> list[str]:
     for group in land.ranking:
         words = "; ".join(f"{BASES[b]}: {_landscape_verdicts(a, 'ranking', group, b)}" for b in BASES)
         lines.append(f"- {group}, ranking accuracy against chance (0.5): {words}.")
+    for pair in dict.fromkeys(t.group for t in land.tests if t.kind == "ranking_pair"):
+        words = "; ".join(f"{BASES[b]}: {_landscape_verdicts(a, 'ranking_pair', pair, b)}" for b in BASES)
+        lines.append(f"- {pair}, ranking accuracy (A better: A ranks true answers better): {words}.")
     return lines + [""]
 
 
@@ -553,10 +558,12 @@ def _best_of_subsection(a: StudyAnalysis) -> list[str]:
     lines = [
         f"**Best-of-N.** N answers per problem from N start noises (the first is the set's own), and the "
         f"{_label(a, metric)} of the lowest-energy one (energy), of a random one (random: the mean over the N) "
-        f"and of the best one (oracle); {_direction(a, metric)}. FLOPs per answer count the N samples and "
-        "their scoring. Mean over the finished seeds.", "",
+        f"and of the best one (oracle); {_direction(a, metric)}. Room: how much better the oracle is than the "
+        "random pick, in % of the random pick's value: all that selection among these N samples can gain (near "
+        "0 % when the samples agree). FLOPs per answer count the N samples and their scoring. Mean over the "
+        "finished seeds.", "",
     ]  # fmt: skip
-    header = ["group", "N", "energy pick", "random pick", "oracle", "FLOPs per answer"]
+    header = ["group", "N", "energy pick", "random pick", "oracle", "room (oracle vs random)", "FLOPs per answer"]
     for set_name in a.scoring.sets:
         for basis in BASES:
             rows = []
@@ -564,7 +571,8 @@ def _best_of_subsection(a: StudyAnalysis) -> list[str]:
                 for n, picks in cells.get(set_name, {}).get(basis, {}).items():
                     flops = next((p[0] for c in land.curves if c.group == group and c.set == set_name
                                   and c.kind == "best-of-N" for p in c.points if p[2] == f"N={n}"), math.nan)  # fmt: skip
-                    rows.append([group, n, pm(picks["energy"]), pm(picks["random"]), pm(picks["oracle"]), fmt(flops)])
+                    rows.append([group, n, pm(picks["energy"]), pm(picks["random"]), pm(picks["oracle"]),
+                                 percent(picks["room"].mean, signed=False), fmt(flops)])
             lines += [f"*{_label(a, metric)} {set_words(set_name)}, {BASES[basis]}*", "", *_table(header, rows)]
     for group in land.best_of:
         words = "; ".join(f"{BASES[b]}: {_landscape_verdicts(a, 'best_of', group, b)}" for b in BASES)

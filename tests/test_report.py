@@ -268,12 +268,17 @@ def test_the_landscape_section_says_per_arm_what_its_energy_does(tmp_path):
     write_report(tmp_path, runs, title="Landscape")
     report = (tmp_path / "report.md").read_text()
     land = report[report.index("## The energy landscape\n"):report.index("## Failed, missing and damaged runs\n")]
-    assert "Holm-adjusted within a family of its own (24 tests)" in land  # 2 groups x 2 sets x 2 bases x (2 + 1)
+    # 2 sets x 2 bases x (2 groups x (2 distances + best-of-4) + 1 pair x 2 distances)
+    assert "Holm-adjusted within a family of its own (32 tests)" in land
     assert "| adversarial | 0.91 ± 0.0248 | 0.5 ± 0 |" in land  # mean of 0.90, 0.91, 0.92; t(2) half width
     assert "- adversarial, ranking accuracy against chance (0.5): EMA: better at sigma_0.1 (in-distribution, ood); " \
            "no detectable difference elsewhere; raw: better at sigma_0.1" in land
     assert "- none, ranking accuracy against chance (0.5): EMA: no detectable difference; raw: no detectable difference." in land
-    assert "| adversarial | 4 | 0.897 ± 0.0143 | 1 ± 0 | 0.448 ± 0.00717 | 4.2e6 |" in land
+    # per seed differences 0.40, 0.41, 0.42 from none: t = 0.41 / (0.01 / sqrt 3) = 71, p(2 dof) = 2e-4, x 32 < 0.05
+    assert "- adversarial vs none, ranking accuracy (A better: A ranks true answers better): EMA: better at " \
+           "sigma_0.1 (in-distribution, ood); no detectable difference elsewhere; raw: better at sigma_0.1" in land
+    # room: the oracle (energy / 2) against the random pick 1.0: 55 %, 55.5 %, 55 %, mean 55.17 %
+    assert "| adversarial | 4 | 0.897 ± 0.0143 | 1 ± 0 | 0.448 ± 0.00717 | 55.2 % | 4.2e6 |" in land
     assert "- adversarial, energy pick against a random pick: EMA: better at N = 4 (in-distribution, ood)" in land
     assert "- none, energy pick against a random pick: EMA: no detectable difference" in land
     assert (tmp_path / "plots" / "error_vs_answer_flops.png").read_bytes().startswith(b"\x89PNG")
@@ -283,7 +288,7 @@ def test_the_landscape_section_says_per_arm_what_its_energy_does(tmp_path):
     assert row["ranking_id_sigma_0.1_t0"] == "0.5" and row["best_of_4_mse_id_energy_raw"] == "1.0"
     assert row["best_of_4_flops_per_answer"] == "4200000.0" and row["sampler_flops_per_answer"] == "1000000.0"
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert len(summary["landscape"]["tests"]) == 24
+    assert len(summary["landscape"]["tests"]) == 32
 
 
 def test_a_study_without_landscape_keys_says_so(study):
