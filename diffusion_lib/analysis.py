@@ -227,6 +227,17 @@ def yardstick_table(runs: Sequence[RunRecord], scores: Scoring) -> dict[str, lis
     return table
 
 
+def yardstick_points(runs: Sequence[RunRecord], scores: Scoring) -> dict[str, dict[str, list[YardstickRow]]]:
+    """The yardstick table per value of the swept task keys, e.g. 'task.conditioning=0.2': a task sweep changes
+    the held-out problems, so one table over every run would average different problems. Empty without one."""
+    points: dict[str, list[RunRecord]] = {}
+    for run in finished(runs):
+        point = " · ".join(f"{key}={value}" for key, value in run.sweep.items() if key.startswith("task."))
+        if point:
+            points.setdefault(point, []).append(run)
+    return {point: yardstick_table(members, scores) for point, members in points.items()}
+
+
 # -- convergence -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Convergence:
@@ -899,6 +910,7 @@ class StudyAnalysis:
     family_size: int  # tests in the Holm family
     flops_ratio: dict[str, float]  # group -> its mean training FLOPs / the smallest group mean
     landscape: Landscape  # its tests are a Holm family of their own
+    yardstick_points: dict[str, dict[str, list[YardstickRow]]]  # per swept task value (empty: none swept)
 
     @property
     def primary_comparisons(self) -> list[Comparison]:
@@ -941,6 +953,7 @@ def analyse(runs: Sequence[RunRecord], primary: Mapping[str, Any] | None = None)
         budgets, common_budget_flops(runs), load, disagreements(comparisons, budgets[0].comparisons),
         mining_diagnostics(groups), steps, inference_table(groups, scores, steps), problems(runs),
         yardstick_standing(rows, scores, lead), len(family), flops_ratios(groups), landscape(groups, scores),
+        yardstick_points(runs, scores),
     )  # fmt: skip
 
 

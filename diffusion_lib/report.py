@@ -304,21 +304,29 @@ def _verdict_section(a: StudyAnalysis) -> list[str]:
 
 
 def _yardsticks_section(a: StudyAnalysis) -> list[str]:
-    metrics = list(a.scoring.metrics)
     lines = ["## Yardsticks", "",
              "What a score means: the held-out score of simple predictors on the same problems, mean over the "
              "finished runs (n: runs that recorded it). n/a: not recorded.", ""]  # fmt: skip
-    for set_name, rows in a.yardsticks.items():
-        by_name: dict[str, list[an.YardstickRow]] = {}
-        for y in rows:
-            by_name.setdefault(y.name, []).append(y)
-        table = [[stick_words(name), YARDSTICK_WORDS.get(name, (name, ""))[1], *(fmt(y.mean) for y in ys),
-                  max(y.n for y in ys), "; ".join(f"{_label(a, y.metric)} varies across runs: {fmt(y.low)} to "
-                                                  f"{fmt(y.high)}" for y in ys if y.varies)]
-                 for name, ys in by_name.items()]  # fmt: skip
-        header = ["yardstick", "what it is", *(_label(a, m) for m in metrics), "n runs", "note"]
-        lines += [f"**{set_words(set_name)}**", "", *(_table(header, table) if table else ["none recorded", ""])]
+    if not a.yardstick_points:
+        return lines + [line for set_name, rows in a.yardsticks.items()
+                        for line in _yardstick_table(a, set_words(set_name), rows)]  # fmt: skip
+    lines += ["The study sweeps the task, which changes the held-out problems: one table per swept value.", ""]
+    for point, table in a.yardstick_points.items():
+        lines += [line for set_name, rows in table.items()
+                  for line in _yardstick_table(a, f"{set_words(set_name)}, {point}", rows)]  # fmt: skip
     return lines
+
+
+def _yardstick_table(a: StudyAnalysis, title: str, rows: Sequence[an.YardstickRow]) -> list[str]:
+    by_name: dict[str, list[an.YardstickRow]] = {}
+    for y in rows:
+        by_name.setdefault(y.name, []).append(y)
+    table = [[stick_words(name), YARDSTICK_WORDS.get(name, (name, ""))[1], *(fmt(y.mean) for y in ys),
+              max(y.n for y in ys), "; ".join(f"{_label(a, y.metric)} varies across runs: {fmt(y.low)} to "
+                                              f"{fmt(y.high)}" for y in ys if y.varies)]
+             for name, ys in by_name.items()]  # fmt: skip
+    header = ["yardstick", "what it is", *(_label(a, m) for m in a.scoring.metrics), "n runs", "note"]
+    return [f"**{title}**", "", *(_table(header, table) if table else ["none recorded", ""])]
 
 
 def _standing_cell(g: an.GroupRow, basis: str, set_name: str) -> str:

@@ -11,7 +11,7 @@ import math
 import pytest
 
 from diffusion_lib.analysis import (
-    MIXED_PACKING, NO_VALUES, NOT_REACHED, UNEVEN_LOAD, Score, analyse, ema_horizon, summary_columns, summary_rows,
+    MIXED_PACKING, NOT_REACHED, UNEVEN_LOAD, Score, analyse, ema_horizon, summary_columns, summary_rows,
 )
 from diffusion_lib.results import RunDir, RunRecord
 
@@ -490,3 +490,23 @@ def test_the_quick_configs_have_an_ema_that_fits_their_length(name):
     assert not analyse([run]).lagging
     run.config.update({"train.ema_decay": 0.995, "train.ema_every": 10})  # the reference EMA would lag
     assert analyse([run]).lagging
+
+
+def test_a_task_sweep_gets_one_yardstick_table_per_swept_value():
+    # two conditionings whose linear maps score 0.05 / 0.07 and 3.0 / 3.4 (two seeds each): one table over
+    # all four runs would read 1.63; per value they read 0.06 and 3.2
+    runs = []
+    for conditioning, linear in ((0.5, (0.05, 0.07)), (0.05, (3.0, 3.4))):
+        for seed, value in enumerate(linear):
+            sweep = {"task.conditioning": conditioning}
+            run = make_run(f"none__c{conditioning}__seed{seed}", "none", seed, 1.0, sweep=sweep)
+            run.final["yardsticks"] = {"id": {"linear": {"mse": value}}, "ood": {"linear": {"mse": 1.0}}}
+            runs.append(run)
+    a = analyse(runs)
+    assert list(a.yardstick_points) == ["task.conditioning=0.5", "task.conditioning=0.05"]
+    mean = {point: table["id"][0].mean for point, table in a.yardstick_points.items()}
+    assert mean == {"task.conditioning=0.5": pytest.approx(0.06), "task.conditioning=0.05": pytest.approx(3.2)}
+    assert a.yardsticks["id"][0].mean == pytest.approx(1.63) and a.yardsticks["id"][0].varies
+    # a sweep of a mining key leaves the problems alone: no per-value tables
+    mining = [make_run(f"a{s}", "adversarial", s, 1.0, sweep={"mining.opt_steps": s + 1}) for s in range(2)]
+    assert analyse(mining).yardstick_points == {}
