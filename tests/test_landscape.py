@@ -419,6 +419,18 @@ def test_the_landscape_study_scores_every_part(tmp_path):
     assert [s["name"] for s in ev.samplers] == ["langevin"] and runs[0].config.task["rank"] == 5
 
 
+def test_the_connectivity_landscape_study_scores_the_quick_connectivity_arms(tmp_path):
+    from conftest import ROOT
+    from diffusion_lib.study import expand, load_study
+
+    runs = expand(load_study(ROOT / "configs" / "ablations" / "landscape_connectivity.yaml"), tmp_path)
+    quick = expand(load_study(ROOT / "configs" / "quick_connectivity.yaml"), tmp_path / "quick")
+    assert [(r.strategy, r.seed) for r in runs] == [(r.strategy, r.seed) for r in quick]
+    ev = runs[0].config.eval
+    assert runs[0].config.task["dataset"] == "connectivity" and ev.best_of == [1, 4] and ev.ranking_scales
+    assert runs[0].config.train == quick[0].config.train  # the same models as quick_connectivity, scored more
+
+
 # -- the trainer's final scoring -------------------------------------------------------------------------------
 LANDSCAPE_ARGS = ("eval.best_of=[1,3]", "eval.ranking_scales=[0.1,1.0]", "eval.ranking_levels=[0,9]",
                   "eval.inference_steps_sweep=[0,5]", "eval.samplers=[{name: langevin, temperature: 0.01}]")
