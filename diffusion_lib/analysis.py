@@ -1011,8 +1011,10 @@ class FlopCurve:
 @dataclass
 class Landscape:
     distances: list[str]
-    ranking_level: str  # the level the tables read (0 when ranked there: where the last inner steps descend)
-    ranking: dict[str, dict[str, dict[str, dict[str, Estimate]]]]  # group -> set -> basis -> distance -> accuracy
+    ranking_levels: list[str]  # every diffusion level ranked at, in order
+    ranking_level: str  # the level tested (0 when ranked there: where the last inner steps descend)
+    ranking: dict[str, dict[str, dict[str, dict[str, dict[str, Estimate]]]]]  # group -> set -> basis -> level ->
+    # distance -> accuracy
     best_of_ns: list[str]
     best_of: dict[str, dict[str, dict[str, dict[str, dict[str, Estimate]]]]]  # group -> set -> basis -> n -> pick
     tests: list[LandscapeTest]
@@ -1071,6 +1073,7 @@ def landscape(groups: Mapping[str, Sequence[RunRecord]], scores: Scoring) -> Lan
     and error-vs-FLOPs curves of the headline metric."""
     runs = [r for g in groups.values() for r in g]
     distances, levels = _landscape_keys(runs, "ranking_")
+    levels = sorted(levels, key=int)
     level = "0" if "0" in levels else (levels[0] if levels else "0")
     ns, _ = _landscape_keys(runs, "best_of_")
     ns = sorted(ns, key=int)
@@ -1080,13 +1083,17 @@ def landscape(groups: Mapping[str, Sequence[RunRecord]], scores: Scoring) -> Lan
         done = finished(members)
         ranking[group], best[group] = {}, {}
         for score in scores.scores([headline]) if headline else ():
-            values = {d: [ranking_value(r, score.set, score.basis, d, level) for r in done] for d in distances}
-            ranking[group].setdefault(score.set, {})[score.basis] = {d: estimate(v) for d, v in values.items()}
-            tests += [_test("ranking", group, score, d, "", True, v, [CHANCE] * len(v)) for d, v in values.items()]
+            values = {lv: {d: [ranking_value(r, score.set, score.basis, d, lv) for r in done] for d in distances}
+                      for lv in levels}  # fmt: skip
+            ranking[group].setdefault(score.set, {})[score.basis] = {
+                lv: {d: estimate(v) for d, v in row.items()} for lv, row in values.items()}  # fmt: skip
+            tests += [_test("ranking", group, score, d, "", True, v, [CHANCE] * len(v))
+                      for d, v in values.get(level, {}).items()]  # fmt: skip
             picks = {n: {p: [best_of_value(r, score.set, score.basis, n, headline, p) for r in done] for p in PICKS}
                      for n in ns}  # fmt: skip
             best[group].setdefault(score.set, {})[score.basis] = {
-                n: {**{p: estimate(v) for p, v in row.items()}, "room": estimate(room(row["oracle"], row["random"]))}
+                n: {**{p: estimate(v) for p, v in row.items()}, "room": estimate(room(row["oracle"], row["random"])),
+                    "gain": estimate(gain(row["energy"], row["random"], scores.higher(headline)))}
                 for n, row in picks.items()}  # fmt: skip
             tests += [_test("best_of", group, score, n, headline, scores.higher(headline), row["energy"], row["random"])
                       for n, row in picks.items() if n != "1"]
@@ -1094,7 +1101,13 @@ def landscape(groups: Mapping[str, Sequence[RunRecord]], scores: Scoring) -> Lan
     family = [t for t in tests if math.isfinite(t.p)]
     for t, adjusted in zip(family, holm([t.p for t in family])):
         t.p_adjusted = adjusted
-    return Landscape(distances, level, ranking, ns, best, tests, flop_curves(groups, scores, ns))
+    return Landscape(distances, levels, level, ranking, ns, best, tests, flop_curves(groups, scores, ns))
+
+
+def gain(energy: Sequence[float], random: Sequence[float], higher: bool) -> list[float]:
+    """Per seed, how much better the energy pick is than the random pick, in % of the random pick's value
+    (negative: worse)."""
+    return [((e - r) if higher else (r - e)) / abs(r) * 100 if r else math.nan for e, r in zip(energy, random)]
 
 
 def room(oracle: Sequence[float], random: Sequence[float]) -> list[float]:
@@ -1143,7 +1156,7 @@ def flop_curves(groups: Mapping[str, Sequence[RunRecord]], scores: Scoring, ns: 
 
 def landscape_columns(final: Mapping[str, Any]) -> dict[str, float]:
     """final.json's landscape numbers as flat summary.csv columns: ranking_<set>_<distance>_t<level>[_raw] at
-    the first level ranked, best_of_<n>_<metric>_<set>_<pick>[_raw], best_of_<n>_flops_per_answer,
+    every level ranked, best_of_<n>_<metric>_<set>_<pick>[_raw], best_of_<n>_flops_per_answer,
     sampler_flops_per_answer; another sampler's (eval.samplers) as <label>__<the same> and its scores."""
     flat: dict[str, float] = {}
     if is_number(final.get("sampler_flops_per_answer")):
@@ -1155,9 +1168,8 @@ def landscape_columns(final: Mapping[str, Any]) -> dict[str, float]:
         base = key[: len(key) - len(raw)]
         if key.startswith("ranking_"):
             for distance, row in table.items():
-                if isinstance(row, dict) and row:
-                    level = "0" if "0" in row else next(iter(row))
-                    flat[f"{base}_{distance}_t{level}{raw}"] = _number(row[level])
+                for level, value in (row.items() if isinstance(row, dict) else ()):
+                    flat[f"{base}_{distance}_t{level}{raw}"] = _number(value)
         elif key.startswith("best_of_"):
             for n, row in table.items():
                 for metric, picks in (row.items() if isinstance(row, dict) else ()):

@@ -540,17 +540,22 @@ def _landscape_verdicts(a: StudyAnalysis, kind: str, group: str, basis: str) -> 
 
 def _ranking_subsection(a: StudyAnalysis) -> list[str]:
     land = a.landscape
+    levels = land.ranking_levels
+    where = (f"at each diffusion level ranked (0: where the last inner steps descend; the tests read level "
+             f"{land.ranking_level})" if len(levels) > 1 else f"at diffusion level {land.ranking_level}")
     lines = [
-        f"**Energy as a verifier.** The fraction of pairs (true answer, other answer) whose energy at diffusion "
-        f"level {land.ranking_level} puts the true answer lower (ties count half): 1 is a perfect verifier, 0.5 "
-        "a blind one. The other answer is the true one plus sigma times Gaussian noise (sigma_<s>), or the "
-        "model's own sample (samples). Mean ± 95 % CI over the finished seeds.", "",
+        f"**Energy as a verifier.** The fraction of pairs (true answer, other answer) whose energy {where} puts "
+        "the true answer lower (ties count half): 1 is a perfect verifier, 0.5 a blind one. The other answer is "
+        "the true one plus sigma times Gaussian noise (sigma_<s>), or the model's own sample (samples). Mean ± "
+        "95 % CI over the finished seeds.", "",
     ]  # fmt: skip
+    by_level = ["level"] if len(levels) > 1 else []
     for set_name in a.scoring.sets:
         for basis in BASES:
-            rows = [[g, *(pm(cells[set_name][basis][d]) for d in land.distances)] for g, cells in land.ranking.items()
-                    if set_name in cells]  # fmt: skip
-            lines += [f"*{set_words(set_name)}, {BASES[basis]}*", "", *_table(["group", *land.distances], rows)]
+            rows = [[g, *([lv] if by_level else []), *(pm(cells[set_name][basis][lv][d]) for d in land.distances)]
+                    for g, cells in land.ranking.items() if set_name in cells for lv in levels]  # fmt: skip
+            lines += [f"*{set_words(set_name)}, {BASES[basis]}*", "",
+                      *_table(["group", *by_level, *land.distances], rows)]  # fmt: skip
     for group in land.ranking:
         words = "; ".join(f"{BASES[b]}: {_landscape_verdicts(a, 'ranking', group, b)}" for b in BASES)
         lines.append(f"- {group}, ranking accuracy against chance (0.5): {words}.")
@@ -566,12 +571,13 @@ def _best_of_subsection(a: StudyAnalysis) -> list[str]:
     lines = [
         f"**Best-of-N.** N answers per problem from N start noises (the first is the set's own), and the "
         f"{_label(a, metric)} of the lowest-energy one (energy), of a random one (random: the mean over the N) "
-        f"and of the best one (oracle); {_direction(a, metric)}. Room: how much better the oracle is than the "
-        "random pick, in % of the random pick's value: all that selection among these N samples can gain (near "
-        "0 % when the samples agree). FLOPs per answer count the N samples and their scoring. Mean over the "
+        f"and of the best one (oracle); {_direction(a, metric)}. Gain: how much better the energy pick is than "
+        "the random pick, in % of the random pick's value (negative: worse). Room: the same for the oracle: all "
+        "that selection among these N samples can gain (near 0 % when the samples agree). FLOPs per answer count the N samples and their scoring. Mean over the "
         "finished seeds.", "",
     ]  # fmt: skip
-    header = ["group", "N", "energy pick", "random pick", "oracle", "room (oracle vs random)", "FLOPs per answer"]
+    header = ["group", "N", "energy pick", "random pick", "oracle", "gain (energy vs random)",
+              "room (oracle vs random)", "FLOPs per answer"]
     for set_name in a.scoring.sets:
         for basis in BASES:
             rows = []
@@ -580,7 +586,7 @@ def _best_of_subsection(a: StudyAnalysis) -> list[str]:
                     flops = next((p[0] for c in land.curves if c.group == group and c.set == set_name
                                   and c.kind == "best-of-N" for p in c.points if p[2] == f"N={n}"), math.nan)  # fmt: skip
                     rows.append([group, n, pm(picks["energy"]), pm(picks["random"]), pm(picks["oracle"]),
-                                 percent(picks["room"].mean, signed=False), fmt(flops)])
+                                 percent(picks["gain"].mean), percent(picks["room"].mean, signed=False), fmt(flops)])
             lines += [f"*{_label(a, metric)} {set_words(set_name)}, {BASES[basis]}*", "", *_table(header, rows)]
     for group in land.best_of:
         words = "; ".join(f"{BASES[b]}: {_landscape_verdicts(a, 'best_of', group, b)}" for b in BASES)

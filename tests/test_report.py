@@ -243,10 +243,11 @@ def test_groups_level_with_a_yardstick_are_named(tmp_path):
 
 
 def landscape_run(strategy, seed, ranking, energy, random_pick):
-    """A finished run with the landscape keys: ranking accuracy `ranking` at sigma_0.1 (0.5 at samples), and
+    """A finished run with the landscape keys: ranking accuracy `ranking` at sigma_0.1 and level 0 (0.6 at level
+    9, 0.5 at samples), and
     best-of-4's energy and random picks (MSE), the same on both sets and models."""
     run = make_run(f"{strategy}__seed{seed}", strategy, seed, 1.0)
-    table = {"sigma_0.1": {"0": ranking, "9": 0.5}, "samples": {"0": 0.5, "9": 0.5}}
+    table = {"sigma_0.1": {"9": 0.6, "0": ranking}, "samples": {"0": 0.5, "9": 0.5}}
     best = {"1": {"mse": {"energy": random_pick, "random": random_pick, "oracle": random_pick}, "flops_per_answer": 1e6},
             "4": {"mse": {"energy": energy, "random": random_pick, "oracle": energy / 2}, "flops_per_answer": 4.2e6}}
     for name in ("id", "ood"):
@@ -270,22 +271,26 @@ def test_the_landscape_section_says_per_arm_what_its_energy_does(tmp_path):
     land = report[report.index("## The energy landscape\n"):report.index("## Failed, missing and damaged runs\n")]
     # 2 sets x 2 bases x (2 groups x (2 distances + best-of-4) + 1 pair x 2 distances)
     assert "Holm-adjusted within a family of its own (32 tests)" in land
-    assert "| adversarial | 0.91 ± 0.0248 | 0.5 ± 0 |" in land  # mean of 0.90, 0.91, 0.92; t(2) half width
+    # one row per level, in level order; mean of 0.90, 0.91, 0.92 with t(2)'s half width; the tests read level 0
+    assert "| adversarial | 0 | 0.91 ± 0.0248 | 0.5 ± 0 |\n| adversarial | 9 | 0.6 ± 0 | 0.5 ± 0 |" in land
+    assert "at each diffusion level ranked (0: where the last inner steps descend; the tests read level 0)" in land
     assert "- adversarial, ranking accuracy against chance (0.5): EMA: better at sigma_0.1 (in-distribution, ood); " \
            "no detectable difference elsewhere; raw: better at sigma_0.1" in land
     assert "- none, ranking accuracy against chance (0.5): EMA: no detectable difference; raw: no detectable difference." in land
     # per seed differences 0.40, 0.41, 0.42 from none: t = 0.41 / (0.01 / sqrt 3) = 71, p(2 dof) = 2e-4, x 32 < 0.05
     assert "- adversarial vs none, ranking accuracy (A better: A ranks true answers better): EMA: better at " \
            "sigma_0.1 (in-distribution, ood); no detectable difference elsewhere; raw: better at sigma_0.1" in land
-    # room: the oracle (energy / 2) against the random pick 1.0: 55 %, 55.5 %, 55 %, mean 55.17 %
-    assert "| adversarial | 4 | 0.897 ± 0.0143 | 1 ± 0 | 0.448 ± 0.00717 | 55.2 % | 4.2e6 |" in land
+    # gain: the energy pick 0.90, 0.89, 0.90 against the random pick 1.0: 10 %, 11 %, 10 %, mean 10.33 %;
+    # room: the oracle (energy / 2) against it: 55 %, 55.5 %, 55 %, mean 55.17 %
+    assert "| adversarial | 4 | 0.897 ± 0.0143 | 1 ± 0 | 0.448 ± 0.00717 | +10.3 % | 55.2 % | 4.2e6 |" in land
     assert "- adversarial, energy pick against a random pick: EMA: better at N = 4 (in-distribution, ood)" in land
     assert "- none, energy pick against a random pick: EMA: no detectable difference" in land
     assert (tmp_path / "plots" / "error_vs_answer_flops.png").read_bytes().startswith(b"\x89PNG")
     assert "(plots/error_vs_answer_flops.png)" in report
     with open(tmp_path / "summary.csv", newline="") as handle:
         row = next(csv.DictReader(handle))
-    assert row["ranking_id_sigma_0.1_t0"] == "0.5" and row["best_of_4_mse_id_energy_raw"] == "1.0"
+    assert row["ranking_id_sigma_0.1_t0"] == "0.5" and row["ranking_id_sigma_0.1_t9_raw"] == "0.6"
+    assert row["best_of_4_mse_id_energy_raw"] == "1.0"
     assert row["best_of_4_flops_per_answer"] == "4200000.0" and row["sampler_flops_per_answer"] == "1000000.0"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["landscape"]["tests"]) == 32
