@@ -260,7 +260,9 @@ def _standing_text(st: an.YardstickStanding, sticks: str, groups: int) -> str:
         who = f"no group beats {sticks} ({', '.join(st.level_with)} level with {'them' if ' and ' in sticks else 'it'})"
     else:
         who = f"{len(st.beaten_by)} of {len(st.rated)} groups ({', '.join(st.beaten_by)}) beat {sticks}"
-        who += f", {', '.join(st.level_with)} level with" if st.level_with else ""
+        behind = [g for g in st.rated if g not in st.beaten_by and g not in st.level_with]
+        if st.level_with:  # then "the rest" would not say which groups are behind
+            who += f", {', '.join(st.level_with)} level with" + (f", {', '.join(behind)} behind" if behind else "")
     return who + (f" (rated: {len(st.rated)} of {groups} groups)" if len(st.rated) < groups else "")
 
 

@@ -242,6 +242,17 @@ def test_groups_level_with_a_yardstick_are_named(tmp_path):
     assert "no group beats the coin (random, adversarial level with it)" in verdict
 
 
+def test_a_yardstick_sentence_names_the_groups_behind_when_some_are_level():
+    from diffusion_lib.analysis import YardstickStanding
+    from diffusion_lib.report import _standing_text
+
+    mixed = YardstickStanding("id", "linear", "raw", ["a", "b", "c", "d"], ["a", "b"], ["c"])
+    assert _standing_text(mixed, "the linear map", 4) == "2 of 4 groups (a, b) beat the linear map, c level with, d behind"
+    # with none level, "2 of 4 beat" already says the other two are behind
+    assert _standing_text(YardstickStanding("id", "linear", "raw", ["a", "b", "c", "d"], ["a", "b"], []),
+                          "the linear map", 4) == "2 of 4 groups (a, b) beat the linear map"
+
+
 def landscape_run(strategy, seed, ranking, energy, random_pick):
     """A finished run with the landscape keys: ranking accuracy `ranking` at sigma_0.1 and level 0 (0.6 at level
     9, 0.5 at samples), and
