@@ -575,8 +575,8 @@ def _best_of_subsection(a: StudyAnalysis) -> list[str]:
         f"{_label(a, metric)} of the lowest-energy one (energy), of a random one (random: the mean over the N) "
         f"and of the best one (oracle); {_direction(a, metric)}. Gain: how much better the energy pick is than "
         "the random pick, in % of the random pick's value (negative: worse). Room: the same for the oracle: all "
-        "that selection among these N samples can gain (near 0 % when the samples agree). FLOPs per answer count the N samples and their scoring. Mean over the "
-        "finished seeds.", "",
+        "that selection among these N samples can gain (near 0 % when the samples agree). FLOPs per answer count "
+        "the N samples and their scoring. Mean over the finished seeds.", "",
     ]  # fmt: skip
     header = ["group", "N", "energy pick", "random pick", "oracle", "gain (energy vs random)",
               "room (oracle vs random)", "FLOPs per answer"]

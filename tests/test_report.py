@@ -254,9 +254,8 @@ def test_a_yardstick_sentence_names_the_groups_behind_when_some_are_level():
 
 
 def landscape_run(strategy, seed, ranking, energy, random_pick):
-    """A finished run with the landscape keys: ranking accuracy `ranking` at sigma_0.1 and level 0 (0.6 at level
-    9, 0.5 at samples), and
-    best-of-4's energy and random picks (MSE), the same on both sets and models."""
+    """A finished run with the landscape keys: ranking accuracy `ranking` at sigma_0.1 and level 0 (0.6 at
+    level 9, 0.5 at samples), and best-of-4's energy and random picks (MSE), the same on both sets and models."""
     run = make_run(f"{strategy}__seed{seed}", strategy, seed, 1.0)
     table = {"sigma_0.1": {"9": 0.6, "0": ranking}, "samples": {"0": 0.5, "9": 0.5}}
     best = {"1": {"mse": {"energy": random_pick, "random": random_pick, "oracle": random_pick}, "flops_per_answer": 1e6},
