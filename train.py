@@ -1,7 +1,7 @@
 """Train one energy-diffusion model, from flags, a YAML file and `key=value` overrides.
 
     python train.py --dataset inverse --mining-strategy adversarial
-    python train.py --config configs/inverse.yaml mining.opt_steps=5 train.batch_size=512
+    python train.py --config configs/runs/inverse.yaml mining.opt_steps=5 train.batch_size=512
     python train.py --config results/run/config.yaml --resume
 
 Experiment scripts import `create_dataset`, `create_diffusion_model` and `create_trainer` from here.
@@ -13,93 +13,18 @@ import json
 import os
 import shlex
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Sequence
 
 # light modules only up here: --help must answer without loading torch; the rest is imported where used
-from diffusion_lib.config import (
-    ConfigError, RunConfig, build_config, check_keys, flatten, load_yaml, parse_overrides, split_overrides,
-)
-from diffusion_lib.files import atomic_write_json, describe_os_error
-from diffusion_lib.launch import LAUNCHED_BY_STUDY
-from diffusion_lib.locks import EXIT_BUSY, FolderBusy
+from diffusion_lib.harness.build import create_dataset, create_diffusion_model, create_trainer
+from diffusion_lib.harness.cli import OneLineParser, parse_bool, parse_command_line, run_explaining_errors
+from diffusion_lib.harness.config import ConfigError, RunConfig, build_config, check_keys, flatten, load_yaml, parse_overrides
+from diffusion_lib.harness.files import atomic_write_json
+from diffusion_lib.harness.run_dir import RunDir, TrainingInterrupted, sampling_settings
 from diffusion_lib.mining import STRATEGIES
-from diffusion_lib.results import RunDir, TrainingInterrupted, sampling_settings
+from diffusion_lib.study.launch import LAUNCHED_BY_STUDY
 
-if TYPE_CHECKING:
-    from diffusion_lib.diffusion import GaussianDiffusion1D
-    from diffusion_lib.tasks import Task
-    from diffusion_lib.trainer import Trainer1D
-
-
-# -- the helpers every script builds runs with ------------------------------------------------------
-def create_dataset(config: RunConfig) -> Task:
-    """The task `config.task` names (tasks.TASKS)."""
-    from diffusion_lib.tasks import make_task
-
-    return make_task(config.task)
-
-
-def create_diffusion_model(config: RunConfig | Sequence[RunConfig], task: Task) -> GaussianDiffusion1D:
-    """The model for one run, or for a pack of runs (configs differing only in seed and folder); a model
-    that does not pack refuses more than one run in one line."""
-    from diffusion_lib.diffusion import GaussianDiffusion1D
-    from diffusion_lib.models import build_model
-
-    configs = [config] if isinstance(config, RunConfig) else list(config)
-    try:
-        model = build_model(configs[0].model, task, runs=len(configs))
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    for run, run_config in enumerate(configs):
-        model.ebm.init_run(run, run_config.seed)  # the seed fixes the initial weights
-    settings = configs[0].diffusion
-    return GaussianDiffusion1D(
-        model,
-        timesteps=settings.timesteps,
-        mining_config=configs[0].mining,
-        inference_steps=settings.inference_steps,
-        inference_step_scale=settings.inference_step_scale,
-        inference_step_schedule=settings.inference_step_schedule,
-        answer=settings.answer,
-        data_bound=task.answer_bound,
-        sampler=settings.sampler,
-        corrupt=task.corrupt,
-    )
-
-
-def create_trainer(
-    config: RunConfig | Sequence[RunConfig],
-    diffusion: GaussianDiffusion1D,
-    task: Task,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    evaluate_only: bool = False,
-    label: str = "",
-) -> Trainer1D:
-    from diffusion_lib.trainer import Trainer1D, make_accelerator
-
-    first = config if isinstance(config, RunConfig) else config[0]
-    return Trainer1D(
-        diffusion, task, config, make_accelerator(first.device),
-        resume=resume, overwrite=overwrite, evaluate_only=evaluate_only, label=label,
-    )
-
-
-# -- command line -----------------------------------------------------------------------------------
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line on stderr, exit code 2 (argparse prints the usage too)
-        print(f"error: {message} (see python {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+__all__ = ["create_dataset", "create_diffusion_model", "create_trainer", "main"]
 
 
 # flag -> config key; both spellings (--batch_size / --batch-size) are accepted
@@ -180,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluate and args.overwrite:
         raise ConfigError("--evaluate only reads a run, so --overwrite (which starts it over) does not apply; "
                           "an evaluation may change only the sampling keys")
-    from diffusion_lib.trainer import make_accelerator
+    from diffusion_lib.harness.trainer import make_accelerator
 
     accelerator = make_accelerator(config.device)
     if accelerator.is_main_process:
@@ -203,64 +128,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {final.get('error')}", file=sys.stderr)
         return 1
     return 0
-
-
-def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-    """Parse flags, collecting every `key=value` into args.overrides wherever it stands."""
-    rest, overrides = split_overrides(list(argv))
-    args = parser.parse_args(rest)
-    args.overrides += overrides
-    return args
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is the allocator giving up (CUDA's OutOfMemoryError, the CPU allocator's, or the
-    dynamic loader failing to map a library)."""
-    torch = sys.modules.get("torch")  # not imported here: loading torch may be what ran out of memory
-    kinds = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
-    return isinstance(error, kinds) or any(text in str(error) for text in ("can't allocate memory", "failed to map segment"))
-
-
-def _while_importing(error: BaseException) -> bool:
-    """Whether `error` was raised while Python loaded a module (its traceback passes through importlib)."""
-    tb = error.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
-        tb = tb.tb_next
-    return isinstance(error, ImportError)
-
-
-def _memory_advice(error: BaseException) -> str:
-    """The one line for memory running out: what ran out, while doing what, and what to change."""
-    what = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    if _while_importing(error):
-        return (f"out of memory while loading Python modules ({type(error).__name__}: {what}); this process may not "
-                "use enough memory to load torch: raise its limit (ulimit -v) or free memory")
-    return f"out of memory ({what}); lower model.hidden_dim, train.batch_size or eval.batch_size"
-
-
-def run_explaining_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """run(args); what the user can act on becomes one line on stderr (with --debug, the traceback):
-    bad input (ConfigError) exit code 2; a folder another process holds (FolderBusy) EXIT_BUSY (75);
-    the OS saying no (a full disk, a read-only folder, a file in the way) or memory running out, exit code 1."""
-    try:
-        return run(args)
-    except (ConfigError, FolderBusy) as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BUSY if isinstance(error, FolderBusy) else 2
-    except OSError as error:
-        if args.debug:
-            raise
-        print(f"error: {describe_os_error(error)}", file=sys.stderr)
-        return 1
-    except (MemoryError, RuntimeError, ImportError) as error:
-        if args.debug or not out_of_memory(error):
-            raise
-        print(f"error: {_memory_advice(error)}", file=sys.stderr)
-        return 1
 
 
 def resume_hint(args: argparse.Namespace) -> str:

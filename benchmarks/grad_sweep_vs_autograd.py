@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion_lib.diffusion import GaussianDiffusion1D  # noqa: E402
 from diffusion_lib.models import build_model  # noqa: E402
-from diffusion_lib.tasks import make_task  # noqa: E402
+from diffusion_lib.tasks.base import make_task  # noqa: E402
 
 SIZES = ((20, 2048, 512), (5, 256, 256))  # (rank, batch, hidden)
 QUICK_SIZES = ((2, 16, 16),)

@@ -3,7 +3,7 @@
     python benchmarks/study_throughput.py                 # device auto; appends a section to benchmarks/results.md
     python benchmarks/study_throughput.py --quick         # smoke check at toy sizes; writes nothing
 
-The main study (configs/matrix_inversion_mining.yaml) trains equal numbers of runs of four strategies
+The main study (configs/studies/matrix_inversion_mining.yaml) trains equal numbers of runs of four strategies
 at the reference setup (inverse, rank 20, batch 2048, hidden 512): none, random, adversarial (opt_steps
 2) and adversarial_reference (the same with step_schedule reference, clamp_bound first_sample). This
 script measures how many run-steps per second that mix gets:
@@ -49,10 +49,10 @@ if str(ROOT) not in sys.path:  # `python benchmarks/study_throughput.py` puts be
 
 import train  # noqa: E402
 from benchmarks.throughput import cpu_model  # noqa: E402
-from diffusion_lib.config import RunConfig, build_config  # noqa: E402
-from diffusion_lib.trainer import Trainer1D  # noqa: E402
+from diffusion_lib.harness.config import RunConfig, build_config  # noqa: E402
+from diffusion_lib.harness.trainer import Trainer1D  # noqa: E402
 
-# the main study's strategies (configs/matrix_inversion_mining.yaml), as config layers
+# the main study's strategies (configs/studies/matrix_inversion_mining.yaml), as config layers
 MIX: dict[str, dict[str, Any]] = {
     "none": {"mining.strategy": "none"},
     "random": {"mining.strategy": "random"},
@@ -251,7 +251,7 @@ def device_name(device: torch.device) -> str:
 
 def malloc_settings(on_cpu: bool) -> str:
     """How glibc's malloc was set (it changes CPU timings of large packs a lot): the trainer's own setting on a
-    CPU (diffusion_lib.malloc.keep_freed_memory), and any tunables from the environment."""
+    CPU (diffusion_lib.harness.malloc.keep_freed_memory), and any tunables from the environment."""
     names = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD")
     settings = [f"{name}={os.environ[name]}" for name in names if name in os.environ]
     if on_cpu:

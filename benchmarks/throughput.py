@@ -65,7 +65,7 @@ from diffusion_lib import EBM, EnergyCondition, EnergyDenoiser, GaussianDiffusio
 from diffusion_lib import models  # noqa: E402
 from diffusion_lib.diffusion import OptResult  # noqa: E402
 from diffusion_lib.models import packed_linear  # noqa: E402
-from diffusion_lib.tasks import make_task  # noqa: E402
+from diffusion_lib.tasks.base import make_task  # noqa: E402
 
 STRATEGIES = ("none", "random", "adversarial")
 TRAIN_OPT_STEPS = 2  # adversarial mining's inner steps in every training configuration here

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ANSWERS
-from .mining import STEP_SCHEDULES, mining_strategy, resolve_mining_config
-from .models import EnergyDenoiser
-from .samplers import Sampled, resolve_sampler_config, run_sampler
-from .schedule import schedule_constants
+from diffusion_lib.harness.config import ANSWERS
+from diffusion_lib.mining import STEP_SCHEDULES, mining_strategy, resolve_mining_config
+from diffusion_lib.models import EnergyDenoiser
+from diffusion_lib.samplers import Sampled, resolve_sampler_config, run_sampler
+from diffusion_lib.schedule import schedule_constants
 
 
 def default(value: Any, fallback: Any) -> Any:

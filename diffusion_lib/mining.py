@@ -15,13 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from .registry import Option, one_of, resolve_options
-from .text import brief_repr, suggest
+from diffusion_lib.registry import Option, one_of, resolve_options
+from diffusion_lib.text import brief_repr, suggest
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from .diffusion import GaussianDiffusion1D, Given, OptResult
+    from diffusion_lib.diffusion import GaussianDiffusion1D, Given, OptResult
 
 
 @dataclass

@@ -26,8 +26,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .registry import Option, one_of, resolve_options
-from .text import suggest
+from diffusion_lib.registry import Option, one_of, resolve_options
+from diffusion_lib.text import suggest
 
 
 class PackedLinear(nn.Module):

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .text import brief_repr, suggest
+from diffusion_lib.text import brief_repr, suggest
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,10 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # a run small enough for seconds on a 2-core CPU: rank 3, hidden 64, batch 64
@@ -26,7 +24,7 @@ def tiny_args(tmp_path):
 @pytest.fixture
 def poison_batch(monkeypatch):
     """poison_batch(n): the n-th training batch drawn from now on (counted over runs) has NaN conditions."""
-    from diffusion_lib.tasks import InverseTask
+    from diffusion_lib.tasks.base import InverseTask
 
     def poison(at_call: int) -> None:
         original, calls = InverseTask.sample, {"n": 0}

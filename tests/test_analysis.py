@@ -1,4 +1,4 @@
-"""diffusion_lib.analysis on synthetic runs: pairing, primary + Holm, disagreements, budgets, load, convergence,
+"""diffusion_lib.report.analysis on synthetic runs: pairing, primary + Holm, disagreements, budgets, load, convergence,
 EMA lag, a higher-is-better task and damaged folders. Expected values are worked out by hand in the comments.
 
 Run folders are written here in the results contract's final.json format (metrics with directions, labels,
@@ -10,10 +10,10 @@ import math
 
 import pytest
 
-from diffusion_lib.analysis import (
+from diffusion_lib.report.analysis import (
     MIXED_PACKING, NOT_REACHED, UNEVEN_LOAD, Score, analyse, ema_horizon, gain, room, summary_columns, summary_rows,
 )
-from diffusion_lib.results import RunDir, RunRecord
+from diffusion_lib.harness.run_dir import RunDir, RunRecord
 
 STEPS = (100, 200, 300, 400, 500)
 MSE_TASK = {"metrics": {"mse": "lower"}, "metric_labels": {"mse": "MSE"}, "sets": ["id", "ood"]}
@@ -480,10 +480,10 @@ def test_summary_rows_have_config_columns_once():
 @pytest.mark.parametrize("name", ["quick", "cpu_small"])
 def test_the_quick_configs_have_an_ema_that_fits_their_length(name):
     from conftest import ROOT
-    from diffusion_lib.config import build_config, flatten
-    from diffusion_lib.study import STUDY_KEYS, read_study_file
+    from diffusion_lib.harness.config import build_config, flatten
+    from diffusion_lib.study.spec import STUDY_KEYS, read_study_file
 
-    data = read_study_file(ROOT / "configs" / f"{name}.yaml")
+    data = read_study_file(ROOT / "configs" / ("runs" if name == "cpu_small" else "studies") / f"{name}.yaml")
     config = flatten(build_config(flatten({k: v for k, v in data.items() if k not in STUDY_KEYS})).to_dict())
     run = RunRecord("r", "none", {}, 0, {"status": "finished", "step": config["train.steps"], **MSE_TASK}, [], config)
     assert ema_horizon(run) == pytest.approx(50)  # 5 steps / (1 - 0.9)

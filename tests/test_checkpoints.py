@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from diffusion_lib.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from diffusion_lib.harness.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 
 WEIGHTS = torch.arange(4096, dtype=torch.float32)
 

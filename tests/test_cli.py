@@ -12,8 +12,8 @@ import pytest
 
 import train
 from conftest import ROOT
-from diffusion_lib.config import ConfigError, build_config
-from diffusion_lib.trainer import Trainer1D
+from diffusion_lib.harness.config import ConfigError, build_config
+from diffusion_lib.harness.trainer import Trainer1D
 
 
 def refused(args, capsys, tmp_path):
@@ -329,7 +329,7 @@ def test_a_full_disk_mid_run_is_one_line_and_loses_nothing_saved(tiny_args, caps
 
 # class 5: a full disk mid-append left a torn line that the next append glued onto
 def test_a_failed_metrics_append_leaves_no_torn_line(tmp_path, monkeypatch):
-    from diffusion_lib.results import RunDir
+    from diffusion_lib.harness.run_dir import RunDir
 
     run = RunDir(tmp_path)
     run.append_metrics({"kind": "train", "step": 1})

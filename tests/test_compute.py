@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train
-from diffusion_lib.ema import make_ema, restore_ema_step
+from diffusion_lib.harness.ema import make_ema, restore_ema_step
 
 RANK, HIDDEN, BATCH, T, TIME = 3, 16, 8, 10, 128
 

@@ -5,7 +5,7 @@ published code.
 (time MLP per sample, fc1 on cat([x, y]), autograd with create_graph=True, a separate energy forward
 for each rejection test). Both paths get the same inputs, t and noises (the same generator seed), so
 losses, parameter gradients, mined negatives, opt_step results and samples must agree to float32
-tolerance for every strategy. The published code's rules (configs/reference_faithful.yaml) are written
+tolerance for every strategy. The published code's rules (configs/runs/reference_faithful.yaml) are written
 out below, in float64, and must agree too.
 """
 from types import SimpleNamespace
@@ -17,8 +17,8 @@ import straightforward as plain
 import train
 from conftest import ROOT
 from diffusion_lib import EBM, EnergyDenoiser, GaussianDiffusion1D
-from diffusion_lib.config import config_from_file
-from diffusion_lib.tasks import make_task
+from diffusion_lib.harness.config import config_from_file
+from diffusion_lib.tasks.base import make_task
 
 RANK, HIDDEN, BATCH = 3, 64, 48
 STRATEGIES = ["none", "random", "adversarial"]
@@ -177,8 +177,8 @@ def reference_sample(diffusion, x, noise):
 
 @pytest.fixture
 def faithful():
-    """configs/reference_faithful.yaml's model at test size, in float64 (the comparison is exact up to rounding)."""
-    config = config_from_file(ROOT / "configs" / "reference_faithful.yaml")
+    """configs/runs/reference_faithful.yaml's model at test size, in float64 (the comparison is exact up to rounding)."""
+    config = config_from_file(ROOT / "configs" / "runs" / "reference_faithful.yaml")
     config.task["rank"], config.model["hidden_dim"] = RANK, HIDDEN
     assert config.mining["step_schedule"] == "reference" and config.mining["clamp_bound"] == "first_sample"
     task = train.create_dataset(config)

@@ -13,8 +13,8 @@ import torch
 
 import train
 from conftest import ROOT, TINY
-from diffusion_lib.results import RunDir
-from diffusion_lib.stopping import StopRequest
+from diffusion_lib.harness.run_dir import RunDir
+from diffusion_lib.harness.stopping import StopRequest
 
 LONG = [*TINY, "--train-steps", "600", "train.save_every=50", "eval.every=200"]
 
@@ -148,7 +148,7 @@ SLOW_SCORING = """
 import sys, time
 from pathlib import Path
 import train
-from diffusion_lib.trainer import Trainer1D
+from diffusion_lib.harness.trainer import Trainer1D
 original = Trainer1D._score_models
 
 def slow(self, sweep):

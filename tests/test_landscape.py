@@ -11,13 +11,13 @@ from torch import nn
 
 import train
 from diffusion_lib import EBM, EnergyDenoiser, GaussianDiffusion1D
-from diffusion_lib.config import ConfigError
-from diffusion_lib.landscape import (
+from diffusion_lib.harness.config import ConfigError
+from diffusion_lib.harness.landscape import (
     best_of_flops, best_of_n, energy_at, fixed_noise, rank_true_answers, verifier_flops,
 )
 from diffusion_lib.samplers import SAMPLERS, _mala_log_ratio, resolve_sampler_config, sampler_label, sampling_flops
 from diffusion_lib.schedule import schedule_constants
-from diffusion_lib.tasks import make_task
+from diffusion_lib.tasks.base import make_task
 
 RANK, HIDDEN, BATCH, T, TIME = 3, 16, 12, 10, 128
 D = RANK * RANK
@@ -399,9 +399,9 @@ def test_the_conditioning_keys_change_the_held_out_sets_as_stated():
 
 def test_the_difficulty_study_sweeps_the_conditioning_of_every_arm(tmp_path):
     from conftest import ROOT
-    from diffusion_lib.study import expand, load_study
+    from diffusion_lib.study.spec import expand, load_study
 
-    runs = expand(load_study(ROOT / "configs" / "ablations" / "difficulty.yaml"), tmp_path)
+    runs = expand(load_study(ROOT / "configs" / "studies" / "ablations" / "difficulty.yaml"), tmp_path)
     points = {(r.strategy, r.config.task["conditioning"], r.config.task["ood_conditioning"]) for r in runs}
     strategies = {r.strategy for r in runs}
     assert points == {(s, c, 0.1) for s in strategies for c in (0.5, 0.2, 0.05)} and len(strategies) == 4
@@ -410,9 +410,9 @@ def test_the_difficulty_study_sweeps_the_conditioning_of_every_arm(tmp_path):
 
 def test_the_landscape_study_scores_every_part(tmp_path):
     from conftest import ROOT
-    from diffusion_lib.study import expand, load_study
+    from diffusion_lib.study.spec import expand, load_study
 
-    runs = expand(load_study(ROOT / "configs" / "landscape.yaml"), tmp_path)
+    runs = expand(load_study(ROOT / "configs" / "studies" / "landscape.yaml"), tmp_path)
     assert {r.strategy for r in runs} == {"none", "random", "adversarial", "adversarial_reference"}
     ev = runs[0].config.eval
     assert ev.best_of == [1, 4, 16] and ev.ranking_scales and ev.inference_steps_sweep and ev.num_samples == 64
@@ -421,10 +421,10 @@ def test_the_landscape_study_scores_every_part(tmp_path):
 
 def test_the_connectivity_landscape_study_scores_the_quick_connectivity_arms(tmp_path):
     from conftest import ROOT
-    from diffusion_lib.study import expand, load_study
+    from diffusion_lib.study.spec import expand, load_study
 
-    runs = expand(load_study(ROOT / "configs" / "ablations" / "landscape_connectivity.yaml"), tmp_path)
-    quick = expand(load_study(ROOT / "configs" / "quick_connectivity.yaml"), tmp_path / "quick")
+    runs = expand(load_study(ROOT / "configs" / "studies" / "ablations" / "landscape_connectivity.yaml"), tmp_path)
+    quick = expand(load_study(ROOT / "configs" / "studies" / "quick_connectivity.yaml"), tmp_path / "quick")
     assert [(r.strategy, r.seed) for r in runs] == [(r.strategy, r.seed) for r in quick]
     ev = runs[0].config.eval
     assert runs[0].config.task["dataset"] == "connectivity" and ev.best_of == [1, 4] and ev.ranking_scales

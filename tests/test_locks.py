@@ -10,8 +10,8 @@ import pytest
 
 import train
 from conftest import ROOT
-from diffusion_lib.config import ConfigError
-from diffusion_lib.results import RunDir, RunLocked
+from diffusion_lib.harness.config import ConfigError
+from diffusion_lib.harness.run_dir import RunDir, RunLocked
 from test_study import TINY_STUDY, main as study_main
 
 
@@ -42,7 +42,7 @@ def test_a_second_writer_is_refused_naming_the_folder_and_the_holder(tiny_args, 
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from diffusion_lib.results import RunDir; "
+        [sys.executable, "-c", "import sys, time; from diffusion_lib.harness.run_dir import RunDir; "
          "lock = RunDir(sys.argv[1]).lock(); print('locked', flush=True); time.sleep(120)", str(run)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )

@@ -12,7 +12,7 @@ import pytest
 
 import train
 from conftest import ROOT, TINY
-from diffusion_lib.results import RunDir
+from diffusion_lib.harness.run_dir import RunDir
 
 # accelerate's `--cpu` always uses its single-process launcher; `--multi_gpu` selects torchrun, which on a
 # machine without GPUs runs the processes on the CPU with the gloo backend (our --device cpu asks for it)

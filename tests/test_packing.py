@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from conftest import ROOT
-from diffusion_lib.results import RunDir
-from diffusion_lib.tasks import InverseTask
-from diffusion_lib.trainer import Trainer1D
-from diffusion_lib.seeds import mix_seed
+from diffusion_lib.harness.run_dir import RunDir
+from diffusion_lib.tasks.base import InverseTask
+from diffusion_lib.harness.trainer import Trainer1D
+from diffusion_lib.tasks.seeds import mix_seed
 
-sys.path.insert(0, str(ROOT / "experiments"))
-import matrix_inversion_mining_comparison as comparison  # noqa: E402
+from diffusion_lib.study import cli as comparison
 
 STUDY = """
 name: packed
@@ -113,9 +112,9 @@ def test_a_killed_pack_resumes_exactly(tmp_path, study_file, alone):
 
 
 def test_packs_join_only_runs_of_one_setup_and_shards_mix_every_setup(tmp_path):
-    from diffusion_lib.study import expand, load_study, pack_runs, shard
+    from diffusion_lib.study.spec import expand, load_study, pack_runs, shard
 
-    runs = expand(load_study(ROOT / "configs" / "matrix_inversion_mining.yaml"), tmp_path)
+    runs = expand(load_study(ROOT / "configs" / "studies" / "matrix_inversion_mining.yaml"), tmp_path)
     packs = pack_runs(runs, 10, lambda run: 0)
     assert sorted(len(pack) for pack in packs) == [10] * 4  # one pack per strategy, every seed in it
     assert all(len({run.strategy for run in pack}) == 1 for pack in packs)

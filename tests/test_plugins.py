@@ -2,21 +2,18 @@
 the MLP's explicit sweep equals autograd's gradient; given answer entries stay fixed everywhere."""
 import json
 import math
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT
-from diffusion_lib.config import ConfigError, build_config
+from diffusion_lib.harness.config import ConfigError, build_config
 from diffusion_lib.diffusion import GaussianDiffusion1D
 from diffusion_lib.models import EBM, EnergyModel, build_model, register_model
 from diffusion_lib.registry import Option
-from diffusion_lib.tasks import Batch, HeldOutSet, Metric, Task, make_task, register_task
+from diffusion_lib.tasks.base import Batch, HeldOutSet, Metric, Task, make_task, register_task
 
-sys.path.insert(0, str(ROOT / "experiments"))
-import matrix_inversion_mining_comparison as comparison  # noqa: E402
+from diffusion_lib.study import cli as comparison
 
 
 # -- the plug-ins under test: each is one class and a register line -----------------------------------------

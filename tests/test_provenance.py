@@ -7,11 +7,11 @@ import subprocess
 import pytest
 
 import train
-from diffusion_lib import provenance
-from diffusion_lib.config import config_from_file
-from diffusion_lib.provenance import code_version
-from diffusion_lib.report import write_report
-from diffusion_lib.results import RunDir, RunRecord
+from diffusion_lib.harness import provenance
+from diffusion_lib.harness.config import config_from_file
+from diffusion_lib.harness.provenance import code_version
+from diffusion_lib.report.markdown import write_report
+from diffusion_lib.harness.run_dir import RunDir, RunRecord
 
 
 def git(repo, *args):

@@ -3,20 +3,17 @@ their own sizes, the carved-set cache, corruption negatives, given cells held ev
 import json
 import math
 import re
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
-from diffusion_lib import sudoku as S
-from diffusion_lib.config import ConfigError, build_config
+from diffusion_lib.tasks import sudoku as S
+from diffusion_lib.harness.config import ConfigError, build_config
 from diffusion_lib.diffusion import GaussianDiffusion1D
 from diffusion_lib.models import build_model
-from diffusion_lib.tasks import make_task
+from diffusion_lib.tasks.base import make_task
 
-sys.path.insert(0, str(ROOT / "experiments"))
-import matrix_inversion_mining_comparison as comparison  # noqa: E402
+from diffusion_lib.study import cli as comparison
 
 
 @pytest.fixture(autouse=True)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lib import connectivity as C
-from diffusion_lib import sudoku as S
+from diffusion_lib.tasks import connectivity as C
+from diffusion_lib.tasks import sudoku as S
 from diffusion_lib.models import build_model
-from diffusion_lib.tasks import make_task
+from diffusion_lib.tasks.base import make_task
 
 
 # -- independent checks ----------------------------------------------------------------------------------

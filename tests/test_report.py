@@ -1,4 +1,4 @@
-"""diffusion_lib.report on synthetic studies: files written, section order (verdict first), the primary comparison
+"""diffusion_lib.report.markdown on synthetic studies: files written, section order (verdict first), the primary comparison
 first, one number format, plots, summary columns, damaged runs, a higher-is-better task, EMA lag and degenerate
 studies."""
 import csv
@@ -8,12 +8,12 @@ import re
 
 import pytest
 
-from diffusion_lib.analysis import Estimate
-from diffusion_lib.report import fmt, pm, write_report
-from diffusion_lib.results import RunRecord
+from diffusion_lib.report.analysis import Estimate
+from diffusion_lib.report.markdown import fmt, pm, write_report
+from diffusion_lib.harness.run_dir import RunRecord
 from conftest import ROOT
-from diffusion_lib.study import expand, load_study, select
-from diffusion_lib.study_report import describe
+from diffusion_lib.study.spec import expand, load_study, select
+from diffusion_lib.study.cli import describe
 from test_analysis import accuracy_study, lag_study, make_metrics, make_run
 
 PLOTS = ("val_mse_vs_step.png", "val_mse_vs_flops.png", "val_mse_vs_seconds.png", "final_mse.png",
@@ -219,7 +219,7 @@ def test_degenerate_studies_do_not_crash(tmp_path):
 
 
 def test_description_lists_the_strategies_actually_run(tmp_path):
-    study = select(load_study(ROOT / "configs" / "matrix_inversion_mining.yaml"), ["random", "adversarial"], [0, 1])
+    study = select(load_study(ROOT / "configs" / "studies" / "matrix_inversion_mining.yaml"), ["random", "adversarial"], [0, 1])
     expand(study, tmp_path)
     text = describe(study)
     # the file's own description names 'none', which this study no longer runs
@@ -228,7 +228,7 @@ def test_description_lists_the_strategies_actually_run(tmp_path):
            "scale_factor: 1.0}`." in text
     assert "Task: inverse (rank 20, ood False, conditioning 0.5, ood_conditioning 0.1); model mlp (dtype float32, " \
            "hidden_dim 512, grad sweep); 100000 steps of batch 2048, lr 0.0001" in text and "seeds 0, 1." in text
-    whole = load_study(ROOT / "configs" / "matrix_inversion_mining.yaml")
+    whole = load_study(ROOT / "configs" / "studies" / "matrix_inversion_mining.yaml")
     expand(whole, tmp_path)
     assert describe(whole).startswith("Matrix inversion (rank 20) with energy diffusion, comparing no energy")
 
@@ -243,8 +243,8 @@ def test_groups_level_with_a_yardstick_are_named(tmp_path):
 
 
 def test_a_yardstick_sentence_names_the_groups_behind_when_some_are_level():
-    from diffusion_lib.analysis import YardstickStanding
-    from diffusion_lib.report import _standing_text
+    from diffusion_lib.report.analysis import YardstickStanding
+    from diffusion_lib.report.markdown import _standing_text
 
     mixed = YardstickStanding("id", "linear", "raw", ["a", "b", "c", "d"], ["a", "b"], ["c"])
     assert _standing_text(mixed, "the linear map", 4) == "2 of 4 groups (a, b) beat the linear map, c level with, d behind"

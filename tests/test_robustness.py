@@ -7,12 +7,11 @@ import pytest
 
 import train
 from conftest import ROOT
-from diffusion_lib.config import ConfigError, build_config
+from diffusion_lib.harness.config import ConfigError, build_config
 from diffusion_lib.mining import resolve_mining_config
-from diffusion_lib.study import load_study
+from diffusion_lib.study.spec import load_study
 
-sys.path.insert(0, str(ROOT / "experiments"))
-import matrix_inversion_mining_comparison as comparison  # noqa: E402
+from diffusion_lib.study import cli as comparison
 
 STUDY = """
 name: tiny
@@ -108,7 +107,7 @@ def test_yaml_numbers_in_base_60_or_octal_are_refused(tiny_args, tmp_path, capsy
 @pytest.mark.parametrize("value, expected", [("'1:30'", "1:30"), ("0", 0), ("10", 10), ("0.5", 0.5), ("-3", -3),
                                              ("0x10", 16), ("1_000", 1000)])
 def test_plain_yaml_numbers_and_quoted_text_still_read(tmp_path, value, expected):
-    from diffusion_lib.config import load_yaml
+    from diffusion_lib.harness.config import load_yaml
 
     path = tmp_path / "c.yaml"
     path.write_text(f"v: {value}\n")
@@ -124,8 +123,8 @@ def test_a_repeated_merge_key_is_refused(tiny_args, tmp_path, capsys):
 
 # -- item 6: only verified checkpoints count toward a run's progress -------------------------------------
 def test_a_damaged_checkpoint_file_does_not_decide_how_far_a_run_got(tmp_path):
-    from diffusion_lib.checkpoint import save_checkpoint
-    from diffusion_lib.results import RunDir
+    from diffusion_lib.harness.checkpoint import save_checkpoint
+    from diffusion_lib.harness.run_dir import RunDir
 
     config = build_config({"results_dir": str(tmp_path / "run"), "train.steps": 25})
     run = RunDir(config.results_dir)
@@ -154,7 +153,7 @@ def test_a_study_run_without_config_names_that_run_not_the_study_wide_overwrite(
 
 
 def test_evaluate_advice_names_the_keys_it_may_change_not_overwrite(tmp_path):
-    from diffusion_lib.results import EVALUATION_CHANGES, SAMPLING_KEYS, RunDir
+    from diffusion_lib.harness.run_dir import EVALUATION_CHANGES, SAMPLING_KEYS, RunDir
 
     config = build_config({"results_dir": str(tmp_path / "run"), "train.steps": 25})
     run = RunDir(config.results_dir)
@@ -251,7 +250,7 @@ def test_memory_running_out_while_a_checkpoint_is_written_is_one_line_and_leaves
 
 # -- item 8: a study in which every run failed ------------------------------------------------------------
 def test_a_study_in_which_every_run_failed_says_so_and_exits_non_zero(tmp_path, capsys, monkeypatch):
-    from diffusion_lib.tasks import InverseTask
+    from diffusion_lib.tasks.base import InverseTask
 
     original = InverseTask.sample
 
@@ -274,7 +273,7 @@ def test_a_study_in_which_every_run_failed_says_so_and_exits_non_zero(tmp_path, 
 # -- beyond the issue: a section given a value, not a mapping ---------------------------------------------
 @pytest.mark.parametrize("text", ["train: 5\n", "mining: random\n", "task: [inverse, 3]\n"])
 def test_a_section_given_a_value_is_named_as_a_section(tmp_path, text):
-    from diffusion_lib.config import config_from_file
+    from diffusion_lib.harness.config import config_from_file
 
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -284,7 +283,7 @@ def test_a_section_given_a_value_is_named_as_a_section(tmp_path, text):
 
 
 def test_an_empty_mining_section_is_an_empty_section(tmp_path):
-    from diffusion_lib.config import config_from_file
+    from diffusion_lib.harness.config import config_from_file
 
     path = tmp_path / "c.yaml"
     path.write_text("mining:\ntrain:\n")
@@ -305,7 +304,7 @@ def test_the_dry_run_refuses_an_output_that_cannot_be_made(tmp_path, capsys, out
 
 # -- beyond the issue: foreign lines in metrics.jsonl ------------------------------------------------------
 def test_metrics_lines_that_are_not_records_are_skipped_and_dropped_on_resume(tmp_path):
-    from diffusion_lib.results import RunDir
+    from diffusion_lib.harness.run_dir import RunDir
 
     run = RunDir(tmp_path)
     good = [{"kind": "train", "step": 2}, {"kind": "val", "step": 4}]
@@ -319,7 +318,7 @@ def test_metrics_lines_that_are_not_records_are_skipped_and_dropped_on_resume(tm
 
 # -- beyond the issue: a file where the report's plots folder goes -----------------------------------------
 def test_a_file_in_place_of_the_plots_folder_is_named_as_such(tmp_path):
-    from diffusion_lib.report import write_report
+    from diffusion_lib.report.markdown import write_report
 
     (tmp_path / "plots").write_text("x")
     with pytest.raises(NotADirectoryError) as refused:
@@ -329,7 +328,7 @@ def test_a_file_in_place_of_the_plots_folder_is_named_as_such(tmp_path):
 
 # -- beyond the issue: an evaluation whose settings are too long for a file name -------------------------
 def test_an_evaluation_of_a_long_sweep_gets_a_file_name_the_file_system_takes(tmp_path):
-    from diffusion_lib.results import RunDir
+    from diffusion_lib.harness.run_dir import RunDir
 
     config = build_config({"results_dir": str(tmp_path / "run")})
     run = RunDir(config.results_dir)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffusion_lib.schedule import schedule_constants
-from diffusion_lib.tasks import make_task
+from diffusion_lib.tasks.base import make_task
 
 
 @pytest.mark.parametrize("timesteps", [1, 10, 50])

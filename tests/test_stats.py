@@ -1,10 +1,10 @@
-"""diffusion_lib.stats against values worked out by hand (and cross-checked with scipy)."""
+"""diffusion_lib.report.stats against values worked out by hand (and cross-checked with scipy)."""
 import math
 
 import pytest
 from scipy import stats as sps
 
-from diffusion_lib.stats import holm, interpolate_at, mean_ci, paired_test, verdict, welch_test
+from diffusion_lib.report.stats import holm, interpolate_at, mean_ci, paired_test, verdict, welch_test
 
 # The worked example used throughout:
 #   a = [1, 2, 3, 4]:      mean 2.5, sample variance ((1.5² + 0.5² + 0.5² + 1.5²) / 3) = 5/3

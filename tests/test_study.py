@@ -3,20 +3,18 @@ import csv
 import json
 import re
 import shlex
-import sys
 
 import pytest
 import yaml
 
 from conftest import ROOT
-from diffusion_lib import launch
-from diffusion_lib.config import ConfigError
-from diffusion_lib.results import RunDir
-from diffusion_lib.study import StudyDir, load_study, select
-from diffusion_lib.trainer import Trainer1D
+from diffusion_lib.study import launch
+from diffusion_lib.harness.config import ConfigError
+from diffusion_lib.harness.run_dir import RunDir
+from diffusion_lib.study.spec import StudyDir, load_study, select
+from diffusion_lib.harness.trainer import Trainer1D
 
-sys.path.insert(0, str(ROOT / "experiments"))
-import matrix_inversion_mining_comparison as comparison  # noqa: E402
+from diffusion_lib.study import cli as comparison
 
 TINY_STUDY = """
 name: tiny
@@ -218,7 +216,7 @@ def test_extends_merges_sections_and_replaces_strategies(tmp_path, study_file):
 @pytest.mark.parametrize("name", ["matrix_inversion_mining", "pilot", "quick", "ablations/opt_steps",
                                   "ablations/scale_factor", "ablations/mining_every", "ablations/mixed"])
 def test_shipped_study_configs_are_valid(name, tmp_path):
-    study = load_study(ROOT / "configs" / f"{name}.yaml")
+    study = load_study(ROOT / "configs" / "studies" / f"{name}.yaml")
     runs = comparison.expand(study, tmp_path)
     assert runs and len({r.run_id for r in runs}) == len(runs)
 
@@ -356,9 +354,9 @@ def test_primary_is_parsed_saved_and_dropped_with_its_strategies(tmp_path, study
 def test_shipped_studies_carry_the_primary_through_extends():
     primary = {"compare": ["adversarial", "random"], "metric": "mse_id"}
     for name in ("matrix_inversion_mining", "pilot", "quick"):
-        assert load_study(ROOT / "configs" / f"{name}.yaml").primary == primary, name
+        assert load_study(ROOT / "configs" / "studies" / f"{name}.yaml").primary == primary, name
     # an ablation replaces the strategies, so the labels of the inherited primary are not its own
-    assert load_study(ROOT / "configs" / "ablations" / "opt_steps.yaml").primary is None
+    assert load_study(ROOT / "configs" / "studies" / "ablations" / "opt_steps.yaml").primary is None
 
 
 # item 9: a bad primary is refused in one line naming the file

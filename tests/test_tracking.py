@@ -4,7 +4,7 @@ import importlib.util
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from diffusion_lib.results import RunDir
+from diffusion_lib.harness.run_dir import RunDir
 
 
 def test_tensorboard_gets_the_same_records_as_metrics_jsonl(tmp_path, tiny_args):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import train
-from diffusion_lib.results import RunDir
-from diffusion_lib.trainer import Trainer1D
+from diffusion_lib.harness.run_dir import RunDir
+from diffusion_lib.harness.trainer import Trainer1D
 
 
 def metrics(path):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from diffusion_lib.tasks import make_task
+from diffusion_lib.tasks.base import make_task
 
 N = 40_000  # held-out problems: the sampling error of each MSE below is ~1 %
 

@@ -1,0 +1,338 @@
+"""What a run writes and where: resolved config, metrics log, checkpoints, final results."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from diffusion_lib.harness.checkpoint import newest_verified_step
+from diffusion_lib.harness.config import ConfigError, RunConfig, config_differences, config_from_file, flatten
+from diffusion_lib.harness.files import append_line, atomic_write_json, atomic_write_text, make_folder, remove_temp_files, writing
+from diffusion_lib.harness.locks import FolderBusy, FolderLock
+from diffusion_lib.harness.provenance import code_comment
+from diffusion_lib.samplers import sampler_label
+from diffusion_lib.text import slug
+
+# keys a resumed run may change: where it runs, where it writes, and how long it trains
+RESUMABLE_CHANGES = ("device", "results_dir", "train.steps")
+# what scoring a saved model (--evaluate) may change besides: how it samples and on how many problems
+SAMPLING_KEYS = ("diffusion.inference_steps", "diffusion.inference_step_scale", "diffusion.inference_step_schedule",
+                 "diffusion.answer", "diffusion.sampler", "eval.num_samples", "eval.inference_steps_sweep",
+                 "eval.best_of", "eval.ranking_scales", "eval.ranking_levels", "eval.samplers")
+EVALUATION_CHANGES = (*RESUMABLE_CHANGES, *SAMPLING_KEYS, "eval.every", "eval.batch_size")
+
+
+MAX_EVALUATION_NAME = 200  # characters of changed settings in an evaluation's file name (file systems allow 255 bytes)
+
+
+def sampling_settings(config: RunConfig) -> dict[str, Any]:
+    """The settings an evaluation samples with (recorded with its result)."""
+    flat = flatten(config.to_dict())
+    return {key: flat[key] for key in SAMPLING_KEYS}
+
+
+def _setting_text(value: Any) -> str:
+    """A sampling setting in a file name: a list joined by '-', a sampler by its label."""
+    if isinstance(value, dict):
+        return sampler_label(value)
+    return "-".join(map(_setting_text, value)) if isinstance(value, list) else str(value)
+
+
+class RunLocked(FolderBusy):
+    """Another live process is training or evaluating this run (it holds the run folder's lock)."""
+
+    message = ("run folder '{folder}' is in use by {holder}, which is training or evaluating it; "
+               "wait until it ends or stop it")
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived while training; every run of the pack has a checkpoint at `step`."""
+
+    def __init__(self, step: int, signum: int, run_dirs: list[RunDir]):
+        self.step, self.signum, self.run_dirs = step, signum, run_dirs
+        folders = ", ".join(str(d.checkpoints) for d in run_dirs)
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in {folders}")
+
+
+class RunDir:
+    """One run's folder: config.yaml, metrics.jsonl, checkpoints/, final.json, evaluations/, tensorboard/."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.metrics = self.root / "metrics.jsonl"
+        self.checkpoints = self.root / "checkpoints"
+        self.final = self.root / "final.json"
+        self.evaluations = self.root / "evaluations"
+        self.tensorboard = self.root / "tensorboard"  # written by tracking.RunTracker
+
+    def _run_files(self) -> list[Path]:
+        """Everything a run wrote (what --overwrite deletes)."""
+        paths = (self.config, self.metrics, self.checkpoints, self.final, self.evaluations, self.tensorboard)
+        return [p for p in paths if p.exists()]
+
+    def saved_config(self) -> RunConfig | None:
+        return config_from_file(self.config) if self.config.exists() else None
+
+    def lock(self, optional: bool = False) -> FolderLock:
+        """Become the run's only writer: hold `<run>/.lock` (holding this process's PID) until `release()`.
+
+        Raises RunLocked, naming the folder and the holder, while another live process holds it; a lock
+        left by a dead process is taken over. Then deletes temp files a killed writer left here.
+        `optional`: a read-only folder is used without a lock (--evaluate, which writes only at its end).
+        """
+        lock = FolderLock(self.root)
+        try:
+            lock.acquire(optional=optional)
+        except FolderBusy as busy:
+            raise RunLocked(self.root, busy.holder) from None
+        if lock.held:
+            remove_temp_files(self.root, self.checkpoints)
+        return lock
+
+    def evaluation_file(self, config: RunConfig, step: int) -> Path:
+        """Where an --evaluate of the checkpoint at `step` with `config` writes:
+        `evaluations/step-<step>__<the sampling settings that differ from training's>.json` (`as_trained`
+        when none does), so the evaluation of every checkpoint and setting is kept. Settings too long for a
+        file name (a long sweep) are named by their digest instead; the file records them in full."""
+        saved = self.saved_config()
+        trained = sampling_settings(saved) if saved is not None else {}
+        changed = "__".join(f"{key.rsplit('.', 1)[1]}={slug(_setting_text(value))}"
+                            for key, value in sampling_settings(config).items() if trained.get(key) != value)
+        if len(changed) > MAX_EVALUATION_NAME:
+            changed = "settings-" + hashlib.sha256(changed.encode()).hexdigest()[:16]
+        return self.evaluations / f"step-{step}__{changed or 'as_trained'}.json"
+
+    def reached_step(self) -> int:
+        """How far the run got: the step of its newest checkpoint that verifies (a damaged file's name says
+        nothing) or of its final.json."""
+        steps = [newest_verified_step(self.checkpoints)]
+        final = self.read_final()
+        if isinstance(final, dict) and isinstance(final.get("step"), int):  # a damaged one says nothing
+            steps.append(final["step"])
+        return max(steps, default=0)
+
+    def check(
+        self, config: RunConfig, resume: bool, overwrite: bool, may_change: tuple[str, ...] = RESUMABLE_CHANGES,
+        start_over: str | None = "--overwrite",
+    ) -> None:
+        """Refuse to clobber an existing run unless asked; only reads, so every process may call it.
+        `start_over`: the option that starts this run over, or None where none does for it alone (in a study,
+        --overwrite starts every run over): then the advice is to move this run's folder away."""
+        if not self._run_files() or overwrite:
+            return
+        again = (f"{start_over} to start over" if start_over else
+                 f"move '{self.root}' away to train that run again (--overwrite would start every run over)")
+        if not resume:
+            raise ConfigError(f"results dir '{self.root}' already holds a run; pass --resume to continue it or {again}")
+        evaluating = set(SAMPLING_KEYS) <= set(may_change)  # --evaluate only reads the run: no start over
+        action = "evaluate" if evaluating else "resume"
+        saved = self.saved_config()
+        if saved is None:
+            raise ConfigError(f"cannot {action} '{self.root}': it has no config.yaml; restore it"
+                              + ("" if evaluating else f", or {again}"))
+        changed = config_differences(saved, config, ignore=may_change)
+        if changed:
+            advice = (f"an evaluation may change only {', '.join(may_change)}" if evaluating
+                      else f"use another results dir or {again}")
+            raise ConfigError(f"cannot {action} '{self.root}': its config differs in {', '.join(changed)}; {advice}")
+        reached = self.reached_step()
+        # it would report the longer run as finished at the shorter length (a FLOP budget sets its own length)
+        if reached > config.train.steps and config.train.budget_flops == 0 and not evaluating:
+            raise ConfigError(
+                f"cannot resume '{self.root}' with train.steps = {config.train.steps}: the run already reached "
+                f"step {reached}; pass train.steps >= {reached}, or {again}"
+            )
+
+    def prepare(self, config: RunConfig, overwrite: bool, code: dict[str, Any] | None = None) -> None:
+        """Clear an old run if overwriting, then save the resolved config (after `check`), headed by a
+        comment naming the code that (re)started the run (`provenance.code_version`), where known."""
+        if overwrite:
+            for path in self._run_files():
+                with writing(path):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        make_folder(self.root)
+        atomic_write_text(self.config, code_comment(code or {}) + config.to_yaml())
+
+    # -- metrics -------------------------------------------------------------------------------------
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        # one complete line per write: a kill can at worst tear the last line, which read_metrics skips and
+        # truncate_metrics removes on resume; a failed write (full disk) leaves the file as it was
+        append_line(self.metrics, json.dumps(record))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl: JSON objects with an int `step`, as the trainer writes them; a
+        torn or foreign line (garbage, a list, a step of another type) is skipped."""
+        if not self.metrics.exists():
+            return []
+        records = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
+                records.append(record)
+        return records
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records logged after `step` (the checkpoint a resumed run restarts from)."""
+        if self.metrics.exists():
+            kept = [r for r in self.read_metrics() if r["step"] <= step]
+            atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+
+    # -- final results -------------------------------------------------------------------------------
+    def write_final(self, result: dict[str, Any]) -> None:
+        atomic_write_json(self.final, result)
+
+    def read_final(self) -> dict[str, Any] | None:
+        """final.json's object, or None when the file is absent or damaged (see `final_problem`): callers
+        treat None as "not finished", so a damaged final.json is recomputed on --resume."""
+        if not self.final.exists():
+            return None
+        try:
+            data = json.loads(self.final.read_text())
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            return None
+        return data if final_problem(data) is None else None
+
+
+# final.json fields that must be numbers when present, besides the declared scores <metric>_<set>[_raw]
+_NUMBER_FIELDS = ("train_seconds", "steps_per_second", "train_flops", "flops_per_step", "budget_flops")
+DIRECTIONS = ("lower", "higher")  # final.json "metrics": name -> which way is better
+RUN_STATUSES = ("finished", "failed", "missing", "damaged")
+
+
+def is_number(value: Any) -> bool:
+    """A JSON number (NaN included), not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def score_keys(final: dict[str, Any]) -> list[str]:
+    """The score keys a final.json declares: <metric>_<set> (EMA model) and <metric>_<set>_raw, task order."""
+    metrics, sets = final.get("metrics"), final.get("sets")
+    if not isinstance(metrics, dict) or not isinstance(sets, list):
+        return []
+    return [f"{m}_{s}{suffix}" for m in metrics for s in sets for suffix in ("", "_raw")]
+
+
+def _declaration_problem(final: dict[str, Any]) -> str | None:
+    """Why the task's declaration (metrics with directions, their labels, the held-out sets) is unusable.
+    A finished run must declare it: its scores mean nothing without their names and directions."""
+    metrics, sets, labels = final.get("metrics"), final.get("sets"), final.get("metric_labels", {})
+    if final["status"] == "finished" and ("metrics" not in final or "sets" not in final):
+        return f"final.json lacks '{'metrics' if 'metrics' not in final else 'sets'}' (a finished run declares its task's metrics and sets)"
+    if "metrics" in final and not (isinstance(metrics, dict) and metrics and all(
+            isinstance(k, str) and v in DIRECTIONS for k, v in metrics.items())):  # fmt: skip
+        return f"final.json 'metrics' is {metrics!r}, not a mapping of metric names to 'lower' or 'higher'"
+    if "sets" in final and not (isinstance(sets, list) and sets and all(isinstance(v, str) for v in sets)):
+        return f"final.json 'sets' is {sets!r}, not a list of held-out set names"
+    if not (isinstance(labels, dict) and all(isinstance(v, str) for v in labels.values())):
+        return f"final.json 'metric_labels' is {labels!r}, not a mapping of metric names to text"
+    return None
+
+
+def final_problem(final: Any) -> str | None:
+    """Why a final.json's content is damaged (not an object, or a field of the wrong type), else None."""
+    if not isinstance(final, dict):
+        return f"final.json holds a JSON {type(final).__name__}, not an object"
+    if not isinstance(final.get("status"), str):
+        return f"final.json 'status' is {final.get('status')!r}, not a string"
+    if "step" in final and (not isinstance(final["step"], int) or isinstance(final["step"], bool)):
+        return f"final.json 'step' is {final['step']!r}, not an int"
+    if (problem := _declaration_problem(final)) is not None:
+        return problem
+    for key in (*score_keys(final), *_NUMBER_FIELDS):
+        if key in final and not is_number(final[key]):
+            return f"final.json '{key}' is {final[key]!r}, not a number"
+    return None
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """config.yaml as dotted keys, read as plain YAML (not validated: a folder written by another version
+    of the code may hold keys this one does not know); None when absent or unreadable."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return flatten(data) if isinstance(data, dict) else None
+
+
+@dataclass
+class RunRecord:
+    """One run of a study as the report sees it: labels, seed, final.json, metrics and config.
+
+    `final` is None for a missing or damaged final.json; `damage` says why it is damaged. A `final`
+    given with fields of the wrong type is moved to `damage` on construction, so every RunRecord obeys
+    the same rule however it was made.
+    """
+
+    run_id: str
+    strategy: str
+    sweep: dict[str, Any]
+    seed: int
+    final: dict[str, Any] | None
+    metrics: list[dict[str, Any]]
+    config: dict[str, Any] | None = None  # config.yaml flattened to dotted keys, e.g. "task.rank"
+    damage: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.final is not None and (problem := final_problem(self.final)) is not None:
+            self.final, self.damage = None, problem
+
+    @classmethod
+    def from_run_dir(cls, run_dir: RunDir, run_id: str, strategy: str, sweep: dict[str, Any], seed: int) -> RunRecord:
+        """Read a run's folder; never raises for damaged files (they are reported, not fatal)."""
+        final, damage = None, None
+        if run_dir.final.exists():
+            try:
+                final = json.loads(run_dir.final.read_text())
+            except (json.JSONDecodeError, OSError, UnicodeDecodeError) as error:
+                damage = f"final.json is not valid JSON ({error})"
+        metrics = [r for r in run_dir.read_metrics() if isinstance(r, dict)]
+        return cls(run_id, strategy, sweep, seed, final, metrics, _read_config(run_dir.config), damage)
+
+    @property
+    def group(self) -> str:
+        """Strategy plus sweep values, e.g. 'adversarial · mining.opt_steps=5'."""
+        return " · ".join([self.strategy, *(f"{key}={value}" for key, value in self.sweep.items())])
+
+    @property
+    def status(self) -> str:
+        """finished | failed | missing | damaged (one of RUN_STATUSES)."""
+        if self.damage is not None:
+            return "damaged"
+        if self.final is None:
+            return "missing"
+        return "finished" if self.final["status"] == "finished" else "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    def final_number(self, key: str) -> float:
+        """A number from final.json (NaN when absent)."""
+        value = (self.final or {}).get(key)
+        return float(value) if is_number(value) else math.nan
+
+    def curve(self, kind: str, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of the `kind` records that carry finite numbers for both keys, sorted by x."""
+        points = [
+            (float(r[x_key]), float(r[y_key]))
+            for r in self.metrics
+            if r.get("kind") == kind and _finite(r.get(x_key)) and _finite(r.get(y_key))
+        ]
+        points.sort(key=lambda p: p[0])
+        return np.array([p[0] for p in points]), np.array([p[1] for p in points])
+
+
+def _finite(value: Any) -> bool:
+    return is_number(value) and math.isfinite(value)
