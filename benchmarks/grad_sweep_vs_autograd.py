@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion_lib.diffusion import GaussianDiffusion1D  # noqa: E402
+from diffusion_lib.mining import resolve_mining_config  # noqa: E402
 from diffusion_lib.models import build_model  # noqa: E402
 from diffusion_lib.tasks.base import make_task  # noqa: E402
 
@@ -38,7 +39,7 @@ def make_step(grad: str, strategy: str, rank: int, batch: int, hidden: int) -> C
     """One training step of a fresh model (same seed, so the same weights, for either gradient path)."""
     task = make_task({"dataset": "inverse", "rank": rank})
     model = build_model({"name": "mlp", "hidden_dim": hidden, "grad": grad}, task)
-    diffusion = GaussianDiffusion1D(model, mining_config={"strategy": strategy, "opt_steps": 2})
+    diffusion = GaussianDiffusion1D(model, mining_config=resolve_mining_config({"strategy": strategy, "opt_steps": 2}))
     params = list(diffusion.parameters())
     optimizer = torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(0)

@@ -61,7 +61,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/throughput.py` puts benchmar
 sys.path.insert(0, str(ROOT / "tests"))  # the straightforward implementation is the tests' oracle
 
 import straightforward as plain  # noqa: E402
-from diffusion_lib import EBM, EnergyCondition, EnergyDenoiser, GaussianDiffusion1D  # noqa: E402
+from diffusion_lib import EBM, EnergyCondition, EnergyDenoiser, GaussianDiffusion1D, resolve_mining_config  # noqa: E402
 from diffusion_lib import models  # noqa: E402
 from diffusion_lib.diffusion import OptResult  # noqa: E402
 from diffusion_lib.models import packed_linear  # noqa: E402
@@ -103,7 +103,7 @@ def make_setup(strategy: str, rank: int, batch: int, hidden: int, seed: int = 0)
     task = make_task({"dataset": "inverse", "rank": rank})
     ebm = EBM(task, hidden_dim=hidden)
     ebm.init_run(0, seed)
-    mining = {"strategy": strategy, "opt_steps": TRAIN_OPT_STEPS}
+    mining = resolve_mining_config({"strategy": strategy, "opt_steps": TRAIN_OPT_STEPS})
     diffusion = GaussianDiffusion1D(EnergyDenoiser(ebm), mining_config=mining)
     optimizer = torch.optim.Adam(diffusion.parameters(), lr=1e-4, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(seed)
@@ -274,8 +274,8 @@ def opt_step_separate_rejection(
     """The spec read literally: energy and gradient at y at every step, then a separate energy-only forward
     at the proposal for the rejection test (steps >= 1, as mining and sampling always ask)."""
     bound_t = t if clamp_bound == "per_sample" else t[..., :1]
-    bound = self.data_bound * self._at("sqrt_alphas_cumprod", bound_t)
-    eta = self._at("opt_step_size", t)
+    bound = self.data_bound * self.at("sqrt_alphas_cumprod", bound_t)
+    eta = self.at("opt_step_size", t)
     accepted, energy_start = [], None
     for i in range(steps):
         energy, grad = self.model.energy_and_grad(cond, y)

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lib.harness.config import ANSWERS
-from diffusion_lib.mining import STEP_SCHEDULES, mining_strategy, resolve_mining_config
+from diffusion_lib.mining import STRATEGIES, resolve_mining_config
 from diffusion_lib.models import EnergyDenoiser
 from diffusion_lib.samplers import Sampled, resolve_sampler_config, run_sampler
 from diffusion_lib.schedule import schedule_constants
@@ -54,12 +53,13 @@ class OptResult:
 class GaussianDiffusion1D(nn.Module):
     """Energy diffusion over flat answers y given conditions x (the spec's IRED, continuous tasks).
 
-    `mining_config` picks how negatives for the energy loss are made (see `mining.py`); when omitted it
-    is derived from the reference flag `supervise_energy_landscape` (False -> none, True -> adversarial).
+    `mining_config` (resolved: `resolve_mining_config`, as the run config holds it) picks how negatives for
+    the energy loss are made (see `mining.py`); when omitted it is derived from the reference flag
+    `supervise_energy_landscape` (False -> none, True -> adversarial).
     `use_innerloop_opt` only switches inference's inner steps (5 or 0); `inference_steps` overrides it.
     `inference_step_schedule` and `answer` reproduce the published sampler on request ('reference',
     'scaled'); the defaults follow the spec's intent (see README, "Where the published code differs").
-    `sampler` picks the inference's inner steps by name or {'name': ..., options} (samplers.py; 'ired').
+    `sampler` picks the inference's inner steps, resolved {'name': ..., options} (samplers.py; 'ired').
     """
 
     def __init__(
@@ -75,25 +75,20 @@ class GaussianDiffusion1D(nn.Module):
         inference_step_schedule: str = "constant",
         answer: str = "x0",
         data_bound: float = 2.0,
-        sampler: str | Mapping[str, Any] | None = None,
+        sampler: Mapping[str, Any] | None = None,
         corrupt: Callable[..., Tensor] | None = None,
     ):
         super().__init__()
-        if timesteps < 1:
-            raise ValueError(f"timesteps = {timesteps} is invalid: must be an int >= 1")
-        if inference_step_schedule not in STEP_SCHEDULES:
-            raise ValueError(f"inference_step_schedule = {inference_step_schedule!r}: must be one of {STEP_SCHEDULES}")
-        if answer not in ANSWERS:
-            raise ValueError(f"answer = {answer!r}: must be one of {ANSWERS}")
         self.model = model
         self.num_timesteps = timesteps
-        self.mining_config = resolve_mining_config(mining_config, supervise_energy_landscape)
-        self.strategy = mining_strategy(self.mining_config)
+        # the run config validated its values once; only the defaults are resolved here
+        self.mining_config = mining_config or resolve_mining_config(None, supervise_energy_landscape)
+        self.strategy = STRATEGIES[self.mining_config["strategy"]]
         self.inference_steps = default(inference_steps, 5 if use_innerloop_opt else 0)
         self.inference_step_scale = inference_step_scale
         self.inference_step_schedule = inference_step_schedule
         self.answer = answer
-        self.sampler_config = resolve_sampler_config(sampler)
+        self.sampler_config = sampler or resolve_sampler_config(None)
         # answers live in [-data_bound, data_bound]; 2 on continuous tasks (1 on discrete ones)
         self.data_bound = data_bound
         # the task's corruption (y, mask, fraction, uniforms) -> negatives' start; None on continuous tasks
@@ -110,14 +105,15 @@ class GaussianDiffusion1D(nn.Module):
         return v.expand(self.runs, *v.shape) if v.dim() == 2 else v
 
     # -- schedule helpers ------------------------------------------------------------------------
-    def _at(self, name: str, t: Tensor) -> Tensor:
+    def at(self, name: str, t: Tensor) -> Tensor:
+        """Schedule constant `name` at each sample's level t, [..., 1] to broadcast over an answer."""
         return getattr(self, name)[t].unsqueeze(-1)
 
     def q_sample(self, y0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        return self._at("sqrt_alphas_cumprod", t) * y0 + self._at("sqrt_one_minus_alphas_cumprod", t) * noise
+        return self.at("sqrt_alphas_cumprod", t) * y0 + self.at("sqrt_one_minus_alphas_cumprod", t) * noise
 
     def x0_from_noise(self, y_t: Tensor, t: Tensor, noise: Tensor | float) -> Tensor:
-        return self._at("sqrt_recip_alphas_cumprod", t) * y_t - self._at("sqrt_recipm1_alphas_cumprod", t) * noise
+        return self.at("sqrt_recip_alphas_cumprod", t) * y_t - self.at("sqrt_recipm1_alphas_cumprod", t) * noise
 
     def condition(self, x: Tensor, t: Tensor) -> Any:
         return self.model.condition(x, t, self.num_timesteps)
@@ -128,7 +124,7 @@ class GaussianDiffusion1D(nn.Module):
         if given is None:
             return y
         mask, values = given
-        return torch.where(mask, self._at("sqrt_alphas_cumprod", t) * values, y)
+        return torch.where(mask, self.at("sqrt_alphas_cumprod", t) * values, y)
 
     # -- inner optimiser, shared by mining and inference --------------------------------------------
     @torch.no_grad()
@@ -151,8 +147,8 @@ class GaussianDiffusion1D(nn.Module):
         whole batch ('first_sample'). Given entries are held at their value after every step.
         """
         bound_t = t if clamp_bound == "per_sample" else t[..., :1]
-        bound = self.data_bound * self._at("sqrt_alphas_cumprod", bound_t)
-        eta = self._at("opt_step_size", t)
+        bound = self.data_bound * self.at("sqrt_alphas_cumprod", bound_t)
+        eta = self.at("opt_step_size", t)
         energy, grad = self.model.energy_and_grad(cond, y)
         energy_start, accepted = energy, []
         for i in range(steps):
@@ -271,10 +267,10 @@ class GaussianDiffusion1D(nn.Module):
         step_scale: float | None = None,
         generator: torch.Generator | None = None,
         given: Given | None = None,
-        sampler: str | Mapping[str, Any] | None = None,
+        sampler: Mapping[str, Any] | None = None,
     ) -> Sampled:
-        """`sample`, keeping the sampler's statistics (e.g. MALA's accept rate); `sampler` overrides the
-        configured one for this call."""
+        """`sample`, keeping the sampler's statistics (e.g. MALA's accept rate); `sampler` (resolved)
+        overrides the configured one for this call."""
         x = self._packed(x)
         if noise is None:
             noise = torch.randn(*x.shape[:2], self.model.out_dim, device=x.device, generator=generator)

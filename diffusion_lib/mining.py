@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from diffusion_lib.registry import Option, one_of, resolve_options
-from diffusion_lib.text import brief_repr, suggest
+from diffusion_lib.registry import Option, Registry, one_of
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -64,7 +63,7 @@ COMMON_OPTIONS: dict[str, Option] = {
     "clamp_bound": one_of("per_sample", "first_sample"),
 }
 
-STRATEGIES: dict[str, Strategy] = {}
+STRATEGIES: Registry[Strategy] = Registry("mining_config", "strategy", "adversarial", "strategy", COMMON_OPTIONS)
 
 
 def register(
@@ -77,7 +76,7 @@ def register(
     work changes from step to step, after how many steps it repeats (its FLOPs are measured over one)."""
 
     def decorator(fn: MineFn | None) -> MineFn | None:
-        STRATEGIES[name] = Strategy(fn, options or {}, description, period or Strategy.period)
+        STRATEGIES.register(name, Strategy(fn, options or {}, description, period or Strategy.period))
         return fn
 
     return decorator
@@ -163,27 +162,7 @@ def mine_mixed(
 def resolve_mining_config(
     mining_config: Mapping[str, Any] | None = None, supervise_energy_landscape: bool = True
 ) -> dict[str, Any]:
-    """Validate a mining_config and fill in defaults; None derives it from the reference flag.
-
-    Raises ValueError naming the bad key or value and listing what is allowed.
-    """
+    """`mining_config` validated, defaults filled in (ValueError in one line); None: from the reference flag."""
     if mining_config is None:
         mining_config = {"strategy": "adversarial" if supervise_energy_landscape else "none"}
-    if not isinstance(mining_config, Mapping):
-        raise ValueError(f"mining_config must be a dict, got {type(mining_config).__name__}")
-    name = mining_config.get("strategy", "adversarial")
-    if not isinstance(name, str):  # a list or a mapping (not even hashable) is no strategy name
-        raise ValueError(f"mining_config['strategy'] = {brief_repr(name)} must be one strategy name; "
-                         f"allowed: {', '.join(STRATEGIES)}")
-    if name not in STRATEGIES:
-        raise ValueError(
-            f"mining_config['strategy'] = {name!r} is unknown{suggest(name, list(STRATEGIES))}; "
-            f"allowed: {', '.join(STRATEGIES)}"
-        )
-    options = {**COMMON_OPTIONS, **STRATEGIES[name].options}
-    given = {k: v for k, v in mining_config.items() if k != "strategy"}
-    return {"strategy": name, **resolve_options("mining_config", given, options, f" for strategy '{name}'")}
-
-
-def mining_strategy(mining_config: Mapping[str, Any]) -> Strategy:
-    return STRATEGIES[mining_config["strategy"]]
+    return STRATEGIES.resolve(mining_config)

@@ -26,8 +26,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from diffusion_lib.registry import Option, one_of, resolve_options
-from diffusion_lib.text import suggest
+from diffusion_lib.registry import Option, Registry, one_of
 
 
 class PackedLinear(nn.Module):
@@ -217,10 +216,10 @@ def _add_run_dim(model: nn.Module) -> None:
 
 
 # -- the registry -----------------------------------------------------------------------------------------
-MODELS: dict[str, type[EnergyModel]] = {}
 DTYPES = ("float32", "float64", "bfloat16")
 # common to every model: the compute dtype (float64 for exactness checks; bfloat16 = mixed precision)
 COMMON_OPTIONS: dict[str, Option] = {"dtype": one_of(*DTYPES)}
+MODELS: Registry[type[EnergyModel]] = Registry("model", "name", "mlp", "model", COMMON_OPTIONS)
 
 
 def register_model(name: str, options: dict[str, Option] | None = None) -> Callable[[type[EnergyModel]], type[EnergyModel]]:
@@ -228,40 +227,25 @@ def register_model(name: str, options: dict[str, Option] | None = None) -> Calla
 
     def decorator(cls: type[EnergyModel]) -> type[EnergyModel]:
         cls.options = options or {}
-        MODELS[name] = cls
-        return cls
+        return MODELS.register(name, cls)
 
     return decorator
 
 
-def _model_class(model_cfg: Mapping[str, Any]) -> tuple[str, type[EnergyModel]]:
-    name = model_cfg.get("name", "mlp")
-    if name not in MODELS:
-        raise ValueError(f"model['name'] = {name!r} is unknown{suggest(str(name), list(MODELS))}; allowed: {', '.join(MODELS)}")
-    return name, MODELS[name]
-
-
-def resolve_model_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """{'name': name, 'dtype': ..., **the model's options}, validated and filled in; ValueError in one line."""
-    name, cls = _model_class(model_cfg)
-    given = {k: v for k, v in model_cfg.items() if k != "name"}
-    return {"name": name, **resolve_options("model", given, {**COMMON_OPTIONS, **cls.options}, f" for model '{name}'")}
-
-
 def check_packs(model_cfg: Mapping[str, Any], runs: int) -> None:
     """Refuse, in one line, a pack of several runs for a model that holds one run at a time."""
-    name, cls = _model_class(model_cfg)
-    if runs > 1 and not cls.packs:
+    name = MODELS.name_of(model_cfg)
+    if runs > 1 and not MODELS[name].packs:
         raise ValueError(f"model '{name}' trains one run at a time: pack {runs} runs is not possible; use --pack 1")
 
 
 def model_packs(model_cfg: Mapping[str, Any]) -> bool:
-    return _model_class(model_cfg)[1].packs
+    return MODELS[MODELS.name_of(model_cfg)].packs
 
 
 def build_model(model_cfg: Mapping[str, Any], task: Any, runs: int = 1) -> EnergyDenoiser:
     """The model `model_cfg` names, for `task`, holding `runs` runs (each initialised from its run index)."""
-    resolved = resolve_model_config(model_cfg)
+    resolved = MODELS.resolve(model_cfg)
     check_packs(resolved, runs)
     options = {k: v for k, v in resolved.items() if k not in ("name", *COMMON_OPTIONS)}
     model = MODELS[resolved["name"]](task, runs, **options)

@@ -21,8 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from diffusion_lib.registry import Option, one_of, resolve_options
-from diffusion_lib.text import brief_repr, suggest
+from diffusion_lib.registry import Option, Registry, one_of
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +47,8 @@ class Sampler:
     description: str = ""
 
 
-SAMPLERS: dict[str, Sampler] = {}
+SAMPLERS: Registry[Sampler] = Registry("sampler", "name", "ired", "sampler", label="sampler")
+ANSWERS = ("x0", "scaled")  # what the walk returns: x0, or the published sqrt(abar_0) x0
 
 
 def register_sampler(
@@ -57,7 +57,7 @@ def register_sampler(
     """Add a sampler: `@register_sampler("name", options={...}, description=...)`."""
 
     def decorator(fn: SampleFn) -> SampleFn:
-        SAMPLERS[name] = Sampler(fn, options or {}, description)
+        SAMPLERS.register(name, Sampler(fn, options or {}, description))
         return fn
 
     return decorator
@@ -68,12 +68,7 @@ def resolve_sampler_config(sampler: str | Mapping[str, Any] | None = None) -> di
     config = {"name": "ired"} if sampler is None else {"name": sampler} if isinstance(sampler, str) else sampler
     if not isinstance(config, Mapping):
         raise ValueError(f"a sampler is a name or a map {{name: ..., <options>}}, not {type(config).__name__}")
-    name = config.get("name", "ired")
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler {brief_repr(name)} is unknown{suggest(str(name), list(SAMPLERS))}; "
-                         f"allowed: {', '.join(SAMPLERS)}")
-    options = {k: v for k, v in config.items() if k != "name"}
-    return {"name": name, **resolve_options("sampler", options, SAMPLERS[name].options, f" for sampler '{name}'")}
+    return SAMPLERS.resolve(config)
 
 
 def sampler_label(config: Mapping[str, Any]) -> str:
@@ -93,9 +88,9 @@ def run_sampler(
     generator: torch.Generator | None = None,
     sampler_config: Mapping[str, Any] | None = None,
 ) -> Sampled:
-    """Answers for packed conditions x [P, B, inp] from start noise [P, B, D] with `sampler_config`
-    (default: the diffusion's own, from `diffusion.sampler`)."""
-    cfg = diffusion.sampler_config if sampler_config is None else resolve_sampler_config(sampler_config)
+    """Answers for packed conditions x [P, B, inp] from start noise [P, B, D] with the resolved
+    `sampler_config` (default: the diffusion's own)."""
+    cfg = diffusion.sampler_config if sampler_config is None else sampler_config
     return SAMPLERS[cfg["name"]].sample(diffusion, x, noise, inner_steps, step_scale, given, generator, cfg)
 
 
@@ -113,11 +108,6 @@ def sampling_flops(diffusion: GaussianDiffusion1D, x: Tensor, noise: Tensor, inn
 
 
 # -- the shared walk over the diffusion levels -----------------------------------------------------------
-def hold(diffusion: GaussianDiffusion1D, y: Tensor, t: Tensor, given: Any) -> Tensor:
-    """Given entries replaced by their value at level t; y itself on tasks without given entries."""
-    return y if given is None else diffusion.hold_given(y, t, given)
-
-
 def walk_levels(diffusion: GaussianDiffusion1D, x: Tensor, noise: Tensor, given: Any, inner: InnerFn | None) -> Tensor:
     """The spec's inference with `inner(cond, y, t, level)` as each level's refinement (None: none)."""
     import torch
@@ -128,12 +118,12 @@ def walk_levels(diffusion: GaussianDiffusion1D, x: Tensor, noise: Tensor, given:
     t = torch.empty(runs, batch, dtype=torch.long, device=x.device)
     for step in reversed(range(diffusion.num_timesteps)):
         t.fill_(step)
-        y = hold(diffusion, y, t, given)  # the start noise, and each level's re-scaled answer
+        y = diffusion.hold_given(y, t, given)  # the start noise, and each level's re-scaled answer
         cond = diffusion.condition(x, t)
         _, eps_hat = diffusion.model.energy_and_grad(cond, y)
         x0 = diffusion.x0_from_noise(y, t, eps_hat).clamp(-bound, bound)
         scale_t = diffusion.sqrt_alphas_cumprod[step]
-        y = hold(diffusion, scale_t * x0, t, given)
+        y = diffusion.hold_given(scale_t * x0, t, given)
         if inner is not None:
             y = inner(cond, y, t, step)
         y = y.clamp(-bound * scale_t, bound * scale_t)
@@ -145,7 +135,7 @@ def walk_levels(diffusion: GaussianDiffusion1D, x: Tensor, noise: Tensor, given:
 
 def _box(diffusion: GaussianDiffusion1D, t: Tensor) -> tuple[Tensor, Tensor]:
     """Each sample's inner step h = eta_t (times step_scale by the caller) and clamp bound, [P, B, 1]."""
-    return diffusion._at("opt_step_size", t), diffusion.data_bound * diffusion._at("sqrt_alphas_cumprod", t)
+    return diffusion.at("opt_step_size", t), diffusion.data_bound * diffusion.at("sqrt_alphas_cumprod", t)
 
 
 def _normal(y: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -193,7 +183,7 @@ def sample_langevin(diffusion: GaussianDiffusion1D, x: Tensor, noise: Tensor, in
             tau = cfg["temperature"] * schedule(k, inner_steps)
             if tau > 0:  # tau = 0 is plain descent and draws nothing
                 y = y + (2 * h * tau).sqrt() * _normal(y, generator)
-            y = hold(diffusion, y.clamp(-bound, bound), t, given)
+            y = diffusion.hold_given(y.clamp(-bound, bound), t, given)
         return y
 
     return Sampled(walk_levels(diffusion, x, noise, given, langevin if inner_steps > 0 else None))
@@ -214,7 +204,7 @@ def sample_mala(diffusion: GaussianDiffusion1D, x: Tensor, noise: Tensor, inner_
         free = None if given is None else ~given[0]  # the proposal moves only the entries not given
         energy, grad = diffusion.model.energy_and_grad(cond, y)
         for _ in range(inner_steps):
-            proposal = hold(diffusion, y - h * grad + (2 * h * tau).sqrt() * _normal(y, generator), t, given)
+            proposal = diffusion.hold_given(y - h * grad + (2 * h * tau).sqrt() * _normal(y, generator), t, given)
             new_energy, new_grad = diffusion.model.energy_and_grad(cond, proposal)
             log_ratio = _mala_log_ratio(y, proposal, grad, new_grad, energy, new_energy, h, tau, free)
             inside = (proposal.abs() <= bound).all(dim=-1, keepdim=True)

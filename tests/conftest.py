@@ -24,7 +24,7 @@ def tiny_args(tmp_path):
 @pytest.fixture
 def poison_batch(monkeypatch):
     """poison_batch(n): the n-th training batch drawn from now on (counted over runs) has NaN conditions."""
-    from diffusion_lib.tasks.base import InverseTask
+    from diffusion_lib.tasks.matrix import InverseTask
 
     def poison(at_call: int) -> None:
         original, calls = InverseTask.sample, {"n": 0}

@@ -18,6 +18,7 @@ import train
 from conftest import ROOT
 from diffusion_lib import EBM, EnergyDenoiser, GaussianDiffusion1D
 from diffusion_lib.harness.config import config_from_file
+from diffusion_lib.mining import resolve_mining_config
 from diffusion_lib.tasks.base import make_task
 
 RANK, HIDDEN, BATCH = 3, 64, 48
@@ -39,7 +40,7 @@ def one_thread():
 def make_diffusion(strategy: str, seed: int = 0, **mining) -> GaussianDiffusion1D:
     ebm = EBM(SimpleNamespace(inp_dim=RANK * RANK, out_dim=RANK * RANK), hidden_dim=HIDDEN)
     ebm.init_run(0, seed)
-    return GaussianDiffusion1D(EnergyDenoiser(ebm), mining_config={"strategy": strategy, **mining})
+    return GaussianDiffusion1D(EnergyDenoiser(ebm), mining_config=resolve_mining_config({"strategy": strategy, **mining}))
 
 
 def problems(batch: int = BATCH, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import train
-from diffusion_lib import EBM, EnergyDenoiser, GaussianDiffusion1D
+from diffusion_lib import EBM, EnergyDenoiser, GaussianDiffusion1D, resolve_mining_config
 from diffusion_lib.harness.config import ConfigError
 from diffusion_lib.harness.landscape import (
     best_of_flops, best_of_n, energy_at, fixed_noise, rank_true_answers, verifier_flops,
@@ -31,11 +31,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_diffusion(runs: int = 1, **kwargs) -> GaussianDiffusion1D:
+def make_diffusion(runs: int = 1, sampler=None, **kwargs) -> GaussianDiffusion1D:
     ebm = EBM(SimpleNamespace(inp_dim=D, out_dim=D), hidden_dim=HIDDEN, runs=runs)
     for run in range(runs):
         ebm.init_run(run, 10 + run)
-    return GaussianDiffusion1D(EnergyDenoiser(ebm), mining_config={"strategy": "none"}, **kwargs)
+    return GaussianDiffusion1D(EnergyDenoiser(ebm), mining_config=resolve_mining_config({"strategy": "none"}),
+                               sampler=resolve_sampler_config(sampler), **kwargs)
 
 
 def problems(batch: int = BATCH, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,7 +233,7 @@ class QuadraticEnergy(nn.Module):
 
 
 def quadratic(sign: float, runs: int = 1) -> GaussianDiffusion1D:
-    return GaussianDiffusion1D(QuadraticEnergy(sign, runs), mining_config={"strategy": "none"})
+    return GaussianDiffusion1D(QuadraticEnergy(sign, runs), mining_config=resolve_mining_config({"strategy": "none"}))
 
 
 SCALES = [0.01, 0.1, 1.0]

@@ -14,7 +14,8 @@ def make_diffusion(mining_config=None, dim=DIM, hidden=64, seed=0, runs=1, **kwa
     ebm = EBM(SimpleNamespace(inp_dim=dim, out_dim=dim), hidden_dim=hidden, runs=runs)
     for run in range(runs):
         ebm.init_run(run, seed + run)
-    return GaussianDiffusion1D(EnergyDenoiser(ebm), mining_config=mining_config, **kwargs)
+    resolved = None if mining_config is None else resolve_mining_config(mining_config)  # as the run config does
+    return GaussianDiffusion1D(EnergyDenoiser(ebm), mining_config=resolved, **kwargs)
 
 
 def batch(n=32, dim=DIM, seed=1):

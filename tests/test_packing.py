@@ -12,9 +12,9 @@ import torch
 
 from conftest import ROOT
 from diffusion_lib.harness.run_dir import RunDir
-from diffusion_lib.tasks.base import InverseTask
+from diffusion_lib.tasks.matrix import InverseTask
 from diffusion_lib.harness.trainer import Trainer1D
-from diffusion_lib.tasks.seeds import mix_seed
+from diffusion_lib.tasks.base import mix_seed
 
 from diffusion_lib.study import cli as comparison
 

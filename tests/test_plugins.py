@@ -9,6 +9,7 @@ from torch import nn
 
 from diffusion_lib.harness.config import ConfigError, build_config
 from diffusion_lib.diffusion import GaussianDiffusion1D
+from diffusion_lib.mining import resolve_mining_config
 from diffusion_lib.models import EBM, EnergyModel, build_model, register_model
 from diffusion_lib.registry import Option
 from diffusion_lib.tasks.base import Batch, HeldOutSet, Metric, Task, make_task, register_task
@@ -163,7 +164,8 @@ class Recorder:
 def _masked_setup(strategy):
     task = make_task({"dataset": "sign_test", "dim": 5})
     model = build_model({"name": "mlp", "hidden_dim": 16}, task).double()
-    diffusion = GaussianDiffusion1D(model, mining_config={"strategy": strategy, "opt_steps": 3}, data_bound=1.0).double()
+    diffusion = GaussianDiffusion1D(model, mining_config=resolve_mining_config({"strategy": strategy, "opt_steps": 3}),
+                                    data_bound=1.0).double()
     x, y, mask = task.sample(12, torch.Generator().manual_seed(4))
     return diffusion, x.double()[None], y.double()[None], mask[None]
 

@@ -10,6 +10,7 @@ import torch
 from diffusion_lib.tasks import sudoku as S
 from diffusion_lib.harness.config import ConfigError, build_config
 from diffusion_lib.diffusion import GaussianDiffusion1D
+from diffusion_lib.mining import resolve_mining_config
 from diffusion_lib.models import build_model
 from diffusion_lib.tasks.base import make_task
 
@@ -102,7 +103,7 @@ def _setup(dataset, strategy, batch, **mining):
     task = make_task({"dataset": dataset, "nodes": 6} if dataset == "connectivity" else {"dataset": dataset})
     model_name = "graph" if dataset == "connectivity" else "sudoku_net"
     model = build_model({"name": model_name, "hidden_dim": 8, "layers": 1, "time_dim": 8}, task).double()
-    diffusion = GaussianDiffusion1D(model, mining_config={"strategy": strategy, **mining}, data_bound=task.answer_bound,
+    diffusion = GaussianDiffusion1D(model, mining_config=resolve_mining_config({"strategy": strategy, **mining}), data_bound=task.answer_bound,
                                     corrupt=task.corrupt).double()
     x, y, mask = task.sample(batch, torch.Generator().manual_seed(4))
     draws = diffusion.draw(batch, [torch.Generator().manual_seed(5)], "cpu")

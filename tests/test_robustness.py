@@ -56,6 +56,18 @@ def test_a_mining_strategy_that_is_a_list_or_mapping_is_refused(value):
         build_config({"mining.strategy": value})
 
 
+@pytest.mark.parametrize("key, kind", [("model.name", "model"), ("task.dataset", "dataset"), ("mining.strategy", "strategy")])
+@pytest.mark.parametrize("value", [["mlp"], {"a": 1}])
+def test_a_list_or_mapping_where_a_registry_name_goes_is_one_line(key, kind, value):
+    """Each registry refuses an unhashable name in one line, never with 'unhashable type'."""
+    with pytest.raises(ConfigError) as refusal:
+        build_config({key: value})
+    message = str(refusal.value)
+    assert f"must be one {kind} name; allowed: " in message and "\n" not in message and "unhashable" not in message
+    with pytest.raises(ConfigError, match=r"sampler \['mlp'\] must be one sampler name; allowed: ired, langevin, mala"):
+        build_config({"diffusion.sampler": {"name": ["mlp"]}})
+
+
 @pytest.mark.parametrize("value", ["[random]", "{a: 1}"])
 def test_a_mining_strategy_list_on_the_command_line_is_one_line_and_exit_2(tiny_args, capsys, value):
     assert train.main(tiny_args(f"mining.strategy={value}")) == 2
@@ -250,7 +262,7 @@ def test_memory_running_out_while_a_checkpoint_is_written_is_one_line_and_leaves
 
 # -- item 8: a study in which every run failed ------------------------------------------------------------
 def test_a_study_in_which_every_run_failed_says_so_and_exits_non_zero(tmp_path, capsys, monkeypatch):
-    from diffusion_lib.tasks.base import InverseTask
+    from diffusion_lib.tasks.matrix import InverseTask
 
     original = InverseTask.sample
 

@@ -2,14 +2,15 @@
 
 Resolution order: defaults < the task's defaults < YAML file < command-line flags < `key=value` overrides.
 Every problem raises ConfigError with one line naming the key, value or file and what is allowed. Every
-float must be finite, and sizes have upper limits (LIMITS, or the registered option's check) so that a
-typo is refused instead of exhausting memory or time. `task`, `model` and `mining` are free-form maps,
-each validated once by its registry (tasks.py, models.py, mining.py) against its options.
+field is typed by an `Option` (registry.py), the schema the registries' options use too, and validated
+once, in `build_config`: every float must be finite, and sizes have upper limits so that a typo is
+refused instead of exhausting memory or time. `task`, `model` and `mining` are free-form maps, each
+validated by its registry (tasks/base.py, models.py, mining.py) against its options.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import math
 import os
 import re
 import stat
@@ -19,57 +20,45 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from diffusion_lib.mining import STEP_SCHEDULES, resolve_mining_config
-from diffusion_lib.samplers import resolve_sampler_config
-from diffusion_lib.text import brief_repr, suggest
+from diffusion_lib.mining import STEP_SCHEDULES, STRATEGIES
+from diffusion_lib.registry import Option, OptionError, brief_repr, coerce, int_in, one_of, suggest
+from diffusion_lib.samplers import ANSWERS, resolve_sampler_config
 
 
 class ConfigError(ValueError):
     """Bad user input: printed as one line, exit code 2."""
 
 
-def _check(valid, requirement: str, **kwargs) -> Any:
-    return field(metadata={"valid": valid, "requirement": requirement}, **kwargs)
+def _option(option: Option) -> Any:
+    """A dataclass field whose type, default and check are `option`'s."""
+    return field(default_factory=lambda: copy.copy(option.default), metadata={"option": option})
+
+
+def _float(default: float, valid: Callable[[float], bool], requirement: str) -> Any:
+    return _option(Option(float, default, valid, requirement))
 
 
 def _positive_int(default: int) -> Any:
-    return _check(lambda v: v >= 1, "an int >= 1", default=default)
+    return _option(Option(int, default, lambda v: v >= 1, "an int >= 1"))
+
+
+def _ints(low: int, high: int, most: int, requirement: str) -> Any:
+    """A list of at most `most` ints in [low, high], empty by default."""
+    return _option(Option(list, [], lambda v: len(v) <= most and all(low <= n <= high for n in v), requirement, item=int))
 
 
 PER_RUN_KEYS = ("seed", "results_dir")  # the keys in which runs of one pack (one batched model) may differ
-ANSWERS = ("x0", "scaled")
 TRACKERS = ("none", "tensorboard", "wandb")
-
-
-def _int_in(low: int, high: int, default: int) -> Any:
-    return _check(lambda v: low <= v <= high, f"an int in [{low}, {high}]", default=default)
-
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # Upper limits on sizes: beyond them a run would exhaust memory or take days per step, so a larger value
 # is a typo; refused in one line rather than ending in an allocator traceback or minutes of silence.
 # (Limits of task, model and mining keys live in their registered options.)
-LIMITS: dict[str, tuple[int, str]] = {
-    "diffusion.timesteps": (1000, "every training step and every sample walks these"),
-    "diffusion.inference_steps": (1000, "inner steps per timestep when sampling"),
-    "train.steps": (10**9, "more than a lifetime of steps at any speed"),
-    "train.batch_size": (2**20, "one batch is held in memory with its activations"),
-    "eval.num_samples": (2**20, "the held-out sets are built in memory when a run starts"),
-    "eval.batch_size": (2**20, "one sampling batch is held in memory"),
-    "eval.inference_steps_sweep": (1000, "each entry: inner steps per timestep in one extra evaluation"),
-}
+MAX_TIMESTEPS = 1000  # every training step and every sample walks these
+MAX_INNER_STEPS = 1000  # inner steps per timestep when sampling (each entry of the sweep too)
+MAX_BATCH = 2**20  # a batch (training or sampling) and the held-out sets are held in memory
 MAX_SWEEP_ENTRIES = 100  # eval.inference_steps_sweep: each entry is one more full evaluation at the end
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few lines; a bigger file is not one (or a device, read forever)
-
-
-def _limited(key: str, default: int, low: int = 1) -> Any:
-    return _int_in(low, LIMITS[key][0], default)
-
-
-def _resolved(resolve: Callable[[Any], Any], default: Callable[[], Any]) -> Any:
-    """A field whose value a registry validates and fills in (a ValueError names what is wrong)."""
-    return field(metadata={"resolve": resolve}, default_factory=default)
-
-
 MAX_SAMPLERS = 8  # eval.samplers: each is one more scoring of every held-out set at the end
 MAX_BEST_OF = 64  # eval.best_of: the largest N is N sampling passes of every held-out set at the end
 MAX_RANKING_SCALES = 16
@@ -83,36 +72,36 @@ def _sampler_list(value: Any) -> list[dict[str, Any]]:
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = _limited("diffusion.timesteps", 10)
-    inference_steps: int = _limited("diffusion.inference_steps", 5, low=0)  # inner opt_steps per timestep
-    inference_step_scale: float = _check(lambda v: v > 0, "a float > 0", default=1.0)
+    timesteps: int = _option(int_in(1, MAX_TIMESTEPS, 10))
+    inference_steps: int = _option(int_in(0, MAX_INNER_STEPS, 5))  # inner opt_steps per timestep
+    inference_step_scale: float = _float(1.0, lambda v: v > 0, "a float > 0")
     # the published sampler's quirks, on request: steps after the first scaled by 2; answer sqrt(abar_0) x0
-    inference_step_schedule: str = _check(lambda v: v in STEP_SCHEDULES, f"one of {', '.join(STEP_SCHEDULES)}", default="constant")
-    answer: str = _check(lambda v: v in ANSWERS, f"one of {', '.join(ANSWERS)}", default="x0")
+    inference_step_schedule: str = _option(one_of(*STEP_SCHEDULES))
+    answer: str = _option(one_of(*ANSWERS))
     # the inference's inner steps (samplers.py): a name, or {name: ..., <its options>}; resolved to the map
-    sampler: dict = _resolved(resolve_sampler_config, lambda: resolve_sampler_config("ired"))
+    sampler: dict = _option(Option(dict, resolve_sampler_config(None), resolve=resolve_sampler_config))
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _limited("train.steps", 100_000)
+    steps: int = _option(int_in(1, 10**9, 100_000))  # at most: more than a lifetime of steps at any speed
     # > 0: train ceil(budget_flops / measured FLOPs per step) steps instead of `steps` (equal-compute runs)
-    budget_flops: float = _check(lambda v: v >= 0, "a float >= 0 (0 = off)", default=0.0)
-    batch_size: int = _limited("train.batch_size", 2048)  # global: split evenly across accelerate processes
-    lr: float = _check(lambda v: v > 0, "a float > 0", default=1e-4)
-    adam_betas: list[float] = _check(
-        lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two floats in [0, 1)", default_factory=lambda: [0.9, 0.99]
+    budget_flops: float = _float(0.0, lambda v: v >= 0, "a float >= 0 (0 = off)")
+    batch_size: int = _option(int_in(1, MAX_BATCH, 2048))  # global: split evenly across accelerate processes
+    lr: float = _float(1e-4, lambda v: v > 0, "a float > 0")
+    adam_betas: list[float] = _option(
+        Option(list, [0.9, 0.99], lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two floats in [0, 1)", item=float)
     )
-    grad_clip: float = _check(lambda v: v > 0, "a float > 0", default=1.0)
-    ema_decay: float = _check(lambda v: 0 < v < 1, "a float in (0, 1)", default=0.995)
+    grad_clip: float = _float(1.0, lambda v: v > 0, "a float > 0")
+    ema_decay: float = _float(0.995, lambda v: 0 < v < 1, "a float in (0, 1)")
     ema_every: int = _positive_int(10)
     # EMA warm-up (ema-pytorch's schedule, as the reference runs): a copy until this step, then
     # decay min(ema_decay, 1 - (1 + steps since)^-ema_power)
-    ema_update_after_step: int = _check(lambda v: v >= 0, "an int >= 0", default=100)
-    ema_power: float = _check(lambda v: v > 0, "a float > 0", default=2 / 3)
-    matmul_precision: str = _check(lambda v: v in ("highest", "high"), "one of highest, high", default="highest")
+    ema_update_after_step: int = _option(Option(int, 100, lambda v: v >= 0, "an int >= 0"))
+    ema_power: float = _float(2 / 3, lambda v: v > 0, "a float > 0")
+    matmul_precision: str = _option(one_of("highest", "high"))
     # live curves: the metrics.jsonl records also go to TensorBoard or W&B (diffusion_lib/tracking.py)
-    log_with: str = _check(lambda v: v in TRACKERS, f"one of {', '.join(TRACKERS)}", default="none")
+    log_with: str = _option(one_of(*TRACKERS))
     log_every: int = _positive_int(100)
     save_every: int = _positive_int(1000)
     keep_checkpoints: int = _positive_int(2)
@@ -121,47 +110,40 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = _positive_int(1000)
-    num_samples: int = _limited("eval.num_samples", 1024)
-    batch_size: int = _limited("eval.batch_size", 1024)
+    num_samples: int = _option(int_in(1, MAX_BATCH, 1024))
+    batch_size: int = _option(int_in(1, MAX_BATCH, 1024))
     # after training: held-out MSE of the EMA model for each number of inference inner steps
-    inference_steps_sweep: list[int] = _check(
-        lambda v: len(v) <= MAX_SWEEP_ENTRIES and all(0 <= s <= LIMITS["eval.inference_steps_sweep"][0] for s in v),
-        f"a list of at most {MAX_SWEEP_ENTRIES} ints in [0, {LIMITS['eval.inference_steps_sweep'][0]}]",
-        default_factory=list,
+    inference_steps_sweep: list[int] = _ints(
+        0, MAX_INNER_STEPS, MAX_SWEEP_ENTRIES, f"a list of at most {MAX_SWEEP_ENTRIES} ints in [0, {MAX_INNER_STEPS}]"
     )
     # the energy landscape (landscape.py), scored at the end only when asked for (each costs scoring time):
     # best-of-N for each N (energy pick vs random pick vs oracle among N samples from N start noises)
-    best_of: list[int] = _check(
-        lambda v: len(v) <= MAX_SWEEP_ENTRIES and all(1 <= n <= MAX_BEST_OF for n in v),
-        f"a list of ints in [1, {MAX_BEST_OF}]", default_factory=list,
-    )
+    best_of: list[int] = _ints(1, MAX_BEST_OF, MAX_SWEEP_ENTRIES, f"a list of ints in [1, {MAX_BEST_OF}]")
     # ranking of the true answer against answer + sigma * noise for each sigma (and the model's own samples)
-    ranking_scales: list[float] = _check(
-        lambda v: len(v) <= MAX_RANKING_SCALES and all(s > 0 for s in v),
-        f"a list of at most {MAX_RANKING_SCALES} floats > 0", default_factory=list,
-    )
-    ranking_levels: list[int] = _check(  # the diffusion levels ranked at; empty: every level
-        lambda v: all(0 <= t < LIMITS["diffusion.timesteps"][0] for t in v),
-        "a list of diffusion levels (ints >= 0, below diffusion.timesteps)", default_factory=list,
-    )
+    ranking_scales: list[float] = _option(Option(
+        list, [], lambda v: len(v) <= MAX_RANKING_SCALES and all(s > 0 for s in v),
+        f"a list of at most {MAX_RANKING_SCALES} floats > 0", item=float,
+    ))
+    # the diffusion levels ranked at; empty: every level (below diffusion.timesteps: checked in build_config)
+    ranking_levels: list[int] = _option(Option(
+        list, [], lambda v: all(0 <= t < MAX_TIMESTEPS for t in v),
+        "a list of diffusion levels (ints >= 0, below diffusion.timesteps)", item=int,
+    ))
     # more samplers scored at the end like the configured one (metrics, inference-steps sweep, best-of-N)
-    samplers: list = _resolved(_sampler_list, list)
-
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
+    samplers: list = _option(Option(list, [], resolve=_sampler_list))
 
 
 @dataclass
 class RunConfig:
-    task: dict = field(default_factory=lambda: {"dataset": "inverse"})  # see tasks.py
+    task: dict = field(default_factory=lambda: {"dataset": "inverse"})  # see tasks/base.py
     model: dict = field(default_factory=lambda: {"name": "mlp"})  # see models.py
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     mining: dict = field(default_factory=lambda: {"strategy": "adversarial"})  # see mining.py
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = _check(lambda v: 0 <= v < 2**63, "an int in [0, 2**63)", default=0)
-    device: str = _check(lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}", default="auto")
-    results_dir: str = _check(lambda v: v.strip() != "", "a folder path", default="results/run")
+    seed: int = _option(Option(int, 0, lambda v: 0 <= v < 2**63, "an int in [0, 2**63)"))
+    device: str = _option(one_of(*DEVICES))
+    results_dir: str = _option(Option(str, "results/run", lambda v: v.strip() != "", "a folder path"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -366,59 +348,24 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 # -- validation ----------------------------------------------------------------------------------------
-def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
-    if "resolve" in f.metadata:
-        try:
-            return f.metadata["resolve"](value)
-        except ValueError as error:
-            raise ConfigError(f"config key '{key}' = {brief_repr(value)} is invalid: {error}") from None
-    kind = _TYPE_NAMES[key]
-    bad = ConfigError(f"config key '{key}' = {brief_repr(value)} has the wrong type: expected {kind}")
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise bad
-    elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-    elif kind == "float":
-        value = _finite_float(key, value, bad)
-    elif kind == "str":
-        if not isinstance(value, str):
-            raise bad
-    elif kind.startswith("list"):
-        inner = "float" if "float" in kind else "int"
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        value = [_coerce_item(key, inner, v, bad) for v in value]
-    check = f.metadata.get("valid")
-    if check is not None and not check(value):
-        raise ConfigError(
-            f"config key '{key}' = {brief_repr(value)} is out of range: must be {f.metadata['requirement']}"
-        )
-    return value
+_PROBLEMS = {  # what a config key's message says of each problem an option finds
+    "type": "has the wrong type: expected {type_name}",
+    "range": "is out of range: must be {requirement}",
+    "finite": "is not a finite number",
+    "resolve": "is invalid: {why}",
+}
 
 
-def _finite_float(key: str, value: Any, bad: ConfigError) -> float:
-    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            raise bad from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad
+def _checked(key: str, value: Any) -> Any:
+    """The value of config key `key`, coerced and checked by its field's option; ConfigError in one line."""
+    option = _ALL_KEYS[key].metadata["option"]
     try:
-        value = float(value)
-    except OverflowError:  # an int too large for a float
-        value = math.inf
-    if not math.isfinite(value):  # inf and nan pass every `v > 0` style check
-        raise ConfigError(f"config key '{key}' = {value} is not a finite number")
-    return value
-
-
-def _coerce_item(key: str, inner: str, value: Any, bad: ConfigError) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (inner == "int" and not isinstance(value, int)):
-        raise bad
-    return _finite_float(key, value, bad) if inner == "float" else value
+        return coerce(option, value)
+    except OptionError as error:
+        shown = error.value if error.problem == "finite" else brief_repr(error.value)
+        type_name = option.kind.__name__ + (f"[{option.item.__name__}]" if option.item else "")  # list[float]
+        problem = _PROBLEMS[error.problem].format(type_name=type_name, requirement=option.requirement, why=error)
+        raise ConfigError(f"config key '{key}' = {shown} {problem}") from None
 
 
 def build_config(*layers: Mapping[str, Any]) -> RunConfig:
@@ -441,7 +388,7 @@ def build_config(*layers: Mapping[str, Any]) -> RunConfig:
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     top: dict[str, Any] = {}
     for key, value in merged.items():
-        value = _coerce(key, _ALL_KEYS[key], value)
+        value = _checked(key, value)
         section, _, name = key.rpartition(".")
         (sections[section] if section else top)[name] = value
     config = RunConfig(**{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}, **_resolve_maps(maps), **top)
@@ -469,12 +416,12 @@ def _task_defaults(given: Mapping[str, Any]) -> dict[str, Any]:
 
 def _resolve_maps(maps: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each map validated by its registry (imported here: tasks and models need torch, --help does not)."""
-    from diffusion_lib.models import resolve_model_config
-    from diffusion_lib.tasks.base import resolve_task_config
+    from diffusion_lib.models import MODELS
+    from diffusion_lib.tasks.base import TASKS
 
-    resolvers = {"task": resolve_task_config, "model": resolve_model_config, "mining": resolve_mining_config}
+    registries = {"task": TASKS, "model": MODELS, "mining": STRATEGIES}
     try:
-        return {name: resolvers[name](values) for name, values in maps.items()}
+        return {name: registries[name].resolve(values) for name, values in maps.items()}
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
@@ -493,7 +440,3 @@ def config_differences(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = ())
 
 
 _ALL_KEYS = _known_keys()
-_TYPE_NAMES = {
-    key: (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).replace(" ", "")
-    for key, f in _ALL_KEYS.items()
-}

@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def slug(value: Any) -> str:
+    """`value` as text fit for a file name: anything but letters, digits, '.', '+' and '-' becomes '-'."""
+    return re.sub(r"[^\w.+-]", "-", str(value))
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)

@@ -34,9 +34,8 @@ from diffusion_lib.harness.malloc import keep_freed_memory
 from diffusion_lib.harness.provenance import code_version
 from diffusion_lib.harness.run_dir import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir, TrainingInterrupted
 from diffusion_lib.samplers import sampler_label, sampling_flops
-from diffusion_lib.tasks.seeds import mix_seed
 from diffusion_lib.harness.stopping import Divergence, ScoringInterrupted, StopRequest
-from diffusion_lib.tasks.base import HeldOutSet, Task
+from diffusion_lib.tasks.base import HeldOutSet, Task, mix_seed
 from diffusion_lib.harness.tracking import RunTracker, check_tracker
 
 # per-run statistics averaged over a log interval ("accept_rate_steps" is a list: one rate per inner step)

@@ -35,8 +35,7 @@ from torch import Tensor, nn
 from diffusion_lib.harness.files import atomic_write_bytes
 from diffusion_lib.models import Condition, EnergyModel, SinusoidalPosEmb, register_model
 from diffusion_lib.registry import Option, int_in
-from diffusion_lib.tasks.seeds import mix_seed
-from diffusion_lib.tasks.base import Batch, HeldOutSet, Metric, Task, register_task
+from diffusion_lib.tasks.base import Batch, HeldOutSet, Metric, Task, mix_seed, register_task
 
 ID_GIVENS = (30, 45)
 HARDER_GIVENS = (17, 28)
