@@ -26,7 +26,7 @@ from diffusion_lib.report.tables import EmaLag, GroupRow, YardstickStanding, sum
 from diffusion_lib.report.yardsticks import BEATS, BEHIND, LEVEL, YardstickRow
 from diffusion_lib.report.plots import YARDSTICK_WORDS, set_words, stick_words, write_plots
 from diffusion_lib.harness.run_dir import RunRecord, is_number
-from diffusion_lib.harness.files import atomic_write_json, atomic_write_text, make_folder
+from diffusion_lib.harness.io import atomic_write_json, atomic_write_text, make_folder
 
 AXIS_TITLES = {"flops": ("Matched FLOPs", "training FLOPs"), "train_seconds": ("Matched wall-clock", "training seconds")}
 EMA_LAG = ("Caveat: an EMA model read mid-training lags its raw model (it averages its last horizon of steps, "

@@ -25,7 +25,7 @@ from diffusion_lib.report.scores import (  # noqa: E402
     BASES, Curve, Score, accept_rate_step_curves, final_values, finished, mean_on_shared_range, run_curves, seed_band,
 )
 from diffusion_lib.harness.run_dir import RunRecord  # noqa: E402
-from diffusion_lib.harness.files import atomic_write, make_folder  # noqa: E402
+from diffusion_lib.harness.io import atomic_write, make_folder  # noqa: E402
 
 Groups = Mapping[str, Sequence[RunRecord]]
 YARDSTICK_STYLES = (":", "-.", "--", (0, (1, 3)), (0, (5, 1)), (0, (3, 1, 1, 1)))  # by the yardstick's position
