@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from diffusion_lib.harness.build import create_dataset, create_diffusion_model, create_trainer
 from diffusion_lib.harness.cli import OneLineParser, parse_bool, parse_command_line, run_explaining_errors
 from diffusion_lib.harness.config import ConfigError, RunConfig, build_config, check_keys, flatten, load_yaml, parse_overrides
-from diffusion_lib.harness.files import atomic_write_json
+from diffusion_lib.harness.io import atomic_write_json
 from diffusion_lib.harness.run_dir import RunDir, TrainingInterrupted, sampling_settings
 from diffusion_lib.mining import STRATEGIES
 from diffusion_lib.study.launch import LAUNCHED_BY_STUDY

@@ -1,4 +1,4 @@
-"""diffusion_lib.report.analysis on synthetic runs: pairing, primary + Holm, disagreements, budgets, load, convergence,
+"""diffusion_lib.report on synthetic runs: pairing, primary + Holm, disagreements, budgets, load, convergence,
 EMA lag, a higher-is-better task and damaged folders. Expected values are worked out by hand in the comments.
 
 Run folders are written here in the results contract's final.json format (metrics with directions, labels,
@@ -10,9 +10,11 @@ import math
 
 import pytest
 
-from diffusion_lib.report.analysis import (
-    MIXED_PACKING, NOT_REACHED, UNEVEN_LOAD, Score, analyse, ema_horizon, gain, room, summary_columns, summary_rows,
-)
+from diffusion_lib.report.analysis import analyse
+from diffusion_lib.report.comparisons import MIXED_PACKING, NOT_REACHED, UNEVEN_LOAD
+from diffusion_lib.report.landscape import gain, room
+from diffusion_lib.report.scores import Score
+from diffusion_lib.report.tables import ema_horizon, summary_columns, summary_rows
 from diffusion_lib.harness.run_dir import RunDir, RunRecord
 
 STEPS = (100, 200, 300, 400, 500)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from diffusion_lib.report.analysis import Estimate
+from diffusion_lib.report.scores import Estimate
 from diffusion_lib.report.markdown import fmt, pm, write_report
 from diffusion_lib.harness.run_dir import RunRecord
 from conftest import ROOT
@@ -243,7 +243,7 @@ def test_groups_level_with_a_yardstick_are_named(tmp_path):
 
 
 def test_a_yardstick_sentence_names_the_groups_behind_when_some_are_level():
-    from diffusion_lib.report.analysis import YardstickStanding
+    from diffusion_lib.report.tables import YardstickStanding
     from diffusion_lib.report.markdown import _standing_text
 
     mixed = YardstickStanding("id", "linear", "raw", ["a", "b", "c", "d"], ["a", "b"], ["c"])

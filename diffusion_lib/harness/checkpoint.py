@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Sequence
 
 from diffusion_lib.harness.config import ConfigError
-from diffusion_lib.harness.files import atomic_write_bytes
+from diffusion_lib.harness.io import atomic_write_bytes
 
 if TYPE_CHECKING:  # torch is imported where used: naming and listing checkpoints must not load it (--help)
     from torch import nn, optim

@@ -6,8 +6,7 @@ import sys
 from typing import Callable, Sequence
 
 from diffusion_lib.harness.config import ConfigError, split_overrides
-from diffusion_lib.harness.files import describe_os_error
-from diffusion_lib.harness.locks import EXIT_BUSY, FolderBusy
+from diffusion_lib.harness.io import EXIT_BUSY, FolderBusy, describe_os_error
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -15,8 +15,10 @@ import yaml
 
 from diffusion_lib.harness.checkpoint import newest_verified_step
 from diffusion_lib.harness.config import ConfigError, RunConfig, config_differences, config_from_file, flatten
-from diffusion_lib.harness.files import append_line, atomic_write_json, atomic_write_text, make_folder, remove_temp_files, slug, writing
-from diffusion_lib.harness.locks import FolderBusy, FolderLock
+from diffusion_lib.harness.io import (
+    FolderBusy, FolderLock, append_line, atomic_write_json, atomic_write_text, make_folder, remove_temp_files, slug,
+    writing,
+)
 from diffusion_lib.harness.provenance import code_comment
 from diffusion_lib.samplers import sampler_label
 

@@ -29,7 +29,7 @@ from diffusion_lib.harness.config import PER_RUN_KEYS, ConfigError, RunConfig, c
 from diffusion_lib.diffusion import Draws, GaussianDiffusion1D
 from diffusion_lib.harness.ema import make_ema, restore_ema_step
 from diffusion_lib.harness.landscape import best_of_flops, best_of_n, fixed_noise, rank_true_answers, verifier_flops
-from diffusion_lib.harness.locks import FolderLock
+from diffusion_lib.harness.io import FolderLock
 from diffusion_lib.harness.malloc import keep_freed_memory
 from diffusion_lib.harness.provenance import code_version
 from diffusion_lib.harness.run_dir import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir, TrainingInterrupted

@@ -1,7 +1,7 @@
 """Study report: formats an `analysis.StudyAnalysis` into files; computes no statistics itself.
 
 `write_report(out_dir, runs, title=..., primary=...)` writes, each file atomically:
-  summary.csv   one row per run (`analysis.summary_rows`): labels, sweep keys, config columns, results
+  summary.csv   one row per run (`tables.summary_rows`): labels, sweep keys, config columns, results
   summary.json  {"title", "counts", "primary", "holm_family_size", "scoring" (metrics with directions,
                 sets), "lead_basis" (ema | raw), "groups", "comparisons", "budgets", "rows"}: the analysis'
                 numbers unformatted; NaN is written as null
@@ -16,11 +16,17 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from diffusion_lib.report import analysis as an
-from diffusion_lib.report.analysis import ALPHA, BASES, Comparison, Estimate, Score, StudyAnalysis
+from diffusion_lib.report.analysis import StudyAnalysis, analyse
+from diffusion_lib.report.budgets import LOAD_SPREAD_LIMIT, BudgetTable
+from diffusion_lib.report.comparisons import (
+    MIXED_PACKING, NO_VALUES, NOT_REACHED, TOO_FEW, UNEVEN_LOAD, Comparison, DisagreementPattern,
+)
+from diffusion_lib.report.scores import ALPHA, BASES, LAST_FRACTION, Estimate, Score, group_runs
+from diffusion_lib.report.tables import EmaLag, GroupRow, YardstickStanding, summary_columns, summary_rows
+from diffusion_lib.report.yardsticks import BEATS, BEHIND, LEVEL, YardstickRow
 from diffusion_lib.report.plots import YARDSTICK_WORDS, set_words, stick_words, write_plots
 from diffusion_lib.harness.run_dir import RunRecord, is_number
-from diffusion_lib.harness.files import atomic_write_json, atomic_write_text, make_folder
+from diffusion_lib.harness.io import atomic_write_json, atomic_write_text, make_folder
 
 AXIS_TITLES = {"flops": ("Matched FLOPs", "training FLOPs"), "train_seconds": ("Matched wall-clock", "training seconds")}
 EMA_LAG = ("Caveat: an EMA model read mid-training lags its raw model (it averages its last horizon of steps, "
@@ -96,16 +102,16 @@ def _test_text(c: Comparison) -> str:
 
 def _reason(code: str, a: StudyAnalysis, c: Comparison | None = None) -> str:
     """Why there is no verdict (an analysis refusal code), in words; NOT_REACHED names `c`'s short groups."""
-    if code == an.NOT_REACHED:
+    if code == NOT_REACHED:
         table = next(t for t in a.budgets if t.axis == c.view)
         short = [f"{r.reached}/{r.finished} runs of {r.group}" for r in table.rows
                  if r.group in (c.a, c.b) and r.reached < r.finished]  # fmt: skip
         return f"only {' and '.join(short)} reached the budget"
     return {
-        an.NO_VALUES: "no values",
-        an.TOO_FEW: "needs ≥ 2 seeds shared by both groups or ≥ 2 values per group",
-        an.UNEVEN_LOAD: f"the machine load varied by {fmt(a.load.spread)} (> {an.LOAD_SPREAD_LIMIT})",
-        an.MIXED_PACKING: "groups were trained with different pack sizes",
+        NO_VALUES: "no values",
+        TOO_FEW: "needs ≥ 2 seeds shared by both groups or ≥ 2 values per group",
+        UNEVEN_LOAD: f"the machine load varied by {fmt(a.load.spread)} (> {LOAD_SPREAD_LIMIT})",
+        MIXED_PACKING: "groups were trained with different pack sizes",
     }[code]
 
 
@@ -173,7 +179,7 @@ def _primary_paragraph(a: StudyAnalysis) -> list[str]:
     return lines + [""]
 
 
-def _lag_text(lag: an.EmaLag) -> str:
+def _lag_text(lag: EmaLag) -> str:
     """'adversarial: EMA horizon ~934 steps = 93 % of training; EMA 2.2× raw on in-distribution, beyond the
     seed spread'."""
     parts = []
@@ -186,7 +192,7 @@ def _lag_text(lag: an.EmaLag) -> str:
 
 
 def _lag_sentence(a: StudyAnalysis) -> str:
-    rule = (f"(rule: the EMA horizon, update interval / (1 − decay at the end), exceeds {fmt(100 * an.LAST_FRACTION)} % "
+    rule = (f"(rule: the EMA horizon, update interval / (1 − decay at the end), exceeds {fmt(100 * LAST_FRACTION)} % "
             "of training, or the EMA's headline score is worse than the raw model's by more than their seed spread)")
     if not a.lagging:
         return f"**EMA:** no group's EMA view describes lag {rule}; the EMA view leads."
@@ -194,7 +200,7 @@ def _lag_sentence(a: StudyAnalysis) -> str:
             "average trails the model, not the model: the raw view leads this report.")
 
 
-def _pattern_pairs(a: StudyAnalysis, pattern: an.DisagreementPattern) -> str:
+def _pattern_pairs(a: StudyAnalysis, pattern: DisagreementPattern) -> str:
     """'adversarial vs random (MSE in-distribution, ood), random vs none (MSE ood, raw)'."""
     texts = []
     for (first, second), cases in pattern.pairs().items():
@@ -250,7 +256,7 @@ def _convergence_sentence(a: StudyAnalysis) -> str:
     return text + (f" Not assessable (fewer than two seeds with a curve): {', '.join(unknown)}." if unknown else "")
 
 
-def _standing_text(st: an.YardstickStanding, sticks: str, groups: int) -> str:
+def _standing_text(st: YardstickStanding, sticks: str, groups: int) -> str:
     """'every group beats the zeros predictor and the linear map' (sticks: the yardsticks alike)."""
     if len(st.beaten_by) == len(st.rated):
         who = f"every group beats {sticks}"
@@ -276,7 +282,7 @@ def _yardstick_sentence(a: StudyAnalysis) -> str:
         return "**Yardsticks:** none recorded."
     parts = []
     for set_name in a.scoring.sets:
-        alike: dict[tuple, list[an.YardstickStanding]] = {}  # yardsticks with the same standing read as one
+        alike: dict[tuple, list[YardstickStanding]] = {}  # yardsticks with the same standing read as one
         for st in (st for st in a.standing if st.set == set_name):
             alike.setdefault((tuple(st.rated), tuple(st.beaten_by), tuple(st.level_with)), []).append(st)
         texts = [_standing_text(sts[0], _and([f"the {stick_words(st.name)}" for st in sts]), len(a.groups))
@@ -319,8 +325,8 @@ def _yardsticks_section(a: StudyAnalysis) -> list[str]:
     return lines
 
 
-def _yardstick_table(a: StudyAnalysis, title: str, rows: Sequence[an.YardstickRow]) -> list[str]:
-    by_name: dict[str, list[an.YardstickRow]] = {}
+def _yardstick_table(a: StudyAnalysis, title: str, rows: Sequence[YardstickRow]) -> list[str]:
+    by_name: dict[str, list[YardstickRow]] = {}
     for y in rows:
         by_name.setdefault(y.name, []).append(y)
     table = [[stick_words(name), YARDSTICK_WORDS.get(name, (name, ""))[1], *(fmt(y.mean) for y in ys),
@@ -331,14 +337,14 @@ def _yardstick_table(a: StudyAnalysis, title: str, rows: Sequence[an.YardstickRo
     return [f"**{title}**", "", *(_table(header, table) if table else ["none recorded", ""])]
 
 
-def _standing_cell(g: an.GroupRow, basis: str, set_name: str) -> str:
+def _standing_cell(g: GroupRow, basis: str, set_name: str) -> str:
     """'beats: zeros predictor, linear map; behind: clamp floor'."""
     marks = g.vs_yardstick[basis].get(set_name, {})
-    words = {mark: [stick_words(n) for n, m in marks.items() if m == mark] for mark in (an.BEATS, an.LEVEL, an.BEHIND)}
+    words = {mark: [stick_words(n) for n, m in marks.items() if m == mark] for mark in (BEATS, LEVEL, BEHIND)}
     return "; ".join(f"{mark}: {', '.join(names)}" for mark, names in words.items() if names) or "n/a"
 
 
-def _lag_cell(lag: an.EmaLag) -> str:
+def _lag_cell(lag: EmaLag) -> str:
     if not math.isfinite(lag.fraction) and not lag.far_sets:
         return "n/a"
     horizon = f"horizon {fmt(100 * lag.fraction)} % of training" if math.isfinite(lag.fraction) else "horizon n/a"
@@ -410,7 +416,7 @@ def _comparisons_section(a: StudyAnalysis) -> list[str]:
     return lines + _table(COMPARISON_HEADER, _comparison_rows(ordered, a)) + _unpaired_notes(ordered, a)
 
 
-def _budget_subsection(letter: str, table: an.BudgetTable, a: StudyAnalysis) -> list[str]:
+def _budget_subsection(letter: str, table: BudgetTable, a: StudyAnalysis) -> list[str]:
     title, unit = AXIS_TITLES[table.axis]
     lines = [f"### ({letter}) {title}: budget {fmt(table.budget)} {unit}", ""]
     if not math.isfinite(table.budget):
@@ -446,7 +452,7 @@ def _load_subsection(a: StudyAnalysis) -> list[str]:
         "### Machine load and packing", "",
         "The 1-minute load average when each training line was written, over the finished runs' training lines. "
         f"Rule: wall-clock comparisons are flagged, and give no verdict, when the load over all these lines spans "
-        f"more than {an.LOAD_SPREAD_LIMIT} (max − min), or when groups were trained with different pack sizes (runs "
+        f"more than {LOAD_SPREAD_LIMIT} (max − min), or when groups were trained with different pack sizes (runs "
         "packed in one process share its time: a packed run's training seconds are its share). n/a: not logged.", "",
     ]  # fmt: skip
     rows = [[r.group, fmt(r.mean), f"{fmt(r.low)} to {fmt(r.high)}" if r.lines else "n/a", r.lines,
@@ -455,7 +461,7 @@ def _load_subsection(a: StudyAnalysis) -> list[str]:
     if not any(r.lines for r in load.rows):
         lines += ["The load was not logged: the wall-clock view cannot be checked for uneven load.", ""]
     if load.load_warning:
-        lines += [f"**Warning:** the load varied by {fmt(load.spread)} (> {an.LOAD_SPREAD_LIMIT}) during training: "
+        lines += [f"**Warning:** the load varied by {fmt(load.spread)} (> {LOAD_SPREAD_LIMIT}) during training: "
                   "training seconds are not comparable across groups.", ""]  # fmt: skip
     if load.pack_warning:
         lines += ["**Warning:** groups were trained with different pack sizes: training seconds are not comparable "
@@ -651,10 +657,10 @@ def write_report(
     """
     out_dir = Path(out_dir)
     make_folder(out_dir)
-    a = an.analyse(runs, primary)
-    plots = write_plots(out_dir / "plots", an.group_runs(runs), a)
-    rows = an.summary_rows(runs)
-    atomic_write_text(out_dir / "summary.csv", _csv_text(rows, an.summary_columns(runs)))
+    a = analyse(runs, primary)
+    plots = write_plots(out_dir / "plots", group_runs(runs), a)
+    rows = summary_rows(runs)
+    atomic_write_text(out_dir / "summary.csv", _csv_text(rows, summary_columns(runs)))
     atomic_write_json(out_dir / "summary.json", _json_safe({
         "title": title,
         "counts": a.tally,

@@ -4,7 +4,7 @@
 caption) pairs for report.md: per metric the runs declare, its validation curves (val_<metric>_vs_step,
 _vs_flops, _vs_seconds), its final values (final_<metric>) and its inference-steps sweep
 (<metric>_vs_inference_steps); and the training curves. Every number drawn (curves, their means over
-seeds, yardsticks, CIs) comes from analysis.py; nothing is computed here.
+seeds, yardsticks, CIs) comes from analysis.py and the modules it composes; nothing is computed here.
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from diffusion_lib.report.analysis import (  # noqa: E402
-    BASES, Curve, Score, StudyAnalysis, accept_rate_step_curves, final_values, finished, mean_on_shared_range,
-    run_curves, seed_band,
+from diffusion_lib.report.analysis import StudyAnalysis  # noqa: E402
+from diffusion_lib.report.scores import (  # noqa: E402
+    BASES, Curve, Score, accept_rate_step_curves, final_values, finished, mean_on_shared_range, run_curves, seed_band,
 )
 from diffusion_lib.harness.run_dir import RunRecord  # noqa: E402
-from diffusion_lib.harness.files import atomic_write, make_folder  # noqa: E402
+from diffusion_lib.harness.io import atomic_write, make_folder  # noqa: E402
 
 Groups = Mapping[str, Sequence[RunRecord]]
 YARDSTICK_STYLES = (":", "-.", "--", (0, (1, 3)), (0, (5, 1)), (0, (3, 1, 1, 1)))  # by the yardstick's position

@@ -21,9 +21,8 @@ from diffusion_lib.harness.cli import OneLineParser, parse_command_line, run_exp
 from diffusion_lib.harness.config import parse_overrides
 from diffusion_lib.harness.run_dir import RunDir, TrainingInterrupted
 from diffusion_lib.mining import STRATEGIES
-from diffusion_lib.study.dry_run import dry_run
 from diffusion_lib.study.launch import (
-    RunCrashed, RunStopped, check_devices, check_flags, check_model_packs, default_pack_size, train_all,
+    RunCrashed, RunStopped, check_devices, check_flags, check_model_packs, default_pack_size, dry_run, train_all,
 )
 from diffusion_lib.study.spec import Study, StudyDir, expand, load_study, parse_shard, select, shard
 

@@ -1,6 +1,7 @@
 """Training a study's runs: in this process (packs of runs as one batched model) or one run at a time
 through `accelerate launch train.py`, with the signals the study gets passed on to the run; progress and
-ETA lines; and the checks of the study command's flags that need no study.
+ETA lines; the --dry-run (the runs' state and what is left to train, estimated from a probe); and the
+checks of the study command's flags that need no study.
 
 Imports neither torch nor the plotting stack at the top, so the study script's --help stays fast.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import math
 import os
 import signal
 import statistics
@@ -22,9 +25,9 @@ import psutil
 
 from diffusion_lib.harness.checkpoint import newest_verified_step
 from diffusion_lib.harness.config import ConfigError, RunConfig
-from diffusion_lib.harness.locks import EXIT_BUSY
+from diffusion_lib.harness.io import EXIT_BUSY
 from diffusion_lib.harness.run_dir import RunDir, RunLocked
-from diffusion_lib.study.spec import Study, StudyRun, pack_runs
+from diffusion_lib.study.spec import Study, StudyRun, pack_runs, setup_key
 
 if TYPE_CHECKING:
     from diffusion_lib.harness.trainer import Trainer1D
@@ -252,3 +255,48 @@ def train_all(runs: list[StudyRun], pack_size: int, build: BuildTrainer, *, resu
                       f"{scores}", flush=True)
             else:
                 print(f"{tag}: {run.run_id} FAILED: {final.get('error')}", flush=True)
+
+
+# -- --dry-run -----------------------------------------------------------------------------------------
+def dry_run(runs: list[StudyRun], pack_size: int, build: BuildTrainer, *, resume: bool, overwrite: bool) -> None:
+    """List the runs with their state, and estimate what is left to train from a probe per distinct setup:
+    the measured FLOPs of a step (as the runs measure them) and the median time of a few steps."""
+    print(f"{len(runs)} runs in {Path(runs[0].config.results_dir).parent.parent} (packs of up to {pack_size}):")
+    total_seconds = total_flops = 0.0
+    probes: dict[tuple[str, int], tuple[float, float]] = {}  # packs of one setup cost alike: probe each once
+    for pack in pack_runs(runs, pack_size, lambda run: 0):
+        setup = (setup_key(pack[0]), len(pack))
+        if setup not in probes:
+            probes[setup] = probe_steps(pack, build)
+        flops_per_step, seconds_per_step = probes[setup]
+        for run in pack:
+            status = status_of(run) if (resume or overwrite) else "to do"
+            status = "to do" if overwrite else status
+            budget = run.config.train.budget_flops
+            steps = math.ceil(budget / flops_per_step) if budget > 0 else run.config.train.steps
+            done = steps if status in ("finished", "failed") else (resume_step(run) if status == "partial" else 0)
+            left = max(steps - done, 0)
+            total_seconds += left * seconds_per_step
+            total_flops += left * flops_per_step
+            state = f"{status} (step {done})" if status == "partial" else status
+            print(f"  {run.run_id:<48} {state:<18} {left} of {steps} steps left, "
+                  f"~{format_seconds(left * seconds_per_step)}, {left * flops_per_step:.3g} FLOP")
+    print(f"estimated cost: ~{format_seconds(total_seconds)} of training on this machine "
+          f"(validation and final scoring extra), {total_flops:.3g} training FLOP (matmuls, measured per step)")
+
+
+def probe_steps(pack: list[StudyRun], build: BuildTrainer, steps: int = 3) -> tuple[float, float]:
+    """(FLOPs per step per run, seconds per step per run) of a pack's setup, measured in memory on a copy
+    of the pack (nothing is written): FLOPs as the runs count them, time as the median of a few steps."""
+    with tempfile.TemporaryDirectory() as folder:
+        probes = [dataclasses.replace(run.config, results_dir=str(Path(folder) / str(i))) for i, run in enumerate(pack)]
+        trainer = build(probes)
+        trainer.measure_flops()
+        times = []
+        for _ in range(steps + 1):
+            started = time.perf_counter()
+            trainer.train_step()
+            trainer.synchronize()
+            times.append(time.perf_counter() - started)
+        trainer.accelerator.free_memory()
+        return trainer.flops_per_step, statistics.median(times[1:]) / len(pack)

@@ -22,8 +22,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from diffusion_lib.harness.config import PER_RUN_KEYS, ConfigError, RunConfig, flatten, build_config, check_keys, load_yaml
-from diffusion_lib.harness.files import atomic_write_text, check_folder, remove_temp_files, slug, writing
-from diffusion_lib.harness.locks import FolderLock
+from diffusion_lib.harness.io import FolderLock, atomic_write_text, check_folder, remove_temp_files, slug, writing
 from diffusion_lib.harness.run_dir import RunDir, RunRecord
 from diffusion_lib.registry import brief_repr
 

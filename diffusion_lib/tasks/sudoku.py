@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lib.harness.files import atomic_write_bytes
+from diffusion_lib.harness.io import atomic_write_bytes
 from diffusion_lib.models import Condition, EnergyModel, SinusoidalPosEmb, register_model
 from diffusion_lib.registry import Option, int_in
 from diffusion_lib.tasks.base import Batch, HeldOutSet, Metric, Task, mix_seed, register_task
