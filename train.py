@@ -13,7 +13,7 @@ import json
 import os
 import shlex
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 # light modules only up here: --help must answer without loading torch; the rest is imported where used
 from diffusion_lib.harness.build import create_dataset, create_diffusion_model, create_trainer
@@ -23,6 +23,12 @@ from diffusion_lib.harness.io import atomic_write_json
 from diffusion_lib.harness.run_dir import RunDir, TrainingInterrupted, sampling_settings
 from diffusion_lib.mining import STRATEGIES
 from diffusion_lib.study.launch import LAUNCHED_BY_STUDY
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from diffusion_lib.diffusion import GaussianDiffusion1D
+    from diffusion_lib.tasks.base import Task
 
 __all__ = ["create_dataset", "create_diffusion_model", "create_trainer", "main"]
 
@@ -112,21 +118,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"# resolved config ({accelerator.device}, {accelerator.num_processes} process(es))\n{config.to_yaml()}")
     task = create_dataset(config)
     diffusion = create_diffusion_model(config, task)
-    trainer = create_trainer(config, diffusion, task, resume=args.resume, overwrite=args.overwrite,
-                             evaluate_only=args.evaluate)
     if args.evaluate:
-        result = {"settings": sampling_settings(config), **trainer.evaluate_saved()}
-        target = trainer.runs[0].dir.evaluation_file(config, result["step"])
-        if accelerator.is_main_process:
-            print(json.dumps(result, indent=2), flush=True)  # first: a folder that refuses the file keeps nothing
-            atomic_write_json(target, result)
-            print(f"evaluation: {target}")
-        return 0
-    [final] = trainer.train()
+        return evaluate(config, diffusion, task, accelerator)
+    [final] = create_trainer(config, diffusion, task, resume=args.resume, overwrite=args.overwrite).train()
     if final.get("status") != "finished":
         if accelerator.is_main_process:
             print(f"error: {final.get('error')}", file=sys.stderr)
         return 1
+    return 0
+
+
+def evaluate(config: RunConfig, diffusion: GaussianDiffusion1D, task: Task, accelerator: Accelerator) -> int:
+    """--evaluate: score the run's newest checkpoint (no trainer); print the result and keep it in the run's
+    evaluations/ folder."""
+    from diffusion_lib.harness.evaluate import evaluate_saved
+
+    result = {"settings": sampling_settings(config), **evaluate_saved(config, diffusion, task, accelerator)}
+    target = RunDir(config.results_dir).evaluation_file(config, result["step"])
+    if accelerator.is_main_process:
+        print(json.dumps(result, indent=2), flush=True)  # first: a folder that refuses the file keeps nothing
+        atomic_write_json(target, result)
+        print(f"evaluation: {target}")
     return 0
 
 

@@ -13,6 +13,7 @@ import pytest
 import train
 from conftest import ROOT
 from diffusion_lib.harness.config import ConfigError, build_config
+from diffusion_lib.harness.evaluate import Evaluator
 from diffusion_lib.harness.trainer import Trainer1D
 
 
@@ -394,14 +395,10 @@ def test_an_interrupt_that_stops_at_once_is_one_line_and_exit_130(tmp_path, tiny
 
         monkeypatch.setattr(Trainer1D, "train_step", two_signals)
     else:
-        original = Trainer1D._score_models
+        def interrupted(self, *args, **kwargs):  # the final scoring (validation passes call `scores`)
+            raise KeyboardInterrupt
 
-        def interrupted(self, sweep):
-            if sweep:  # the final scoring (validation passes score without the sweep)
-                raise KeyboardInterrupt
-            return original(self, sweep)
-
-        monkeypatch.setattr(Trainer1D, "_score_models", interrupted)
+        monkeypatch.setattr(Evaluator, "final_scores", interrupted)
     try:
         code = train.main(tiny_args())
     except KeyboardInterrupt:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train
-from diffusion_lib.harness.ema import make_ema, restore_ema_step
+from diffusion_lib.harness.trainer import make_ema, restore_ema_step
 
 RANK, HIDDEN, BATCH, T, TIME = 3, 16, 8, 10, 128
 
@@ -149,7 +149,8 @@ def test_a_resumed_packs_ema_is_the_uninterrupted_ones_and_scoring_reads_it(tmp_
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     online = whole.accelerator.unwrap_model(whole.model)
     assert not all(torch.equal(a, b) for a, b in zip(whole.ema.ema_model.parameters(), online.parameters()))
-    assert whole.evaluate() == whole.evaluate(whole.ema.ema_model) != whole.evaluate(online)
+    evaluate = whole.evaluator.evaluate
+    assert evaluate() == evaluate(whole.ema.ema_model) != evaluate(online)
 
 
 def test_a_training_step_reads_nothing_back_from_the_device(tmp_path):

@@ -12,7 +12,7 @@ from torch import nn
 import train
 from diffusion_lib import EBM, EnergyDenoiser, GaussianDiffusion1D, resolve_mining_config
 from diffusion_lib.harness.config import ConfigError
-from diffusion_lib.harness.landscape import (
+from diffusion_lib.harness.evaluate import (
     best_of_flops, best_of_n, energy_at, fixed_noise, rank_true_answers, verifier_flops,
 )
 from diffusion_lib.samplers import SAMPLERS, _mala_log_ratio, resolve_sampler_config, sampler_label, sampling_flops

@@ -7,11 +7,9 @@ import subprocess
 import pytest
 
 import train
-from diffusion_lib.harness import provenance
 from diffusion_lib.harness.config import config_from_file
-from diffusion_lib.harness.provenance import code_version
+from diffusion_lib.harness.run_dir import RunDir, RunRecord, code_version
 from diffusion_lib.report.markdown import write_report
-from diffusion_lib.harness.run_dir import RunDir, RunRecord
 
 
 def git(repo, *args):
@@ -62,7 +60,7 @@ def _summary_row(run_dir, tmp_path):
 
 def test_a_run_records_its_code_in_config_final_and_summary(repo, tmp_path, tiny_args, monkeypatch):
     (repo / "code.py").write_text("x = 3\n")
-    monkeypatch.setattr(provenance, "ROOT", repo)
+    monkeypatch.setattr("diffusion_lib.harness.run_dir.ROOT", repo)
     assert train.main(tiny_args("--train-steps", "5", "train.save_every=5", "eval.every=5")) == 0
     run = RunDir(tmp_path / "run")
     head = git(repo, "rev-parse", "HEAD")
@@ -76,7 +74,7 @@ def test_a_run_records_its_code_in_config_final_and_summary(repo, tmp_path, tiny
 
 
 def test_outside_a_checkout_nothing_is_recorded(tmp_path, tiny_args, monkeypatch):
-    monkeypatch.setattr(provenance, "ROOT", tmp_path / "tarball")
+    monkeypatch.setattr("diffusion_lib.harness.run_dir.ROOT", tmp_path / "tarball")
     assert train.main(tiny_args("--train-steps", "5", "train.save_every=5", "eval.every=5")) == 0
     run = RunDir(tmp_path / "run")
     final = json.loads(run.final.read_text())

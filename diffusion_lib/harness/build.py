@@ -54,7 +54,6 @@ def create_trainer(
     *,
     resume: bool = False,
     overwrite: bool = False,
-    evaluate_only: bool = False,
     label: str = "",
 ) -> Trainer1D:
     from diffusion_lib.harness.trainer import Trainer1D, make_accelerator
@@ -62,7 +61,7 @@ def create_trainer(
     first = config if isinstance(config, RunConfig) else config[0]
     return Trainer1D(
         diffusion, task, config, make_accelerator(first.device),
-        resume=resume, overwrite=overwrite, evaluate_only=evaluate_only, label=label,
+        resume=resume, overwrite=overwrite, label=label,
     )
 
 

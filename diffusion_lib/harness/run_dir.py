@@ -1,4 +1,5 @@
-"""What a run writes and where: resolved config, metrics log, checkpoints, final results."""
+"""What a run writes and where: resolved config (headed by the code that wrote it), metrics log, checkpoints,
+final results (`Final`, final.json's one definition)."""
 from __future__ import annotations
 
 import hashlib
@@ -6,9 +7,10 @@ import json
 import math
 import shutil
 import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, get_type_hints
 
 import numpy as np
 import yaml
@@ -19,7 +21,6 @@ from diffusion_lib.harness.io import (
     FolderBusy, FolderLock, append_line, atomic_write_json, atomic_write_text, make_folder, remove_temp_files, slug,
     writing,
 )
-from diffusion_lib.harness.provenance import code_comment
 from diffusion_lib.samplers import sampler_label
 
 # keys a resumed run may change: where it runs, where it writes, and how long it trains
@@ -45,6 +46,40 @@ def _setting_text(value: Any) -> str:
     if isinstance(value, dict):
         return sampler_label(value)
     return "-".join(map(_setting_text, value)) if isinstance(value, list) else str(value)
+
+
+# -- which code made a run: the project's git commit and whether its tracked files had uncommitted changes ---
+ROOT = Path(__file__).resolve().parents[2]  # the project's folder: the checkout whose commit is recorded
+GIT_TIMEOUT_S = 5  # a hung git (a network file system, a lock) must not hold up a run
+
+
+def code_version(root: Path | None = None) -> dict[str, Any]:
+    """{"git_commit": <sha>, "git_dirty": <tracked files differ from it>} of the project's checkout, or {}
+    where there is none (a tarball, git not installed, a repository git refuses or that has no commit).
+
+    One `git status` call. Only a checkout rooted at the project's folder counts: a project unpacked
+    inside some other repository (a home folder under git) is not that repository's code. Untracked
+    files do not make the tree dirty: runs write results/ there, which is not code."""
+    root = ROOT if root is None else root
+    if not (root / ".git").exists():  # a folder (a clone) or a file (a worktree)
+        return {}
+    try:
+        done = subprocess.run(["git", "-C", str(root), "status", "--porcelain=v2", "--branch", "--untracked-files=no"],
+                              capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    lines = done.stdout.splitlines()
+    commit = next((line.split()[2] for line in lines if line.startswith("# branch.oid ")), None)
+    if done.returncode != 0 or commit is None or commit == "(initial)":
+        return {}
+    return {"git_commit": commit, "git_dirty": any(not line.startswith("#") for line in lines)}
+
+
+def code_comment(code: dict[str, Any]) -> str:
+    """A YAML comment line naming the code (config.yaml's first line), or '' where there is no checkout."""
+    if not code:
+        return ""
+    return f"# written by the code at git commit {code['git_commit']}{' with uncommitted changes' if code['git_dirty'] else ''}\n"
 
 
 class RunLocked(FolderBusy):
@@ -73,7 +108,7 @@ class RunDir:
         self.checkpoints = self.root / "checkpoints"
         self.final = self.root / "final.json"
         self.evaluations = self.root / "evaluations"
-        self.tensorboard = self.root / "tensorboard"  # written by tracking.RunTracker
+        self.tensorboard = self.root / "tensorboard"  # written by trainer.RunTracker
 
     def _run_files(self) -> list[Path]:
         """Everything a run wrote (what --overwrite deletes)."""
@@ -155,7 +190,7 @@ class RunDir:
 
     def prepare(self, config: RunConfig, overwrite: bool, code: dict[str, Any] | None = None) -> None:
         """Clear an old run if overwriting, then save the resolved config (after `check`), headed by a
-        comment naming the code that (re)started the run (`provenance.code_version`), where known."""
+        comment naming the code that (re)started the run (`code_version`), where known."""
         if overwrite:
             for path in self._run_files():
                 with writing(path):
@@ -191,10 +226,10 @@ class RunDir:
             atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     # -- final results -------------------------------------------------------------------------------
-    def write_final(self, result: dict[str, Any]) -> None:
+    def write_final(self, result: Final) -> None:
         atomic_write_json(self.final, result)
 
-    def read_final(self) -> dict[str, Any] | None:
+    def read_final(self) -> Final | None:
         """final.json's object, or None when the file is absent or damaged (see `final_problem`): callers
         treat None as "not finished", so a damaged final.json is recomputed on --resume."""
         if not self.final.exists():
@@ -206,15 +241,57 @@ class RunDir:
         return data if final_problem(data) is None else None
 
 
-# final.json fields that must be numbers when present, besides the declared scores <metric>_<set>[_raw]
-_NUMBER_FIELDS = ("train_seconds", "steps_per_second", "train_flops", "flops_per_step", "budget_flops")
+class _Ended(TypedDict):
+    status: str  # "finished" or "failed" (a run diverged): the one key every final.json has
+
+
+class Final(_Ended, total=False):
+    """final.json: how a run ended and, for a finished run, what its task declares and what it scored. The
+    one definition of the file: the trainer writes it, `final_problem` checks a read one against it (so
+    `RunDir.read_final` and `RunRecord` hold only files that fit it) and the report reads it.
+
+    A finished run also holds the Evaluator's results (evaluate.py) at the top level: <metric>_<set> (EMA
+    model) and <metric>_<set>_raw for its declared metrics and sets (`score_keys`), then inference_steps_sweep,
+    sampler, sampler_flops_per_answer, inference_steps_sweep_flops, ranking_<set>[_raw], best_of_<set>[_raw]
+    and samplers, as eval.* asked for them."""
+
+    step: int  # the last step trained (a failed run: the last before its divergence)
+    error: str  # a failed run: why
+    # the task's declaration (a finished run's): metric -> which way is better (DIRECTIONS), its label, the sets
+    metrics: dict[str, str]
+    metric_labels: dict[str, str]
+    sets: list[str]
+    yardsticks: dict[str, dict[str, dict[str, float]]]  # set -> predictor (zeros, linear, ...) -> metric -> value
+    loss: float  # the last train line's, where the strategy logs it
+    loss_denoise: float
+    loss_energy: float
+    energy_grad_evals: float  # cumulative energy-gradient evaluations per sample
+    num_processes: int
+    pack_size: int  # runs trained as one batched model
+    train_seconds: float  # its share of the pack's training time
+    steps_per_second: float
+    flops_per_step: float  # matmul FLOPs of one training step, all processes together
+    train_flops: float
+    budget_flops: float  # train.budget_flops (0: none)
+    git_commit: str  # the code that trained it (code_version), where known
+    git_dirty: bool
+
+
 DIRECTIONS = ("lower", "higher")  # final.json "metrics": name -> which way is better
 RUN_STATUSES = ("finished", "failed", "missing", "damaged")
+_KINDS = {float: "a number", int: "an int", str: "a string", bool: "a bool"}  # of Final's one-value fields
+_SCALARS = {key: kind for key, kind in get_type_hints(Final).items() if kind in _KINDS}
 
 
 def is_number(value: Any) -> bool:
     """A JSON number (NaN included), not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is float:
+        return is_number(value)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
 def score_keys(final: dict[str, Any]) -> list[str]:
@@ -242,18 +319,24 @@ def _declaration_problem(final: dict[str, Any]) -> str | None:
 
 
 def final_problem(final: Any) -> str | None:
-    """Why a final.json's content is damaged (not an object, or a field of the wrong type), else None."""
+    """Why a final.json's content does not fit `Final` (not an object, a field of the wrong type, a finished
+    run without its declaration, a declared score that is no number), else None. Checked in this order:
+    status and step, the declaration, the scores, the other fields."""
     if not isinstance(final, dict):
         return f"final.json holds a JSON {type(final).__name__}, not an object"
-    if not isinstance(final.get("status"), str):
-        return f"final.json 'status' is {final.get('status')!r}, not a string"
-    if "step" in final and (not isinstance(final["step"], int) or isinstance(final["step"], bool)):
-        return f"final.json 'step' is {final['step']!r}, not an int"
-    if (problem := _declaration_problem(final)) is not None:
+    keys = ["status", "step"]
+    if (problem := _field_problem(final, keys)) is not None or (problem := _declaration_problem(final)) is not None:
         return problem
-    for key in (*score_keys(final), *_NUMBER_FIELDS):
-        if key in final and not is_number(final[key]):
-            return f"final.json '{key}' is {final[key]!r}, not a number"
+    return _field_problem(final, score_keys(final)) or _field_problem(final, [k for k in _SCALARS if k not in keys])
+
+
+def _field_problem(final: dict[str, Any], keys: list[str]) -> str | None:
+    """The first of `keys` that `final` has (or `Final` requires) with a value of the wrong kind: a score
+    (a key `Final` leaves open) must be a number."""
+    for key in keys:
+        kind = _SCALARS.get(key, float)
+        if (key in final or key in Final.__required_keys__) and not _fits(final.get(key), kind):
+            return f"final.json '{key}' is {final.get(key)!r}, not {_KINDS[kind]}"
     return None
 
 
@@ -280,7 +363,7 @@ class RunRecord:
     strategy: str
     sweep: dict[str, Any]
     seed: int
-    final: dict[str, Any] | None
+    final: Final | None
     metrics: list[dict[str, Any]]
     config: dict[str, Any] | None = None  # config.yaml flattened to dotted keys, e.g. "task.rank"
     damage: str | None = None

@@ -4,46 +4,41 @@ A pack's runs differ only in their seed (and folder): their weights are stacked 
 (models.py), each draws its own data and noise from its own seed, and each keeps its own optimiser
 state, EMA, metrics, checkpoints and final.json, exactly as if it trained alone. Nothing reads the
 device on a training step: statistics and divergence flags accumulate there and are read when the loop
-pauses to log, validate or save.
+pauses to log, validate or save. Scoring is the Evaluator's (evaluate.py).
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
 import sys
 import time
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
+from ema_pytorch import EMA
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from diffusion_lib.harness.checkpoint import load_pack, save_pack
-from diffusion_lib.harness.config import PER_RUN_KEYS, ConfigError, RunConfig, config_differences
 from diffusion_lib.diffusion import Draws, GaussianDiffusion1D
-from diffusion_lib.harness.ema import make_ema, restore_ema_step
-from diffusion_lib.harness.landscape import best_of_flops, best_of_n, fixed_noise, rank_true_answers, verifier_flops
+from diffusion_lib.harness.checkpoint import load_pack, save_pack
+from diffusion_lib.harness.config import PER_RUN_KEYS, ConfigError, RunConfig, TrainConfig, config_differences
+from diffusion_lib.harness.evaluate import Evaluator, bar_rate, precision
 from diffusion_lib.harness.io import FolderLock
-from diffusion_lib.harness.malloc import keep_freed_memory
-from diffusion_lib.harness.provenance import code_version
-from diffusion_lib.harness.run_dir import EVALUATION_CHANGES, RESUMABLE_CHANGES, RunDir, TrainingInterrupted
-from diffusion_lib.samplers import sampler_label, sampling_flops
+from diffusion_lib.harness.run_dir import RESUMABLE_CHANGES, Final, RunDir, TrainingInterrupted, code_version
 from diffusion_lib.harness.stopping import Divergence, ScoringInterrupted, StopRequest
-from diffusion_lib.tasks.base import HeldOutSet, Task, mix_seed
-from diffusion_lib.harness.tracking import RunTracker, check_tracker
+from diffusion_lib.tasks.base import Task, mix_seed
 
 # per-run statistics averaged over a log interval ("accept_rate_steps" is a list: one rate per inner step)
 LOGGED = ("loss", "loss_denoise", "loss_energy", "energy_pos", "energy_neg",
           "accept_rate", "accept_rate_steps", "energy_decrease", "move_rms")
-# model.dtype -> the dtype of weights and data (bfloat16 is mixed precision: float32 weights, bf16 autocast)
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
-FLOP_PROBLEMS = 64  # problems a sampling pass's FLOPs per answer are counted on
 
 
 @lru_cache(maxsize=None)
@@ -56,12 +51,109 @@ def make_accelerator(device: str = "auto") -> Accelerator:
     return Accelerator(cpu=device == "cpu")
 
 
-def check_pack(configs: Sequence[RunConfig]) -> None:
-    """Runs train together only if their configs agree on everything but seed and folder."""
+def check_pack(configs: Sequence[RunConfig], accelerator: Accelerator) -> None:
+    """Runs train together only if their configs agree on everything but seed and folder; their dashboard's
+    package must be installed, and their batch split evenly over the processes."""
     for other in configs[1:]:
         differing = config_differences(configs[0], other, ignore=PER_RUN_KEYS)
         if differing:
             raise ValueError(f"runs of a pack must share their config but for {PER_RUN_KEYS}; these differ: {differing}")
+    train = configs[0].train
+    check_tracker(train.log_with)
+    if train.batch_size % accelerator.num_processes:
+        raise ConfigError(
+            f"train.batch_size = {train.batch_size} must be divisible by the {accelerator.num_processes} processes"
+        )
+
+
+# -- the EMA: ema-pytorch's, with the warm-up the reference runs used ---------------------------------------
+# The trainer calls `update()` once per optimiser step, so ema-pytorch's update count is the training step
+# (one count for a pack: its runs' weights are stacked in one model). The update made after `step` steps,
+# when `step` is a multiple of `update_every`, is a plain copy up to `update_after_step`, then moves towards
+# the online model with decay min(beta, 1 - (1 + step - update_after_step)^-power). With the reference
+# values (beta 0.995, every 10, after 100, power 2/3) the decay reaches 0.995 only near step 2 900, so an
+# EMA read early in training lags well behind the model it averages.
+def make_ema(model: nn.Module, train: TrainConfig) -> EMA:
+    """The EMA of `model` as `train.ema_*` say; its averaged copy is `.ema_model` (`.model` is `model`)."""
+    return EMA(
+        model, beta=train.ema_decay, update_every=train.ema_every, update_after_step=train.ema_update_after_step,
+        power=train.ema_power, inv_gamma=1.0, min_value=0.0,
+        include_online_model=False,  # the trainer saves the online model itself
+        ignore_names={name for name, _ in model.named_buffers()},  # the noise schedule's constants
+        use_foreach=True,
+    )
+
+
+def restore_ema_step(ema: EMA, step: int) -> None:
+    """Continue, after a resume at `step`, as an EMA that has made `step` updates (the first: its copy).
+
+    Its step counter stays where ema-pytorch keeps it, on the host: reading it costs no device sync."""
+    ema.step.fill_(step)
+    ema.initted.fill_(step > 0)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to serve large blocks from its heap and keep what is freed (Linux, CPU training).
+
+    By default glibc maps every block above its mmap threshold afresh and unmaps it when freed, so each
+    training step page-faults its big activations back in: at rank 20, batch 2048 that cost 6 % of a lone
+    run's step and half the throughput of a pack of 10 on a 2-core CPU (benchmarks/results.md). The
+    process then keeps its peak heap until it exits. Returns whether the settings took (False where the
+    C library is not glibc).
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+# -- live dashboards: each run's metrics.jsonl records, also sent to TensorBoard or Weights & Biases ---------
+# accelerate's tracker classes do the sending. One tracker per run (not one per Accelerator, which
+# accelerate's `log_with` would give): a pack trains several runs in one process, and a study many.
+# TensorBoard events go to `<run>/tensorboard/` (`tensorboard --logdir results/<study>/runs` shows every run
+# under its id); W&B runs are named by the run id in the project `ired`.
+_TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_tracker(kind: str) -> None:
+    """Refuse a tracker whose package is missing, in one line naming what to install."""
+    package = _TRACKER_PACKAGES.get(kind)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"train.log_with = '{kind}' needs the {package} package: pip install {package}")
+
+
+class RunTracker:
+    """Sends one run's records to a dashboard, as `<kind>/<key>` scalars at the record's step."""
+
+    def __init__(self, kind: str, run_folder: Path, config: dict[str, Any]):
+        from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+        check_tracker(kind)
+        if kind == "tensorboard":
+            self.tracker = TensorBoardTracker("tensorboard", run_folder)
+        else:
+            # reinit="create_new": the runs of a pack are live at once, each its own W&B run (wandb >= 0.19.10)
+            self.tracker = WandBTracker("ired", name=run_folder.name, dir=str(run_folder), config=config,
+                                        reinit="create_new")
+        self.tracker.start()
+
+    def log(self, record: dict[str, Any]) -> None:
+        values: dict[str, float] = {}
+        for key, value in record.items():
+            if key in ("kind", "step"):
+                continue
+            if isinstance(value, list):  # per inner step: accept_rate_steps -> accept_rate_step1, ...
+                values.update({f"{record['kind']}/{key[:-1]}{i}": v for i, v in enumerate(value, 1)})
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                values[f"{record['kind']}/{key}"] = value
+        self.tracker.log(values, step=record["step"])
+
+    def finish(self) -> None:
+        self.tracker.finish()
 
 
 @dataclass
@@ -75,16 +167,83 @@ class Run:
     last_log: dict[str, Any] = field(default_factory=dict)
     tracker: RunTracker | None = None  # a live dashboard, if train.log_with asks for one
 
+    def record(self, record: dict[str, Any]) -> None:
+        """One metrics line: to metrics.jsonl and, if one is set, the run's dashboard."""
+        self.dir.append_metrics(record)
+        if self.tracker is not None:
+            self.tracker.log(record)
+
+    def state(self) -> dict[str, Any]:
+        """What its checkpoint keeps of it (besides the weights), for `restore`."""
+        return {"config": self.config.to_dict(), "energy_grad_evals": self.energy_grad_evals,
+                "train_seconds": self.train_seconds, "last_log": self.last_log}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.energy_grad_evals, self.train_seconds = state["energy_grad_evals"], state["train_seconds"]
+        self.last_log = dict(state["last_log"])
+
+
+def claim_folders(runs: list[Run], main: bool, resume: bool, overwrite: bool) -> list[FolderLock]:
+    """One writer per run folder: the main process takes each <run>/.lock (RunDir.lock); every process
+    refuses to clobber a run unless asked (RunDir.check). What was taken is released if a run refuses."""
+    locks: list[FolderLock] = []
+    try:
+        for run in runs:
+            if main:
+                locks.append(run.dir.lock())
+            run.dir.check(run.config, resume, overwrite, RESUMABLE_CHANGES)
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
+
+
+class Interval:
+    """Each run's training statistics (LOGGED) summed on the device since the last train line, and the
+    steps that added to each (mining statistics skip some); read only when the loop pauses."""
+
+    def __init__(self, sums: dict[str, torch.Tensor] | None = None, counts: dict[str, int] | None = None):
+        self.sums, self.counts = sums or {}, counts or {}
+
+    def add(self, stats: dict[str, Any]) -> None:
+        for key in LOGGED:
+            if key in stats:
+                self.sums[key] = self.sums[key] + stats[key].float() if key in self.sums else stats[key].float()
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def reduced(self, accelerator: Accelerator, runs: int) -> list[dict[str, Any]]:
+        """Per run, the sums averaged over processes (every process calls this at one step)."""
+        reduced = {k: accelerator.reduce(v, reduction="mean").tolist() for k, v in sorted(self.sums.items())}
+        return [{k: v[i] for k, v in reduced.items()} for i in range(runs)]
+
+    def means(self, sums: dict[str, Any]) -> dict[str, Any]:
+        """One run's statistics averaged over the steps that added to them (`sums`: one run's `reduced`)."""
+        return {k: _mean(sums[k], self.counts[k]) for k in LOGGED if k in sums}
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only the runs at `rows` (the pack shrank)."""
+        self.sums = {k: v.index_select(0, rows) for k, v in self.sums.items()}
+
+    @classmethod
+    def restored(cls, states: list[dict[str, Any]], device: torch.device) -> Interval:
+        """The interval the runs' checkpoints hold (each run's "interval": its reduced sums, the counts)."""
+        sums = {key: torch.tensor([s["interval"]["sums"][key] for s in states], device=device)
+                for key in states[0]["interval"]["sums"]}
+        return cls(sums, dict(states[0]["interval"]["counts"]))
+
 
 def _releasing_run_locks(method: Any) -> Any:
-    """For train()/evaluate_saved(): release the run locks taken in __init__ however the method ends."""
+    """For train(): release the run locks taken in __init__ however it ends."""
 
     @functools.wraps(method)
     def wrapper(self: Trainer1D, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         finally:
-            self._release_locks()
+            for lock in self._locks:
+                lock.release()
+            self._locks = []
 
     return wrapper
 
@@ -93,7 +252,7 @@ class Trainer1D:
     """Trains a GaussianDiffusion1D on a task as the config(s) say; each run writes under its results_dir.
 
     `config` is one RunConfig (one run) or a sequence of them (a pack: `diffusion` then holds as many
-    runs, in the same order). `train()` returns each run's final.json content.
+    runs, in the same order). `train()` returns each run's final.json content; `evaluator` scores the runs.
     """
 
     def __init__(
@@ -105,84 +264,53 @@ class Trainer1D:
         *,
         resume: bool = False,
         overwrite: bool = False,
-        evaluate_only: bool = False,
         label: str = "",
     ):
-        """`resume`: continue the runs in their folders; `overwrite`: start them over; `evaluate_only`: only
-        score the saved model (`evaluate_saved`), possibly with other sampling settings. `label` names
-        the progress bar."""
+        """`resume`: continue the runs in their folders; `overwrite`: start them over. `label` names the
+        progress bar."""
         configs = [config] if isinstance(config, RunConfig) else list(config)
         if len(configs) != diffusion.runs:
             raise ValueError(f"{len(configs)} configs for a model packing {diffusion.runs} runs")
-        check_pack(configs)
         self.config, self.task = configs[0], task  # the settings every run shares
+        self.accelerator = acc = accelerator or make_accelerator(self.config.device)
+        check_pack(configs, acc)
         self.runs = [Run(c, RunDir(c.results_dir)) for c in configs]
         self._all_runs = list(self.runs)  # the pack as built; `runs` loses those that fail
         self.label = label or ", ".join(r.dir.root.name for r in self.runs)
-        self.resume, self.overwrite = resume or evaluate_only, overwrite
-        check_tracker(self.config.train.log_with)
-        self.accelerator = acc = accelerator or make_accelerator(self.config.device)
+        self.resume, self.overwrite = resume, overwrite
         train = self.config.train
-        if train.batch_size % acc.num_processes:
-            raise ConfigError(
-                f"train.batch_size = {train.batch_size} must be divisible by the {acc.num_processes} processes"
-            )
-        # one writer per run folder: the main process holds each <run>/.lock until train()/evaluate_saved() end
-        self._locks: list[FolderLock] = []
-        try:
-            for run in self.runs:
-                if acc.is_main_process:
-                    self._locks.append(run.dir.lock(optional=evaluate_only))
-                run.dir.check(run.config, self.resume, overwrite, EVALUATION_CHANGES if evaluate_only else RESUMABLE_CHANGES)
-        except BaseException:
-            self._release_locks()
-            raise
+        self._locks = claim_folders(self.runs, acc.is_main_process, resume, overwrite)  # held until train() ends
         # the code that trains the runs, recorded in config.yaml, final.json and evaluations (one git call)
         self.code = code_version() if acc.is_main_process else {}
         self.local_batch = train.batch_size // acc.num_processes
         torch.set_float32_matmul_precision(train.matmul_precision)
         if acc.device.type == "cpu":
             keep_freed_memory()
-        self.dtype = TORCH_DTYPES[self.config.model["dtype"]]
-        self.autocast = self.config.model["dtype"] == "bfloat16"
-        # held-out errors are summed in double, where the device has it (MPS does not)
-        self._sum_dtype = torch.float32 if acc.device.type == "mps" else torch.float64
+        self.dtype, self.autocast = precision(self.config)
 
         self.diffusion = diffusion.to(device=acc.device, dtype=self.dtype)
         self.ema = make_ema(diffusion, train)
         optimizer = torch.optim.Adam(diffusion.parameters(), lr=train.lr, betas=tuple(train.adam_betas))
         self.model, self.optimizer = acc.prepare(diffusion, optimizer)
         self.params = dict(diffusion.named_parameters())
-
-        # each process scores its own slice of every held-out set; the sums are reduced across processes
-        self.held_out = task.held_out(self.config.eval.num_samples)
-        self.local_held_out = {
-            name: data.shard(acc.process_index, acc.num_processes).to(acc.device) for name, data in self.held_out.items()
-        }
+        self.evaluator = Evaluator(task, self.config, acc, self.ema.ema_model, acc.unwrap_model(self.model))
 
         self.step = 0
         self.total_steps = train.steps  # a FLOP budget replaces it once the step's FLOPs are measured
         self.flops_per_step = math.nan  # per run, all processes together
-        self._sums: dict[str, torch.Tensor] = {}  # per-run statistics summed since the last log line, on device
-        self._counts: dict[str, int] = {}  # steps that contributed to each sum (mining stats skip some)
+        self.interval = Interval()
         self._saved_step: int | None = None  # of the newest checkpoint this pack has (saved or resumed from)
         self.divergence = Divergence(len(self.runs), acc.device)
         self.stop = StopRequest()
         self._clock: float | None = None  # start of the current stretch of training time
-        self.scoring_bar: Any = None
 
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def _release_locks(self) -> None:
-        for lock in self._locks:
-            lock.release()
-        self._locks = []
-
     # -- the loop ------------------------------------------------------------------------------------
     @_releasing_run_locks
-    def train(self) -> list[dict[str, Any]]:
+    def train(self) -> list[Final]:
         """Train every run to its last step, pausing to log, validate and save on schedule; then score them."""
         finished = self._start()
         if finished is not None:
@@ -190,7 +318,7 @@ class Trainer1D:
         every = self.config.train.log_every, self.config.eval.every, self.config.train.save_every
         with self._trackers(), self.stop.catching():
             with tqdm(total=self.total_steps, initial=self.step, desc=self.label, disable=not self.main,
-                      dynamic_ncols=True, **_bar_rate()) as bar:
+                      dynamic_ncols=True, **bar_rate()) as bar:
                 self._clock = time.perf_counter()
                 while self.step < self.total_steps and self.runs:
                     self._stop_if_requested()
@@ -212,14 +340,14 @@ class Trainer1D:
             self.stop.stop_at_once(lambda signum: ScoringInterrupted(self.step, signum, [r.dir for r in self.runs]))
             return self._finish()
 
-    def _start(self) -> list[dict[str, Any]] | None:
+    def _start(self) -> list[Final] | None:
         """Prepare the run folders, resume from the checkpoints, measure a step's FLOPs; the runs' results
         if they had all finished already, else None (and their stale final.json is gone)."""
         if self.main:
             for run in self.runs:
                 run.dir.prepare(run.config, self.overwrite, self.code)
         self.accelerator.wait_for_everyone()
-        if self.resume and not self._load(truncate_metrics=True) and self.main:
+        if self.resume and not self._load() and self.main:
             for run in self.runs:  # no checkpoint yet: the run starts over, so do its metrics
                 run.dir.truncate_metrics(0)
         self.measure_flops()
@@ -295,10 +423,7 @@ class Trainer1D:
         self.step += 1
         for run in self.runs:
             run.energy_grad_evals += stats["energy_grad_evals"]
-        for key in LOGGED:
-            if key in stats:
-                self._sums[key] = self._sums[key] + stats[key].float() if key in self._sums else stats[key].float()
-                self._counts[key] = self._counts.get(key, 0) + 1
+        self.interval.add(stats)
 
     def _clip_gradients(self) -> torch.Tensor:
         """Each run's gradient-norm clip (as torch.nn.utils.clip_grad_norm_ does for a lone model); [P] norms."""
@@ -335,7 +460,7 @@ class Trainer1D:
             for key, value in optimizer_state.get(p, {}).items():
                 if value.dim() > 0:  # the moments; Adam's step count is shared
                     optimizer_state[p][key] = value.index_select(0, rows.to(value.device))
-        self._sums = {k: v.index_select(0, rows) for k, v in self._sums.items()}
+        self.interval.keep(rows)
         self.divergence.keep(rows)
 
     # -- compute accounting --------------------------------------------------------------------------
@@ -371,19 +496,13 @@ class Trainer1D:
         self._clock = None
 
     # -- metrics -------------------------------------------------------------------------------------
-    def _reduced_sums(self) -> list[dict[str, Any]]:
-        """Per run, the interval's sums averaged over processes (every process calls this at one step)."""
-        reduced = {k: self.accelerator.reduce(v, reduction="mean").tolist() for k, v in sorted(self._sums.items())}
-        return [{k: v[i] for k, v in reduced.items()} for i in range(len(self.runs))]
-
     def _log(self, bar: Any) -> None:
         """Each run's train line: its statistics averaged over the interval since the last one."""
-        if self._counts and self.runs:
-            steps = self._counts.get("loss", 1)
+        if self.interval.counts and self.runs:
+            steps = self.interval.counts.get("loss", 1)
             load = _load_average()
-            for run, sums in zip(self.runs, self._reduced_sums()):
-                record: dict[str, Any] = {"kind": "train", "step": self.step}
-                record.update({k: _mean(sums[k], self._counts[k]) for k in LOGGED if k in sums})
+            for run, sums in zip(self.runs, self.interval.reduced(self.accelerator, len(self.runs))):
+                record: dict[str, Any] = {"kind": "train", "step": self.step, **self.interval.means(sums)}
                 if "energy_neg" in record:
                     record["energy_gap"] = record["energy_neg"] - record["energy_pos"]
                 interval_seconds = run.train_seconds - run.last_log.get("train_seconds", 0.0)
@@ -391,7 +510,7 @@ class Trainer1D:
                 run.last_log = record
                 self._record(run, record)
             bar.set_postfix(_postfix(self.runs), refresh=False)
-        self._sums, self._counts = {}, {}
+        self.interval = Interval()
 
     def _clocks(self, run: Run) -> dict[str, float]:
         return {"flops": self.flops_per_step * self.step, "train_seconds": run.train_seconds,
@@ -399,258 +518,37 @@ class Trainer1D:
 
     def _validate(self) -> None:
         if self.runs:
-            for run, score in zip(self.runs, self._score_models(sweep=False)):
+            for run, score in zip(self.runs, self.evaluator.scores()):
                 self._log_validation(run, score)
 
     def _log_validation(self, run: Run, score: dict[str, Any]) -> None:
         """A val line: val_<metric>_<set> (EMA model) and val_<metric>_<set>_raw."""
-        keys = [f"{key}{kind}" for key in self._metric_keys() for kind in ("", "_raw")]
+        keys = [f"{key}{kind}" for key in self.evaluator.metric_keys() for kind in ("", "_raw")]
         values = {f"val_{k}": score[k] for k in keys}
         self._record(run, {"kind": "val", "step": self.step, **values, **self._clocks(run), **_load_average()})
 
-    def _metric_keys(self) -> list[str]:
-        """'<metric>_<set>' for every metric of the task and held-out set, in the task's order."""
-        return [f"{metric.name}_{name}" for name in self.held_out for metric in self.task.metrics]
-
     def _record(self, run: Run, record: dict[str, Any]) -> None:
-        """One metrics line: to metrics.jsonl and, if one is set, the run's dashboard (main process only)."""
         if self.main:
-            run.dir.append_metrics(record)
-            if run.tracker is not None:
-                run.tracker.log(record)
+            run.record(record)
 
-    # -- validation ------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, diffusion: GaussianDiffusion1D | None = None, inner_steps: int | None = None,
-                 sampler: Mapping[str, Any] | None = None) -> list[dict[str, float]]:
-        """Per run, '<metric>_<set>' of `diffusion` (default: the EMA model) sampling with `sampler` (default:
-        its own): each metric's mean over the problems of each held-out set (each process scores its slice;
-        the sums are reduced)."""
-        diffusion = diffusion or self.ema.ema_model
-        means = self._set_means(lambda name, data: self._score_sums(diffusion, name, data, inner_steps, sampler))
-        return [{f"{metric}_{name}": value for name, values in run.items() for metric, value in values.items()}
-                for run in means]
-
-    def _set_means(self, sums_of: Callable[[str, HeldOutSet], dict[str, torch.Tensor]]) -> list[dict[str, dict[str, Any]]]:
-        """Per run and held-out set name, key -> the mean over the set's problems of what `sums_of(name, slice)`
-        sums over this process's slice (key -> [P, ...]); the sums are reduced across processes."""
-        results: list[dict[str, dict[str, Any]]] = [{} for _ in self.runs]
-        for name, data in self.local_held_out.items():
-            count = self.held_out[name].y.shape[0]
-            for key, total in sums_of(name, data).items():
-                reduced = (self.accelerator.reduce(total, reduction="sum") / count).tolist()
-                for result, value in zip(results, reduced):
-                    result.setdefault(name, {})[key] = value
-            if self.scoring_bar is not None:
-                self.scoring_bar.update(1)
-        return results
-
-    def _chunks(self, data: HeldOutSet) -> Iterator[tuple[int, HeldOutSet]]:
-        chunk = self.config.eval.batch_size
-        for start in range(0, data.x.shape[0], chunk):
-            yield start, data.select(slice(start, start + chunk))
-
-    def _given(self, part: HeldOutSet) -> Any:
-        return None if part.mask is None else (part.mask, part.y.to(self.dtype))
-
-    def _generator(self, name: str, start: int) -> torch.Generator:
-        """A noisy sampler's numbers for the chunk of held-out set `name` at `start`: fixed by the set, the
-        process and the chunk, so scoring is reproducible and every strategy and seed draws the same."""
-        seed = mix_seed(zlib.crc32(name.encode()), self.accelerator.process_index, start)
-        return torch.Generator(device=self.accelerator.device).manual_seed(seed)
-
-    def _sample(self, diffusion: GaussianDiffusion1D, name: str, start: int, part: HeldOutSet,
-                inner_steps: int | None = None, sampler: Mapping[str, Any] | None = None) -> torch.Tensor:
-        with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return diffusion.sample_with_stats(part.x.to(self.dtype), noise=part.noise, inner_steps=inner_steps,
-                                               generator=self._generator(name, start), given=self._given(part),
-                                               sampler=sampler).answer
-
-    def _score_sums(self, diffusion: GaussianDiffusion1D, name: str, data: HeldOutSet, inner_steps: int | None,
-                    sampler: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
-        """Per metric, each run's sum [P] over this process's problems of the task's per-problem score."""
-        sums: dict[str, torch.Tensor] = {}
-        for start, part in self._chunks(data):
-            answer = self._sample(diffusion, name, start, part, inner_steps, sampler)
-            for metric, values in self.task.score(answer, part).items():
-                total = values.to(self._sum_dtype).sum(dim=-1)
-                sums[metric] = sums[metric] + total if metric in sums else total
-        return sums
-
-    @torch.no_grad()
-    def _score_models(self, sweep: bool) -> list[dict[str, Any]]:
-        """Per run: held-out metrics of the EMA and the raw model; at the end (`sweep`) also, per sampler
-        (the configured one at the top level, eval.samplers under "samplers"), the inference inner-step sweep
-        and best-of-N, with FLOPs per answer, and the ranking of true answers (eval.ranking_scales)."""
-        if not sweep:
-            return self._model_scores(None)
-        scores = self._sampler_scores(None)
-        if self.config.eval.ranking_scales:
-            for score, ranking in zip(scores, self._rankings()):
-                score.update(ranking)
-        for config in self.config.eval.samplers:
-            for score, other in zip(scores, self._sampler_scores(config)):
-                score.setdefault("samplers", {})[sampler_label(config)] = other
-        return scores
-
-    def _model_scores(self, sampler: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-        ema, raw = self.evaluate(sampler=sampler), self.evaluate(self.accelerator.unwrap_model(self.model), sampler=sampler)
-        return [{**e, **{f"{k}_raw": v for k, v in r.items()}} for e, r in zip(ema, raw)]
-
-    def _sampler_scores(self, sampler: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-        """What scoring with `sampler` (None: the configured one) gives, per run: see _score_models."""
-        scores = self._model_scores(sampler)
-        steps = self.config.eval.inference_steps_sweep
-        for score in scores:
-            score["inference_steps_sweep"] = {}
-        for n in steps:
-            for score, result in zip(scores, self.evaluate(inner_steps=n, sampler=sampler)):
-                score["inference_steps_sweep"][str(n)] = result
-        flops = self._sampling_flops(sampler, [self.diffusion.inference_steps, *steps])
-        config = sampler or self.diffusion.sampler_config
-        for score in scores:
-            score.update(sampler=config, sampler_flops_per_answer=flops[0],
-                         inference_steps_sweep_flops=dict(zip(map(str, steps), flops[1:])))
-        if self.config.eval.best_of:
-            models = {"": self.ema.ema_model, "_raw": self.accelerator.unwrap_model(self.model)}
-            for suffix, diffusion in models.items():
-                for score, best in zip(scores, self._best_of(diffusion, sampler, flops[0])):
-                    score.update({f"best_of_{name}{suffix}": table for name, table in best.items()})
-        return scores
-
-    # -- the energy landscape (landscape.py), final scoring only -----------------------------------------
-    def _sampling_flops(self, sampler: Mapping[str, Any] | None, inner_steps: Sequence[int]) -> list[float]:
-        """Matmul FLOPs per answer of one sampling pass with each inner-step count, counted on (at most)
-        FLOP_PROBLEMS problems of the first held-out set (the count grows with the problems, plus a per-batch
-        term for the time embedding that this many problems make small)."""
-        diffusion = self.ema.ema_model
-        name, data = next(iter(self.local_held_out.items()))
-        part = data.select(slice(0, FLOP_PROBLEMS))
-        x, noise = diffusion._packed(part.x.to(self.dtype)), diffusion._packed(part.noise)
-        return [sampling_flops(diffusion, x, noise, n, diffusion.inference_step_scale, self._given(part),
-                               self._generator(name, 0), sampler) for n in inner_steps]
-
-    def _extra_noise(self, name: str, count: int, salt: int) -> torch.Tensor:
-        """[count, this process's problems, D] standard normals fixed by the held-out set (every strategy,
-        seed and process count sees the same per problem)."""
-        full = self.held_out[name].y
-        noise = fixed_noise(count, full.shape[0], full.shape[1], mix_seed(zlib.crc32(name.encode()), salt))
-        acc = self.accelerator
-        return torch.tensor_split(noise, acc.num_processes, dim=1)[acc.process_index].to(acc.device)
-
-    def _rankings(self) -> list[dict[str, Any]]:
-        """Per run, "ranking_<set>" (EMA) and "ranking_<set>_raw": {distance: {level: fraction ranked right}}."""
-        scales, levels = self.config.eval.ranking_scales, self.config.eval.ranking_levels
-        levels = levels or list(range(self.diffusion.num_timesteps))
-        distances = [f"sigma_{sigma:g}" for sigma in scales] + ["samples"]
-        results: list[dict[str, Any]] = [{} for _ in self.runs]
-        for suffix, diffusion in (("", self.ema.ema_model), ("_raw", self.accelerator.unwrap_model(self.model))):
-            means = self._set_means(lambda name, data: self._ranking_sums(diffusion, name, data, levels))
-            for result, run in zip(results, means):
-                for name, values in run.items():
-                    result[f"ranking_{name}{suffix}"] = {
-                        d: {str(t): v for t, v in zip(levels, row)} for d, row in zip(distances, values["correct"])
-                    }
-        return results
-
-    def _ranking_sums(self, diffusion: GaussianDiffusion1D, name: str, data: HeldOutSet, levels: list[int]) -> dict[str, torch.Tensor]:
-        """{"correct": [P, distances, levels]}: pairs ranked right, summed over this process's problems; the
-        candidates are the true answer plus sigma * noise per scale, and the model's own samples."""
-        scales = self.config.eval.ranking_scales
-        directions = self._extra_noise(name, len(scales), salt=1)
-        # a 'scaled' answer is sqrt(abar_0) x0: rank the x0 it stands for
-        unscale = diffusion.sqrt_alphas_cumprod[0] if diffusion.answer == "scaled" else 1.0
-        total = None
-        for start, part in self._chunks(data):
-            samples = self._sample(diffusion, name, start, part) / unscale
-            with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                ranking = rank_true_answers(diffusion, part.x.to(self.dtype), part.y.to(self.dtype), scales,
-                                            directions[:, start:start + part.x.shape[0]], candidates={"samples": samples},
-                                            levels=levels, given=self._given(part))
-            sums = ranking.correct.to(self._sum_dtype).sum(dim=-1)
-            total = sums if total is None else total + sums
-        return {"correct": total}
-
-    def _best_of(self, diffusion: GaussianDiffusion1D, sampler: Mapping[str, Any] | None,
-                 sample_flops: float) -> list[dict[str, Any]]:
-        """Per run and held-out set: {"<n>": {"<metric>": {"energy", "random", "oracle"}, "flops_per_answer"}}."""
-        ns = sorted(set(self.config.eval.best_of))
-        means = self._set_means(lambda name, data: self._best_of_sums(diffusion, name, data, ns, sampler))
-        name, data = next(iter(self.local_held_out.items()))
-        x = diffusion._packed(data.x[:FLOP_PROBLEMS].to(self.dtype))
-        flops = {n: best_of_flops(n, sample_flops, verifier_flops(diffusion, x, n)) for n in ns}
-        results = []
-        for run in means:
-            tables = {}
-            for set_name, values in run.items():
-                table: dict[str, Any] = {str(n): {"flops_per_answer": flops[n]} for n in ns}
-                for key, value in values.items():
-                    n, metric, pick = key.split("/")
-                    table[n].setdefault(metric, {})[pick] = value
-                tables[set_name] = table
-            results.append(tables)
-        return results
-
-    def _best_of_sums(self, diffusion: GaussianDiffusion1D, name: str, data: HeldOutSet, ns: list[int],
-                      sampler: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
-        """'<n>/<metric>/<pick>' -> [P] sums over this process's problems; candidate 0 is the set's own start
-        noise and generator, so n = 1 is plain scoring."""
-        extra = self._extra_noise(name, max(ns) - 1, salt=2)
-        directions = {m.name: m.higher_is_better for m in self.task.metrics}
-        sums: dict[str, torch.Tensor] = {}
-        for start, part in self._chunks(data):
-            noises = torch.cat([part.noise[None], extra[:, start:start + part.x.shape[0]]])
-            with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                results = best_of_n(diffusion, part.x.to(self.dtype), noises, lambda a: self.task.score(a, part),
-                                    directions, ns, given=self._given(part), generator=self._generator(name, start),
-                                    sampler=sampler)
-            for result in results:
-                for pick, values in (("energy", result.energy_pick), ("random", result.random_pick), ("oracle", result.oracle)):
-                    for metric, v in values.items():
-                        key, total = f"{result.n}/{metric}/{pick}", v.to(self._sum_dtype).sum(dim=-1)
-                        sums[key] = sums[key] + total if key in sums else total
-        return sums
-
-    def _scoring_passes(self) -> int:
-        """Held-out set passes of the final scoring (for its progress bar)."""
-        ev = self.config.eval
-        per_sampler = 2 + len(ev.inference_steps_sweep) + (2 if ev.best_of else 0)
-        return len(self.held_out) * (per_sampler * (1 + len(ev.samplers)) + (2 if ev.ranking_scales else 0))
-
-    def _finish(self) -> list[dict[str, Any]]:
-        """Score the runs still going (EMA, raw, inference sweep), write their final.json; every run's result."""
+    def _finish(self) -> list[Final]:
+        """Score the runs still going (the Evaluator's final scoring), write their final.json; every run's result."""
         if self.runs:
-            self.scoring_bar = tqdm(total=self._scoring_passes(), desc=f"{self.label}: scoring", leave=False, disable=not self.main,
-                                    **_bar_rate())
-            try:
-                scores = self._score_models(sweep=True)
-            finally:
-                self.scoring_bar.close()
-                self.scoring_bar = None
+            scores = self.evaluator.final_scores(progress=f"{self.label}: scoring")
             if self.main:
                 self._write_finals(scores)
         self.accelerator.wait_for_everyone()
         return [run.dir.read_final() or {} for run in self._all_runs]
 
     def _write_finals(self, scores: list[dict[str, Any]]) -> None:
-        marks = {name: self.task.yardsticks(data) for name, data in self.held_out.items()}
-        metrics = self.task.metrics
+        declaration, marks = self.evaluator.declaration(), self.evaluator.yardsticks()
         for run, score in zip(self.runs, scores):
             # a run killed between its final val line and final.json has that line already: log it once
             if not any(r.get("kind") == "val" and r["step"] == self.step for r in run.dir.read_metrics()):
                 self._log_validation(run, score)
             last = {k: run.last_log[k] for k in ("loss", "loss_denoise", "loss_energy") if k in run.last_log}
-            final = {
-                "status": "finished",
-                "step": self.step,
-                "metrics": {m.name: "higher" if m.higher_is_better else "lower" for m in metrics},
-                "metric_labels": {m.name: m.label for m in metrics},
-                "sets": list(self.held_out),
-                **score,
-                "yardsticks": marks,
-                **last,
-                **self._run_info(run),
-            }
+            final = Final(status="finished", step=self.step, **declaration, **score, yardsticks=marks, **last,
+                          **self._run_info(run))
             tqdm.write(_done_line(run, final))  # shown before it is written: a failed write loses nothing
             run.dir.write_final(final)
 
@@ -667,28 +565,20 @@ class Trainer1D:
             **self.code,
         }
 
-    @_releasing_run_locks
-    def evaluate_saved(self) -> dict[str, Any]:
-        """Sample-only: score the latest checkpoint's EMA and raw model (no training, nothing truncated)."""
-        if not self._load(truncate_metrics=False):
-            raise ConfigError(f"--evaluate: no readable checkpoint in '{self.runs[0].dir.checkpoints}'")
-        return {"step": self.step, **self._score_models(sweep=True)[0], **self.code}
-
     # -- checkpoints ---------------------------------------------------------------------------------
     def _save(self) -> None:
         """Every run's checkpoint at this step (a collective: the interval's sums are averaged over processes)."""
-        sums = self._reduced_sums()
+        sums = self.interval.reduced(self.accelerator, len(self.runs))
         if self.main:
-            states = [{"config": run.config.to_dict(), "energy_grad_evals": run.energy_grad_evals,
-                       "train_seconds": run.train_seconds, "last_log": run.last_log,
-                       "interval": {"sums": run_sums, "counts": dict(self._counts)}}
+            states = [{**run.state(), "interval": {"sums": run_sums, "counts": dict(self.interval.counts)}}
                       for run, run_sums in zip(self.runs, sums)]
             save_pack([run.dir.checkpoints for run in self.runs], self.step, self.diffusion, self.ema.ema_model,
                       self.optimizer, states, keep=self.config.train.keep_checkpoints)
         self._saved_step = self.step
 
-    def _load(self, truncate_metrics: bool) -> bool:
-        """Every run's newest readable checkpoint (they must be at one step); False if none has one."""
+    def _load(self) -> bool:
+        """Every run's newest readable checkpoint (they must be at one step), its later metrics lines dropped;
+        False if none has one."""
         loaded = load_pack([run.dir.checkpoints for run in self.runs], self.diffusion, self.ema.ema_model, self.optimizer)
         if loaded is None:
             return False
@@ -696,13 +586,9 @@ class Trainer1D:
         self._saved_step = self.step
         restore_ema_step(self.ema, self.step)
         for run, state in zip(self.runs, states):
-            run.energy_grad_evals, run.train_seconds = state["energy_grad_evals"], state["train_seconds"]
-            run.last_log = dict(state["last_log"])
-        self._counts = dict(states[0]["interval"]["counts"])
-        device = self.accelerator.device
-        self._sums = {key: torch.tensor([s["interval"]["sums"][key] for s in states], device=device)
-                      for key in states[0]["interval"]["sums"]}
-        if truncate_metrics and self.main:
+            run.restore(state)
+        self.interval = Interval.restored(states, self.accelerator.device)
+        if self.main:
             for run in self.runs:
                 run.dir.truncate_metrics(self.step)  # lines logged after this checkpoint will be logged again
         self.accelerator.wait_for_everyone()
@@ -721,19 +607,13 @@ def _load_average() -> dict[str, float]:
         return {}
 
 
-def _bar_rate() -> dict[str, float]:
-    """Redraw a terminal's bar often, but a bar going to a file (a log) only every 30 s (and not from tqdm's
-    monitor thread, whose forced redraws come on top)."""
-    return {"mininterval": 0.1} if sys.stderr.isatty() else {"mininterval": 30.0, "maxinterval": math.inf}
-
-
 def _postfix(runs: list[Run]) -> dict[str, str]:
     """The bar's stats: only those the strategy has, averaged over the pack's runs."""
     keys = [k for k in ("loss", "loss_denoise", "energy_gap", "accept_rate") if k in runs[0].last_log]
     return {k: f"{sum(r.last_log[k] for r in runs) / len(runs):.3g}" for k in keys}
 
 
-def _done_line(run: Run, final: dict[str, Any]) -> str:
+def _done_line(run: Run, final: Final) -> str:
     """'<run>: done at step N: held-out <headline> (EMA) <id> id, <ood> ood (<yardstick> <id> / <ood>, ...)'."""
     metric, sets = next(iter(final["metrics"])), final["sets"]
     label = final["metric_labels"][metric]
