@@ -38,8 +38,7 @@ from diffusion_lib.harness.config import ConfigError, RunConfig
 from diffusion_lib.harness.run_dir import EVALUATION_CHANGES, RunDir, code_version
 from diffusion_lib.models import load_run_state_dict
 from diffusion_lib.samplers import run_sampler, sampler_label, sampling_flops
-from diffusion_lib.tasks.base import HeldOutSet, Task
-from diffusion_lib.tasks.seeds import mix_seed
+from diffusion_lib.tasks.base import HeldOutSet, Task, mix_seed
 
 VIEWS = ("sampling", "training")
 # model.dtype -> the dtype of weights and data (bfloat16 is mixed precision: float32 weights, bf16 autocast)
