@@ -40,14 +40,14 @@ class HeldOutSet:
         return [self.x, self.y, self.noise, self.mask]
 
     def to(self, device: torch.device | str) -> HeldOutSet:
-        return HeldOutSet(*(None if v is None else v.to(device) for v in self._parts()))
+        return type(self)(*(None if v is None else v.to(device) for v in self._parts()))
 
     def shard(self, index: int, count: int) -> HeldOutSet:
         """The index-th of `count` contiguous, disjoint slices that together cover the set once."""
-        return HeldOutSet(*(None if v is None else torch.tensor_split(v, count)[index] for v in self._parts()))
+        return type(self)(*(None if v is None else torch.tensor_split(v, count)[index] for v in self._parts()))
 
     def select(self, part: slice) -> HeldOutSet:
-        return HeldOutSet(*(None if v is None else v[part] for v in self._parts()))
+        return type(self)(*(None if v is None else v[part] for v in self._parts()))
 
 
 class Batch(NamedTuple):
