@@ -146,9 +146,10 @@ class GaussianDiffusion1D(nn.Module):
         """`steps` of gradient descent on the energy with per-sample rejection of energy-raising steps.
 
         Step i moves by eta_t * scale ('constant'); 'reference' scales steps after the first by data_bound,
-        as the published code does (2 on continuous tasks, 1 on discrete ones). Each proposal is clamped to data_bound * sqrt(abar_t),
-        with each sample's own t ('per_sample') or, as the published code, the first sample's t for the
-        whole batch ('first_sample'). Given entries are held at their value after every step.
+        as the published code does (2 on continuous tasks, 1 on discrete ones). Each proposal is clamped to
+        data_bound * sqrt(abar_t), with each sample's own t ('per_sample') or, as the published code, the
+        first sample's t for the whole batch ('first_sample'). Given entries are held at their value after
+        every step.
         """
         bound_t = t if clamp_bound == "per_sample" else t[..., :1]
         bound = self.data_bound * self._at("sqrt_alphas_cumprod", bound_t)
@@ -228,7 +229,8 @@ class GaussianDiffusion1D(nn.Module):
         y_pos = self.hold_given(self.q_sample(y0, t, noise_pos), t, given)
         corrupted = None
         if self.starts_from_corruption:
-            corrupted = self.corrupt(y0, mask, cfg["corrupt_fraction"], draws.uniform.to(y0.device), kind=cfg["corruption"])
+            uniform = draws.uniform.to(y0.device)
+            corrupted = self.corrupt(y0, mask, cfg["corrupt_fraction"], uniform, kind=cfg["corruption"])
         negatives = self.strategy.mine(self, cond.detach(), y0, t, noise_pos, cfg, step, given, corrupted)
         x0_neg = self.x0_from_noise(negatives.y, t, 0.0).clamp(-self.data_bound, self.data_bound)
         y_neg = self.hold_given(self.q_sample(x0_neg, t, noise_pos), t, given)

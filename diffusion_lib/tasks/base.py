@@ -66,7 +66,7 @@ class Task:
     metrics: ClassVar[tuple[Metric, ...]] = ()  # the first is the headline metric
     answer_bound: ClassVar[float] = 2.0  # answers and clamps live in +-answer_bound (* sqrt(abar_t))
     defaults: ClassVar[dict[str, Any]] = {}  # config defaults this task needs, under the user's values
-    corrupt: ClassVar[Any] = None  # discrete tasks: (y, mask, fraction, generator) -> 'random' negatives
+    corrupt: ClassVar[Any] = None  # discrete tasks: (y, mask, fraction, uniform, kind=) -> 'random' negatives
 
     def __init__(self, **options: Any):
         self.config = {"dataset": self.name, **options}
