@@ -91,7 +91,7 @@ class GaussianDiffusion1D(nn.Module):
         self.sampler_config = sampler or resolve_sampler_config(None)
         # answers live in [-data_bound, data_bound]; 2 on continuous tasks (1 on discrete ones)
         self.data_bound = data_bound
-        # the task's corruption (y, mask, fraction, uniforms) -> negatives' start; None on continuous tasks
+        # the task's corruption (y, mask, fraction, uniforms, kind=) -> negatives' start; None on continuous tasks
         self.corrupt = corrupt
         for name, value in schedule_constants(timesteps).items():
             self.register_buffer(name, value, persistent=False)
@@ -141,10 +141,11 @@ class GaussianDiffusion1D(nn.Module):
     ) -> OptResult:
         """`steps` of gradient descent on the energy with per-sample rejection of energy-raising steps.
 
-        Step i moves by eta_t * scale ('constant'); 'reference' scales steps after the first by 2, as the
-        published code does on continuous tasks. Each proposal is clamped to data_bound * sqrt(abar_t),
-        with each sample's own t ('per_sample') or, as the published code, the first sample's t for the
-        whole batch ('first_sample'). Given entries are held at their value after every step.
+        Step i moves by eta_t * scale ('constant'); 'reference' scales steps after the first by data_bound,
+        as the published code does (2 on continuous tasks, 1 on discrete ones). Each proposal is clamped to
+        data_bound * sqrt(abar_t), with each sample's own t ('per_sample') or, as the published code, the
+        first sample's t for the whole batch ('first_sample'). Given entries are held at their value after
+        every step.
         """
         bound_t = t if clamp_bound == "per_sample" else t[..., :1]
         bound = self.data_bound * self.at("sqrt_alphas_cumprod", bound_t)
@@ -152,7 +153,8 @@ class GaussianDiffusion1D(nn.Module):
         energy, grad = self.model.energy_and_grad(cond, y)
         energy_start, accepted = energy, []
         for i in range(steps):
-            step_scale = scale if i == 0 or schedule == "constant" else 2.0
+            # the published factor of later steps is the clamp bound's: 2 on continuous tasks, 1 on discrete ones
+            step_scale = scale if i == 0 or schedule == "constant" else self.data_bound
             proposal = self.hold_given(torch.clamp(y - eta * step_scale * grad, -bound, bound), t, given)
             last = i == steps - 1
             # the energy at the proposal doubles as the next step's starting energy (one pass, not two)
@@ -206,11 +208,12 @@ class GaussianDiffusion1D(nn.Module):
             draws = self.draw(y0.shape[1], generators, y0.device)
         t, noise = draws.t, draws.noise.to(y0.dtype)
         given = None if mask is None else (mask, y0)
-        if given is not None:  # a given entry is noised with zero noise, so the noise to predict there is 0
-            noise = noise.masked_fill(mask, 0.0)
         cond = self.condition(x, t)
         _, eps_hat = self.model.energy_and_grad(cond, self.hold_given(self.q_sample(y0, t, noise), t, given))
-        loss_denoise = (eps_hat - noise).pow(2).mean(dim=-1)
+        error = (eps_hat - noise).pow(2)
+        if mask is not None:  # as published: a given entry's prediction is replaced by its target, so it adds 0
+            error = error.masked_fill(mask, 0.0)
+        loss_denoise = error.mean(dim=-1)  # the mean still over every entry
         stats: dict[str, Tensor | float] = {"loss_denoise": loss_denoise.mean(dim=-1).detach()}
         if self.strategy.mine is None:
             loss = loss_denoise.mean(dim=-1)
@@ -222,7 +225,8 @@ class GaussianDiffusion1D(nn.Module):
         y_pos = self.hold_given(self.q_sample(y0, t, noise_pos), t, given)
         corrupted = None
         if self.starts_from_corruption:
-            corrupted = self.corrupt(y0, mask, cfg["corrupt_fraction"], draws.uniform.to(y0.device))
+            uniform = draws.uniform.to(y0.device)
+            corrupted = self.corrupt(y0, mask, cfg["corrupt_fraction"], uniform, kind=cfg["corruption"])
         negatives = self.strategy.mine(self, cond.detach(), y0, t, noise_pos, cfg, step, given, corrupted)
         x0_neg = self.x0_from_noise(negatives.y, t, 0.0).clamp(-self.data_bound, self.data_bound)
         y_neg = self.hold_given(self.q_sample(x0_neg, t, noise_pos), t, given)

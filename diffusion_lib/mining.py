@@ -45,7 +45,8 @@ class Strategy:
     period: Callable[[dict], int] = lambda cfg: 1
 
 
-STEP_SCHEDULES = ("constant", "reference")  # inner descent steps: eta_t * scale each, or the published x2 rule
+# inner descent steps: eta_t * scale each, or the published rule (later steps x the clamp factor: 2, discrete 1)
+STEP_SCHEDULES = ("constant", "reference")
 
 
 COMMON_OPTIONS: dict[str, Option] = {
@@ -58,6 +59,9 @@ COMMON_OPTIONS: dict[str, Option] = {
     # tasks) and the share of entries the corruption hits (the published code's 0.05)
     "start": one_of("corrupt", "noise"),
     "corrupt_fraction": Option(float, 0.05, lambda v: 0 <= v <= 1, "a float in [0, 1]"),
+    # the published corruption (a re-draw may give the same value back) or a clean one (every hit changes
+    # its entry and every negative differs from the positive): the task's corrupt(..., kind=)
+    "corruption": one_of("published", "clean"),
     # the published code's mining quirks, on request (README: "Where the published code differs")
     "step_schedule": one_of(*STEP_SCHEDULES),
     "clamp_bound": one_of("per_sample", "first_sample"),

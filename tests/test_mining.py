@@ -220,8 +220,8 @@ def test_mining_config_defaults_and_reference_flags():
     assert resolve_mining_config(None, supervise_energy_landscape=False)["strategy"] == "none"
     derived = resolve_mining_config(None, supervise_energy_landscape=True)
     assert derived == {"strategy": "adversarial", "opt_steps": 2, "scale_factor": 1.0, "noise_scale": 3.0,
-                       "loss_scale": 0.5, "start": "corrupt", "corrupt_fraction": 0.05, "step_schedule": "constant",
-                       "clamp_bound": "per_sample"}
+                       "loss_scale": 0.5, "start": "corrupt", "corrupt_fraction": 0.05, "corruption": "published",
+                       "step_schedule": "constant", "clamp_bound": "per_sample"}
     assert make_diffusion(use_innerloop_opt=False).inference_steps == 0
     assert make_diffusion().inference_steps == 5
     assert set(STRATEGIES) >= {"none", "random", "adversarial", "periodic", "mixed"}

@@ -7,6 +7,7 @@ import torch
 
 from diffusion_lib.tasks import connectivity as C
 from diffusion_lib.tasks import sudoku as S
+from diffusion_lib.tasks import sudoku_puzzles as P
 from diffusion_lib.models import build_model
 from diffusion_lib.tasks.base import make_task
 
@@ -37,7 +38,7 @@ def bfs_reach(adjacency: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def puzzles():
-    return S.sample_puzzles(64, (17, 45), torch.Generator().manual_seed(3))
+    return P.sample_puzzles(64, (17, 45), torch.Generator().manual_seed(3))
 
 
 # -- Sudoku data -----------------------------------------------------------------------------------------
@@ -58,18 +59,18 @@ def test_every_generated_solution_is_a_valid_grid_that_keeps_its_givens(puzzles)
 
 def test_held_out_sudoku_sets_are_fixed_by_seed_and_in_their_ranges():
     torch.manual_seed(0)
-    first = S.held_out_puzzles(32)
-    S._held_out_one.cache_clear()
+    first = P.held_out_puzzles(32)
+    P._held_out_one.cache_clear(), P.hard_set.cache_clear()
     torch.manual_seed(1)  # the global RNG plays no part
-    second = S.held_out_puzzles(32)
+    second = P.held_out_puzzles(32)
     for name in ("id", "ood"):
         assert torch.equal(first[name].x, second[name].x) and torch.equal(first[name].y, second[name].y)
     assert not torch.equal(first["id"].solutions, first["ood"].solutions)
     # the held-out grids come from a pool of their own: the two pools share no grid
-    training = {tuple(g) for g in S.solution_pool().tolist()}
-    held_out = S.solution_pool(held_out=True).tolist()
-    assert len(held_out) == S.POOL_SIZE and not training & {tuple(g) for g in held_out}
-    for name, (lo, hi) in (("id", S.ID_GIVENS), ("ood", S.HARDER_GIVENS)):
+    training = {tuple(g) for g in P.solution_pool().tolist()}
+    held_out = P.solution_pool(held_out=True).tolist()
+    assert len(held_out) == P.POOL_SIZE and not training & {tuple(g) for g in held_out}
+    for name, (lo, hi) in (("id", P.ID_GIVENS), ("ood", P.HARDER_GIVENS)):
         counts = first[name].givens.sum(-1)
         assert counts.min() >= lo and counts.max() <= hi
 
@@ -77,8 +78,8 @@ def test_held_out_sudoku_sets_are_fixed_by_seed_and_in_their_ranges():
 def test_the_exact_solver_agrees_with_generated_solutions(puzzles):
     uniques = 0
     for b in range(puzzles.x.shape[0]):
-        grid = S.puzzle_grid(puzzles, b)
-        count, first = S.solve(grid)
+        grid = P.puzzle_grid(puzzles, b)
+        count, first = P.solve(grid)
         assert count in (1, 2)
         assert grid_is_valid([d - 1 for d in first])
         assert all(g == 0 or g == f for g, f in zip(grid, first))  # the givens are kept
@@ -88,28 +89,28 @@ def test_the_exact_solver_agrees_with_generated_solutions(puzzles):
     assert uniques > 0
     solution = [d + 1 for d in puzzles.solutions[0].tolist()]
     one_blank = solution[:40] + [0] + solution[41:]
-    assert S.solve(one_blank) == (1, solution)
-    assert S.solve([0] * 81)[0] == 2  # the empty grid: many solutions, the count stops at the cap
+    assert P.solve(one_blank) == (1, solution)
+    assert P.solve([0] * 81)[0] == 2  # the empty grid: many solutions, the count stops at the cap
     clash = [0] * 81
     clash[0] = clash[1] = 5
-    assert S.solve(clash) == (0, None)
+    assert P.solve(clash) == (0, None)
 
 
 def test_unique_fraction_counts_the_puzzles_with_one_solution(puzzles):
-    small = S.SudokuProblems(*(v[:8] for v in (puzzles.x, puzzles.y, puzzles.mask, puzzles.solutions, puzzles.givens)))
-    expected = sum(S.solve(S.puzzle_grid(small, b))[0] == 1 for b in range(8)) / 8
-    assert S.unique_fraction(small) == expected
+    small = P.SudokuProblems(*(v[:8] for v in (puzzles.x, puzzles.y, puzzles.mask, puzzles.solutions, puzzles.givens)))
+    expected = sum(P.solve(P.puzzle_grid(small, b))[0] == 1 for b in range(8)) / 8
+    assert P.unique_fraction(small) == expected
 
 
 def test_carved_puzzles_have_one_solution_and_keep_their_givens():
-    problems = S.unique_puzzles(6, (17, 30), torch.Generator().manual_seed(4))
+    problems = P.unique_puzzles(6, (17, 30), torch.Generator().manual_seed(4))
     counts = problems.givens.sum(-1)
     assert counts.min() >= 17 and counts.max() <= 30
     for b in range(6):
-        count, first = S.solve(S.puzzle_grid(problems, b))
+        count, first = P.solve(P.puzzle_grid(problems, b))
         assert count == 1 and [d - 1 for d in first] == problems.solutions[b].tolist()
         assert grid_is_valid(problems.solutions[b].tolist())
-    assert S.unique_fraction(problems) == 1.0
+    assert P.unique_fraction(problems) == 1.0
 
 
 def test_sudoku_corruption_redraws_the_stated_fraction_of_blank_cells(puzzles):
@@ -133,7 +134,7 @@ def one_hot_pm1(digits: torch.Tensor) -> torch.Tensor:
 
 
 def test_sudoku_metrics_on_hand_made_answers(puzzles):
-    problems = S.SudokuProblems(*(v[:1] for v in (puzzles.x, puzzles.y, puzzles.mask, puzzles.solutions, puzzles.givens)))
+    problems = P.SudokuProblems(*(v[:1] for v in (puzzles.x, puzzles.y, puzzles.mask, puzzles.solutions, puzzles.givens)))
     solution = problems.solutions[0]
     blanks = (~problems.givens[0]).nonzero().flatten()
     blank_count = len(blanks)
@@ -168,7 +169,7 @@ def test_sudoku_yardsticks_on_a_tiny_set_by_hand(puzzles):
     # puzzle 2: one row blank except its first cell: every blank there is a naked single
     givens[2, 9:18] = False
     givens[2, 9] = True
-    problems = S.encode(solutions, givens)
+    problems = P.encode(solutions, givens)
     marks = S.sudoku_yardsticks(problems)
     assert marks["propagation"]["board_accuracy"] == pytest.approx(2 / 3)
     assert marks["propagation"]["blank_accuracy"] == pytest.approx((1 + 0 + 1) / 3)
@@ -204,28 +205,28 @@ def singles_by_hand(grid: list[int]) -> list[int]:
 
 
 def test_propagation_places_what_naked_and_hidden_singles_place_by_hand():
-    problems = S.sample_puzzles(12, (24, 36), torch.Generator().manual_seed(11))
-    digits = S.propagate(problems)
+    problems = P.sample_puzzles(12, (24, 36), torch.Generator().manual_seed(11))
+    digits = P.propagate(problems)
     for b in range(12):
-        assert [int(d) + 1 for d in digits[b]] == singles_by_hand(S.puzzle_grid(problems, b))
+        assert [int(d) + 1 for d in digits[b]] == singles_by_hand(P.puzzle_grid(problems, b))
 
 
 def test_a_latin_square_that_breaks_the_boxes_is_no_board():
     latin = torch.tensor([(r + c) % 9 for r in range(9) for c in range(9)]).unsqueeze(0)
     assert not grid_is_valid(latin[0].tolist())
-    assert not S.board_valid(latin).item()
+    assert not P.board_valid(latin).item()
     scores = S.grid_scores(latin, latin, torch.zeros(1, 81, dtype=torch.bool))
     assert scores["board_accuracy"].item() == 0.0 and scores["blank_accuracy"].item() == 1.0
 
 
 def test_propagation_matches_the_generated_solution_wherever_it_decides():
-    problems = S.sample_puzzles(64, (25, 40), torch.Generator().manual_seed(9))
-    digits = S.propagate(problems)
+    problems = P.sample_puzzles(64, (25, 40), torch.Generator().manual_seed(9))
+    digits = P.propagate(problems)
     decided = digits >= 0
     for b in range(64):
         grid = [int(d) + 1 if d >= 0 else 0 for d in digits[b]]
-        assert S.solve(grid, cap=1)[0] == 1  # what propagation placed still has a completion
-        count, _ = S.solve(S.puzzle_grid(problems, b))
+        assert P.solve(grid, cap=1)[0] == 1  # what propagation placed still has a completion
+        count, _ = P.solve(P.puzzle_grid(problems, b))
         if count == 1:
             assert torch.equal(digits[b][decided[b]], problems.solutions[b][decided[b]])
     assert decided.float().mean() > (problems.givens.float().mean() + 0.1)  # it places more than the givens

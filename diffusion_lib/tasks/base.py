@@ -44,14 +44,14 @@ class HeldOutSet:
         return [self.x, self.y, self.noise, self.mask]
 
     def to(self, device: torch.device | str) -> HeldOutSet:
-        return HeldOutSet(*(None if v is None else v.to(device) for v in self._parts()))
+        return type(self)(*(None if v is None else v.to(device) for v in self._parts()))
 
     def shard(self, index: int, count: int) -> HeldOutSet:
         """The index-th of `count` contiguous, disjoint slices that together cover the set once."""
-        return HeldOutSet(*(None if v is None else torch.tensor_split(v, count)[index] for v in self._parts()))
+        return type(self)(*(None if v is None else torch.tensor_split(v, count)[index] for v in self._parts()))
 
     def select(self, part: slice) -> HeldOutSet:
-        return HeldOutSet(*(None if v is None else v[part] for v in self._parts()))
+        return type(self)(*(None if v is None else v[part] for v in self._parts()))
 
 
 class Batch(NamedTuple):
@@ -70,7 +70,7 @@ class Task:
     metrics: ClassVar[tuple[Metric, ...]] = ()  # the first is the headline metric
     answer_bound: ClassVar[float] = 2.0  # answers and clamps live in +-answer_bound (* sqrt(abar_t))
     defaults: ClassVar[dict[str, Any]] = {}  # config defaults this task needs, under the user's values
-    corrupt: ClassVar[Any] = None  # discrete tasks: (y, mask, fraction, generator) -> 'random' negatives
+    corrupt: ClassVar[Any] = None  # discrete tasks: (y, mask, fraction, uniform, kind=) -> 'random' negatives
 
     def __init__(self, **options: Any):
         self.config = {"dataset": self.name, **options}
