@@ -146,10 +146,10 @@ def test_the_gathered_max_equals_the_materialised_max_with_its_first_and_second_
         assert torch.allclose(mine, theirs, atol=1e-12)
 
 
-def test_the_aggregation_is_a_model_option_with_mean_by_default():
-    assert build_config({"task.dataset": "connectivity"}).model["aggregation"] == C.AGGREGATIONS[0]
+def test_the_aggregation_is_a_model_option_with_max_by_default():
+    assert build_config({"task.dataset": "connectivity"}).model["aggregation"] == "max"
     config = build_config({"task.dataset": "connectivity", "model.aggregation": "both"})
     model = build_model(config.model, make_task(config.task)).ebm
     assert all(block.aggregation == "both" and block.mix.in_features == 3 * model.hidden_dim for block in model.blocks)
-    with pytest.raises((ConfigError, ValueError), match="aggregation.*'sum'.*one of mean, max, both"):
+    with pytest.raises((ConfigError, ValueError), match="aggregation.*'sum'.*one of max, mean, both"):
         build_config({"task.dataset": "connectivity", "model.aggregation": "sum"})
