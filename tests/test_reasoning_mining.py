@@ -34,7 +34,8 @@ def test_the_discrete_tasks_bring_their_defaults_under_the_users_values():
     assert sudoku.mining["loss_scale"] == 0.05 and sudoku.mining["start"] == "corrupt"
     assert sudoku.mining["corrupt_fraction"] == 0.05 and sudoku.task["unique"] is True
     graph = build_config({"task.dataset": "connectivity", "mining.loss_scale": 0.3, "model.hidden_dim": 8})
-    assert graph.model == {"name": "graph", "dtype": "float32", "hidden_dim": 8, "layers": 3, "time_dim": 64}
+    assert graph.model == {"name": "graph", "dtype": "float32", "hidden_dim": 8, "layers": 3, "time_dim": 64,
+                            "aggregation": "max"}
     assert graph.mining["loss_scale"] == 0.3 and graph.diffusion.inference_steps == 5
     assert graph.task == {"dataset": "connectivity", "nodes": 12, "density": 0.12, "harder": [15, 20], "keep_degree": False}
     assert build_config({}).mining["loss_scale"] == 0.5 and build_config({}).model["name"] == "mlp"

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lib.models import Condition, EnergyModel, SinusoidalPosEmb, register_model
-from diffusion_lib.registry import Option, int_in
+from diffusion_lib.registry import Option, int_in, one_of
 from diffusion_lib.tasks.base import Batch, HeldOutSet, Metric, Task, mix_seed, register_task
 
 TRAIN_NODES = 12
@@ -100,15 +100,41 @@ def held_out_graphs(num_samples: int, nodes: int = TRAIN_NODES, harder: tuple[in
 
 
 # -- negatives -------------------------------------------------------------------------------------------
-def corrupt_reachability(y: Tensor, fraction: float, uniform: Tensor) -> Tensor:
-    """The 'random' negatives: each entry set to -1 with probability `fraction`, independently.
+CORRUPTIONS = ("published", "clean")
 
-    `uniform`: random numbers in [0, 1) of y's shape (the run's own draws); an entry is hit where its
-    number is below `fraction`. As in the published code, whose replacement draw randint(0, 1) can only
-    give 0 (i.e. -1): entries only ever flip from +1 to -1, so the share of entries that change is
-    `fraction` times the share of +1 entries, and no unreachable pair is ever claimed reachable.
+
+def corrupt_reachability(y: Tensor, fraction: float, uniform: Tensor, kind: str = "published") -> Tensor:
+    """The 'random' negatives: the true answer y [..., n^2] with entries changed, `uniform` the run's own
+    random numbers in [0, 1) of y's shape.
+
+    "published": each entry (the diagonal included) set to -1 where its number is below `fraction`. As in
+    the published code, whose replacement draw randint(0, 1) can only give 0 (i.e. -1): entries only flip
+    from +1 to -1, some negatives hit only -1 entries and equal the positive, and a diagonal entry at -1
+    (a node that does not reach itself) gives a negative away on sight.
+    "clean": `flip_pairs`, a negative that keeps what every answer has (symmetry, a +1 diagonal) and
+    differs from the positive in both directions.
     """
-    return torch.where(uniform < fraction, torch.full_like(y, -1.0), y)
+    if kind == "published":
+        return torch.where(uniform < fraction, torch.full_like(y, -1.0), y)
+    if kind == "clean":
+        return flip_pairs(y, fraction, uniform)
+    raise ValueError(f"corruption kind = {kind!r} is unknown; allowed: {', '.join(CORRUPTIONS)}")
+
+
+def flip_pairs(y: Tensor, fraction: float, uniform: Tensor) -> Tensor:
+    """Each node pair i < j flipped (y_ij and y_ji together, +1 <-> -1) where the upper triangle's number
+    u_ij is below `fraction`; the diagonal never. Where no pair is hit, the pair with the smallest u_ij is
+    flipped, so every negative differs from the positive; that pair is the one a growing `fraction` would
+    hit first, so it is uniform over pairs and needs no further random numbers. (The lower triangle's
+    numbers go unused: a pair flips as one, so the negative stays symmetric like every true answer.)"""
+    n = math.isqrt(y.shape[-1])
+    upper = torch.ones(n, n, dtype=torch.bool, device=y.device).triu(1)
+    u = uniform.view(*y.shape[:-1], n, n).masked_fill(~upper, 2.0)  # 2.0: above any fraction, never the smallest
+    hit = u < fraction
+    first = F.one_hot(u.flatten(-2).argmin(-1), n * n).view_as(hit).bool()
+    hit = hit | (first & ~hit.flatten(-2).any(-1)[..., None, None])
+    hit = hit | hit.transpose(-1, -2)
+    return torch.where(hit.flatten(-2), -y, y)
 
 
 # -- metrics and yardsticks ------------------------------------------------------------------------------
@@ -161,19 +187,59 @@ class GraphCondition(Condition):
     film: Tensor  # per-layer FiLM (scale, shift) [P, B, L, 2H]
 
 
-class TriangleBlock(nn.Module):
-    """h_ij += MLP([h_ij, (1/n) sum_k a(h_ik) * b(h_kj)]) with FiLM: composes paths like a boolean A @ A."""
+# max first (the default): measured on the quick model, 400 steps of max beat 800 of mean on every set
+# (NOTES_graph.md); a mean dilutes one path's evidence over the n middle nodes as n grows
+AGGREGATIONS = ("max", "mean", "both")
 
-    def __init__(self, hidden: int):
+
+def path_mean(left: Tensor, right: Tensor) -> Tensor:
+    """(1/n) sum_k left_ik * right_kj per channel [B, n, n, H]: one batched matmul, nothing of size n^3 H."""
+    return torch.einsum("bikh,bkjh->bijh", left, right) / left.shape[1]
+
+
+def path_max(left: Tensor, right: Tensor) -> Tensor:
+    """max_k left_ik * right_kj per channel [B, n, n, H], the Neural Logic Machine's "there is a k".
+
+    The best k is found without autograd, one k at a time (never n^3 H numbers at once); the result is
+    then the product at that k, gathered, whose gradient is the max's (ties, which floats make rare, go to
+    the first k where torch.amax would split them)."""
+    with torch.no_grad():  # in place, the index in bytes (n <= 64): the search is most of the max's cost
+        best = left[:, :, :1] * right[:, None, 0]
+        product, better = torch.empty_like(best), torch.empty_like(best, dtype=torch.bool)
+        where = torch.zeros_like(best, dtype=torch.uint8)
+        for k in range(1, left.shape[1]):
+            torch.mul(left[:, :, k:k + 1], right[:, None, k], out=product)
+            torch.gt(product, best, out=better)
+            torch.maximum(best, product, out=best)
+            where.masked_fill_(better, k)
+        where = where.long()
+    return left.gather(2, where) * right.gather(1, where)
+
+
+def aggregate_paths(left: Tensor, right: Tensor, aggregation: str) -> Tensor:
+    """Paths through a middle node k [B, n, n, H] (mean or max), or both side by side [B, n, n, 2H]."""
+    if aggregation == "mean":
+        return path_mean(left, right)
+    if aggregation == "max":
+        return path_max(left, right)
+    return torch.cat([path_mean(left, right), path_max(left, right)], dim=-1)
+
+
+class TriangleBlock(nn.Module):
+    """h_ij += MLP([h_ij, agg_k a(h_ik) * b(h_kj)]) with FiLM: composes paths like a boolean A @ A, the
+    aggregate over the middle node k a mean, a max or both (`aggregate_paths`)."""
+
+    def __init__(self, hidden: int, aggregation: str = "max"):
         super().__init__()
+        self.aggregation = aggregation
         self.norm = nn.LayerNorm(hidden)
         self.left, self.right = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
-        self.mix, self.out = nn.Linear(2 * hidden, hidden), nn.Linear(hidden, hidden)
+        self.mix = nn.Linear((3 if aggregation == "both" else 2) * hidden, hidden)
+        self.out = nn.Linear(hidden, hidden)
 
     def forward(self, h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         z = self.norm(h)
-        # mean over the middle node k (not a sum), so the feature scale does not grow with n
-        paths = torch.einsum("nikh,nkjh->nijh", self.left(z), self.right(z)) / h.shape[1]
+        paths = aggregate_paths(self.left(z), self.right(z), self.aggregation)
         z = self.mix(torch.cat([z, paths], dim=-1)) * (1 + scale) + shift
         return h + self.out(F.silu(z))
 
@@ -182,6 +248,7 @@ class TriangleBlock(nn.Module):
     "hidden_dim": int_in(1, 4096, 64),
     "layers": int_in(1, 64, 3),
     "time_dim": Option(int, 64, lambda v: 4 <= v <= 4096 and v % 2 == 0, "an even int in [4, 4096]"),
+    "aggregation": one_of(*AGGREGATIONS),
 })
 class GraphEnergyModel(EnergyModel):
     """E(x, y, t) = sum over pairs (i, j) of |W h_ij|^2, h from a few triangle blocks over the n x n pairs.
@@ -192,7 +259,8 @@ class GraphEnergyModel(EnergyModel):
     (packs = False); grad_y E is autograd's.
     """
 
-    def __init__(self, task: Any, runs: int = 1, hidden_dim: int = 64, layers: int = 3, time_dim: int = 64):
+    def __init__(self, task: Any, runs: int = 1, hidden_dim: int = 64, layers: int = 3, time_dim: int = 64,
+                 aggregation: str = "max"):
         super().__init__(task, runs)
         if math.isqrt(task.out_dim) ** 2 != task.out_dim or task.inp_dim != task.out_dim:
             raise ValueError(f"model 'graph' needs n x n conditions and answers (task 'connectivity'), "
@@ -202,7 +270,7 @@ class GraphEnergyModel(EnergyModel):
         self.time_mlp = nn.Sequential(SinusoidalPosEmb(time_dim), nn.Linear(time_dim, time_dim), nn.GELU(),
                                       nn.Linear(time_dim, time_dim))
         self.film = nn.Linear(time_dim, layers * 2 * hidden_dim)
-        self.blocks = nn.ModuleList(TriangleBlock(hidden_dim) for _ in range(layers))
+        self.blocks = nn.ModuleList(TriangleBlock(hidden_dim, aggregation) for _ in range(layers))
         self.readout = nn.Linear(hidden_dim, hidden_dim)
 
     def condition(self, x: Tensor, t: Tensor, num_timesteps: int) -> GraphCondition:
@@ -284,8 +352,8 @@ class ConnectivityTask(Task):
         return connectivity_yardsticks(problems, self.nodes, self.density)
 
     @staticmethod
-    def corrupt(y: Tensor, mask: Tensor | None, fraction: float, uniform: Tensor) -> Tensor:
-        return corrupt_reachability(y, fraction, uniform)
+    def corrupt(y: Tensor, mask: Tensor | None, fraction: float, uniform: Tensor, kind: str = "published") -> Tensor:
+        return corrupt_reachability(y, fraction, uniform, kind)
 
 
 def _start_noise(y: Tensor, nodes: int) -> Tensor:
