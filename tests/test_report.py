@@ -6,10 +6,13 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
+from scipy import stats as sps
 
 from diffusion_lib.report.scores import Estimate
 from diffusion_lib.report.markdown import fmt, pm, write_report
+from diffusion_lib.report.stats import t_power
 from diffusion_lib.harness.run_dir import RunRecord
 from conftest import ROOT
 from diffusion_lib.study.spec import expand, load_study, select
@@ -22,6 +25,7 @@ SECTIONS = ("## Verdict", "## Yardsticks", "## Final results per group", "## Com
             "## Equal-compute view", "## Mining diagnostics", "## Test-time compute", "## The energy landscape",
             "## Failed, missing and damaged runs", "## Plots")  # fmt: skip
 PRIMARY = {"compare": ["adversarial", "random"], "metric": "mse_id"}
+ACC_PRIMARY = {"compare": ["adversarial", "random"], "metric": "accuracy_id"}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +70,10 @@ def test_number_format():
 def test_files_and_sections_in_order(study):
     out, runs, report = study
     assert report.startswith("# Mining study\n\nTask: inverse, rank 20.\n\n**Runs:** 12 (9 finished, 1 failed, 1 missing, "
-                             "1 damaged).\n\n## Verdict\n")  # fmt: skip
+                             "1 damaged).\n\n## The answer\n")  # fmt: skip
+    contents = report[report.index("**Contents:**"):].splitlines()[0]  # the answer, then the table of contents
+    assert contents.startswith("**Contents:** [Verdict](#verdict) · [Yardsticks](#yardsticks)")
+    assert report.index("## The answer") < report.index("**Contents:**") < report.index("## Verdict")
     positions = [report.index(h + "\n") for h in SECTIONS]
     assert positions == sorted(positions)
 
@@ -117,6 +124,33 @@ def test_verdict_states_the_primary_first_then_disagreements(study):
     table = section(report, "## Comparisons at the end of training")
     first_row = next(line for line in table.splitlines() if line.startswith("| adversarial"))
     assert first_row.startswith("| adversarial vs random (primary) | strategy | MSE in-distribution, EMA | paired t, 3 pairs |")
+
+
+def test_the_answer_comes_first_on_one_screen(tmp_path):
+    """The answer block: per view the verdict, the interval and what it rules out in % of B, the minimum
+    detectable effect, equivalence within a declared margin and the seeds needed, each recomputed here."""
+    runs = accuracy_study()
+    write_report(tmp_path, runs, title="Boards", primary={**ACC_PRIMARY, "margin": "2%"})
+    report = (tmp_path / "report.md").read_text()
+    answer = section(report, "## The answer")
+    assert len(answer.strip().splitlines()) <= 12
+    ema = next(line for line in answer.splitlines() if line.startswith("- EMA:"))
+    a = np.array([r.final["accuracy_id"] for r in runs if r.strategy == "adversarial"])
+    b = np.array([r.final["accuracy_id"] for r in runs if r.strategy == "random"])
+    d = a - b
+    se = d.std(ddof=1) / np.sqrt(len(d))
+    low, high = d.mean() + np.array([-1, 1]) * sps.t.ppf(0.975, len(d) - 1) * se
+    # higher accuracy is better: the largest gain is the interval's top, the largest loss minus its bottom
+    if low > 0:
+        assert f"rules out any loss of adversarial (its gain lies within {100 * low / b.mean():.3g} %" in ema
+    else:
+        assert f"rules out a gain of adversarial above {100 * high / b.mean():.3g} %" in ema
+    margin = 0.02 * b.mean()
+    p_tost = max(sps.t.sf((d.mean() + margin) / se, len(d) - 1), sps.t.cdf((d.mean() - margin) / se, len(d) - 1))
+    assert f"within ±2% ({margin:.3g}; two one-sided tests, p = {p_tost:.3g})" in ema
+    assert ("not shown equivalent" in ema) == (p_tost >= 0.05)
+    n = next(n for n in range(2, 10_000) if t_power(margin, d.std(ddof=1) / np.sqrt(n), n - 1) >= 0.8)
+    assert f"seeds needed to detect a difference of 2% at 80 % power: {n} (this study: {len(d)})" in ema
 
 
 def test_one_number_format_everywhere(study):

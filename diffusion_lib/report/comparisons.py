@@ -10,7 +10,9 @@ import numpy as np
 
 from diffusion_lib.harness.run_dir import RunRecord
 from diffusion_lib.report.scores import ALPHA, Score, Scoring, finished
-from diffusion_lib.report.stats import paired_test, verdict, welch_test
+from diffusion_lib.report.stats import (
+    Equivalence, equivalence_test, min_detectable, paired_se, paired_test, seeds_needed, verdict, welch_se, welch_test,
+)
 
 # why a comparison gives no verdict (Comparison.refused); markdown.py words them
 NO_VALUES, TOO_FEW, NOT_REACHED, UNEVEN_LOAD, MIXED_PACKING = (
@@ -43,6 +45,28 @@ class Comparison:
     refused: str | None = None  # why there is no verdict: NO_VALUES, TOO_FEW, NOT_REACHED, UNEVEN_LOAD, MIXED_PACKING
     p_adjusted: float = math.nan  # Holm-adjusted over the report's family (NaN for primary and untested)
     equal_flops: float = math.nan  # the FLOP budget every finished run of both groups trained to, if one
+    se: float = math.nan  # standard error of A − B in its test (paired: of the mean per-seed difference)
+    dof: float = math.nan  # the test's degrees of freedom
+
+    def mde(self, alpha: float = ALPHA) -> float:
+        """The smallest true |A − B| this test detects four times in five at `alpha` (its spread as observed)."""
+        return min_detectable(self.se, self.dof, alpha) if self.refused is None else math.nan
+
+    def equivalence(self, margin: float) -> Equivalence:
+        """Two one-sided tests that |true A − B| < margin (in the metric's units)."""
+        return equivalence_test(self.diff, self.se, self.dof, margin, ALPHA)
+
+    def seeds_needed(self, effect: float) -> int | None:
+        """Seeds (pairs) a paired study with this spread of per-seed differences needs to detect `effect`."""
+        return seeds_needed(self.se * math.sqrt(self.n_a), effect, ALPHA) if self.test == "paired" else None
+
+    def margin_units(self, margin: float | str | None) -> float:
+        """A declared margin in the metric's units ('2%' is 2 % of B's mean); NaN when none."""
+        if margin is None:
+            return math.nan
+        if isinstance(margin, str):
+            return abs(self.mean_b) * float(margin.rstrip("%")) / 100
+        return float(margin)
 
     @property
     def effect_pct(self) -> float:
@@ -80,17 +104,19 @@ def compare(
     if len(shared) >= 2:
         xa, xb = [va[s][1] for s in shared], [vb[s][1] for s in shared]
         result = paired_test(xa, xb)
+        se, dof = paired_se(np.subtract(xa, xb))
         unpaired = [run_id for side in (va, vb) for s, (run_id, _) in side.items() if s not in shared]
     else:
         xa, xb = [v for _, v in va.values()], [v for _, v in vb.values()]
         result = welch_test(xa, xb)
+        se, dof = welch_se(xa, xb)
         unpaired = []
     testable = math.isfinite(result.p_value)
     return Comparison(
         a, b, factor, score, higher, view, result.test if testable else "none", len(xa), len(xb), unpaired,
         float(np.mean(xa)) if xa else math.nan, float(np.mean(xb)) if xb else math.nan,
         result.diff, result.ci_low, result.ci_high, result.p_value,
-        refused=None if testable else NO_VALUES if not xa or not xb else TOO_FEW,
+        refused=None if testable else NO_VALUES if not xa or not xb else TOO_FEW, se=se, dof=dof,
     )  # fmt: skip
 
 
@@ -212,6 +238,7 @@ class PrimarySpec:
     score: str  # <metric>_<set>
     missing: list[str]  # declared labels without runs in this study (then nothing is primary)
     unknown: list[str] | None = None  # the scores allowed, when `score` is none of them (then nothing is primary)
+    margin: float | str | None = None  # equivalence margin: the metric's units, or 'N%' of B
 
     @property
     def active(self) -> bool:
@@ -227,4 +254,4 @@ def parse_primary(primary: Mapping[str, Any] | None, runs: Sequence[RunRecord], 
     present = {r.strategy for r in runs}
     name = str(primary["metric"])
     unknown = scores.names if scores.metrics and scores.find(name) is None else None
-    return PrimarySpec(a, b, name, [s for s in (a, b) if s not in present], unknown)
+    return PrimarySpec(a, b, name, [s for s in (a, b) if s not in present], unknown, primary.get("margin"))

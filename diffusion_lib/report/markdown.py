@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import io
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -172,11 +173,91 @@ def _primary_paragraph(a: StudyAnalysis) -> list[str]:
             lines.append(f"- **EMA and raw disagree{where}**: EMA says {ema.verdict}, raw says {raw.verdict}; "
                          "the verdict depends on which model is scored.")  # fmt: skip
         views = [("raw", raw), ("EMA", ema)] if lagging else [("EMA", ema), ("raw", raw)]
-        lines += [f"- {name}{where}: {_result_text(c, a)}." for name, c in views]
+        lines += [f"- {name}{where}: {_result_text(c, a)}. {_reach_text(c, a, spec.margin)}" for name, c in views]
         if math.isfinite(ema.equal_flops):
             lines.append(f"- Equal compute: every finished run of both groups trained to the same budget of "
                          f"{fmt(ema.equal_flops)} FLOPs.")  # fmt: skip
     return lines + [""]
+
+
+def _pct_of_b(c: Comparison, value: float) -> str:
+    return percent(100 * value / abs(c.mean_b), signed=False) if c.mean_b else "n/a"
+
+
+def _ruled_out(c: Comparison) -> str:
+    """What the 95 % CI leaves possible, as the largest gain and loss of A over B in % of B."""
+    if math.isnan(c.ci_low) or math.isnan(c.ci_high):
+        return "no interval, so nothing is ruled out"
+    gain, loss = (c.ci_high, -c.ci_low) if c.higher_is_better else (-c.ci_low, c.ci_high)
+    if gain <= 0:
+        return f"the 95 % CI rules out any gain of {c.a} (its loss lies within {_pct_of_b(c, -gain)}–{_pct_of_b(c, loss)})"
+    if loss <= 0:
+        return f"the 95 % CI rules out any loss of {c.a} (its gain lies within {_pct_of_b(c, -loss)}–{_pct_of_b(c, gain)})"
+    return f"the 95 % CI rules out a gain of {c.a} above {_pct_of_b(c, gain)} and a loss above {_pct_of_b(c, loss)}"
+
+
+def _mde_text(c: Comparison, alpha: float) -> str:
+    mde = c.mde(alpha)
+    return "" if math.isnan(mde) else f"{fmt(mde)} ({_pct_of_b(c, mde)})"
+
+
+def _reach_text(c: Comparison, a: StudyAnalysis, margin: float | str | None) -> str:
+    """What the primary's view can tell: ruled out, detectable, equivalence (with a margin), seeds needed."""
+    if c.refused:
+        return ""
+    parts = [_ruled_out(c)]
+    if mde := _mde_text(c, ALPHA):
+        parts.append(f"detectable at 80 % power: |A − B| ≥ {mde}")
+    target, words = abs(c.diff), "the observed effect"
+    if margin is not None:
+        units = c.margin_units(margin)
+        eq = c.equivalence(units)
+        shown = "equivalent" if eq.equivalent else "not shown equivalent"
+        parts.append(f"{shown} within ±{margin} ({fmt(units)}; two one-sided tests, p = {fmt(eq.p_value)})")
+        target, words = units, f"a difference of {margin}"
+    needed = c.seeds_needed(target)
+    if needed is not None:
+        parts.append(f"seeds needed to detect {words} at 80 % power: {needed} (this study: {c.n_a})")
+    return "; ".join(parts) + "."
+
+
+# -- the answer on one screen ----------------------------------------------------------------------------
+def _answer_section(a: StudyAnalysis) -> list[str]:
+    """The question and its answer first: per primary view the verdict, effect, interval and what it rules
+    out, the compute ratio, and any disagreement, in one line each."""
+    spec, found = a.primary, a.primary_comparisons
+    lines = ["## The answer", ""]
+    if spec is None or not found:
+        return lines + ["No primary comparison was tested (see the Verdict); the comparisons below answer one "
+                        "Holm–Bonferroni family.", ""]
+    head = found[0].score
+    lines.append(f"**Question:** is {spec.a} better than {spec.b} on {_label(a, head.metric)} "
+                 f"{set_words(head.set)}? ({_direction(a, head.metric)}; seeds {_seeds(a.seeds)})")
+    for c in sorted(found, key=lambda c: c.score.basis != a.lead_basis):
+        view = BASES[c.score.basis]
+        if c.refused:
+            lines.append(f"- {view}: no verdict ({_reason(c.refused, a, c)}).")
+            continue
+        lines.append(f"- {view}: **{c.verdict}**, A − B = {fmt(c.diff, signed=True)} ({percent(c.effect_pct)} of "
+                     f"{c.b}), 95 % CI {_ci(c)}, p = {fmt(c.p)}; {_reach_text(c, a, spec.margin)}")
+    ratio = a.flops_ratio.get(found[0].a, math.nan) / a.flops_ratio.get(found[0].b, math.nan)
+    if math.isfinite(ratio):
+        lines.append(f"- Compute: {found[0].a} used {fmt(ratio)}× the training FLOPs of {found[0].b} "
+                     f"({'equal FLOPs' if math.isfinite(a.equal_flops) else 'equal steps'}).")
+    pairs = {(c.a, c.b) for c in found}
+    split = [d for d in a.disagreements if (d.a, d.b) in pairs and d.metric == head.metric and d.set == head.set]
+    said = dict.fromkeys(f"EMA says {d.first}, raw says {d.second}" if d.kind == "model" else
+                         f"{BASES[d.basis]} at equal steps says {d.first}, at equal FLOPs {d.second}" for d in split)
+    lines.append("- Disagreements: " + ("; ".join(said) if said else
+                                        "none between EMA and raw, or equal steps and equal FLOPs, on this score") + ".")
+    return lines + [""]
+
+
+def _contents(sections: Sequence[Sequence[str]]) -> list[str]:
+    """A table of contents: one link per '## ' title (GitHub's anchors: lower case, spaces to hyphens)."""
+    titles = [line[3:] for section in sections for line in section if line.startswith("## ")]
+    anchor = lambda t: re.sub(r"[^\w\- ]", "", t.lower()).replace(" ", "-")  # noqa: E731
+    return ["**Contents:** " + " · ".join(f"[{t}](#{anchor(t)})" for t in titles), ""]
 
 
 def _lag_text(lag: EmaLag) -> str:
@@ -375,13 +456,14 @@ def _comparison_rows(comparisons: Sequence[Comparison], a: StudyAnalysis) -> lis
     return [[
         f"{c.a} vs {c.b}" + (" (primary)" if c.primary else ""), c.factor, _score_label(a, c.score), _test_text(c),
         fmt(c.mean_a), fmt(c.mean_b), fmt(c.diff, signed=True), percent(c.effect_pct),
-        _ci(c), fmt(c.p), "uncorrected" if c.primary else fmt(c.p_adjusted),
+        _ci(c), _mde_text(c, ALPHA if c.primary else ALPHA / max(a.family_size, 1)) or "n/a",
+        fmt(c.p), "uncorrected" if c.primary else fmt(c.p_adjusted),
         c.verdict if c.refused is None else f"no verdict: {_reason(c.refused, a, c)}",
     ] for c in comparisons]  # fmt: skip
 
 
 COMPARISON_HEADER = ["A vs B", "differ in", "score", "test", "mean A", "mean B", "A − B", "% of B", "95 % CI",
-                     "p", "Holm p", "verdict"]  # fmt: skip
+                     "MDE (80 %)", "p", "Holm p", "verdict"]  # fmt: skip
 
 
 def _unpaired_notes(comparisons: Sequence[Comparison], a: StudyAnalysis) -> list[str]:
@@ -407,7 +489,10 @@ def _comparisons_section(a: StudyAnalysis) -> list[str]:
         "A − B and its 95 % CI are for that test (paired: "
         "the mean per-seed difference); '% of B' is A − B relative to B's mean; whether a positive A − B is "
         "better follows the metric's direction. The primary comparison comes first and is not corrected; every "
-        f"other p is Holm-adjusted over the whole report's family. The {BASES[a.lead_basis]} view is listed first.",
+        f"other p is Holm-adjusted over the whole report's family. The {BASES[a.lead_basis]} view is listed first. "
+        "MDE: the minimum detectable effect, the smallest true |A − B| the test used detects with 80 % power given "
+        f"the observed spread (in the metric's units and % of B), at α = {ALPHA} for the primary and, for the rest, "
+        f"at α / {max(a.family_size, 1)} (Holm's strictest step over the family of {a.family_size} tests).",
         "",
     ]  # fmt: skip
     if not a.comparisons:
@@ -676,9 +761,10 @@ def write_report(
         "landscape": dataclasses.asdict(a.landscape),
         "rows": rows,
     }))  # fmt: skip
-    sections = [
-        _header(title, description, a), _verdict_section(a), _yardsticks_section(a), _groups_section(a),
-        _comparisons_section(a), _equal_compute_section(a), _diagnostics_section(a), _test_time_section(a),
-        _landscape_section(a), _problems_section(a), _plots_section(plots),
+    body = [
+        _verdict_section(a), _yardsticks_section(a), _groups_section(a), _comparisons_section(a),
+        _equal_compute_section(a), _diagnostics_section(a), _test_time_section(a), _landscape_section(a),
+        _problems_section(a), _plots_section(plots),
     ]  # fmt: skip
+    sections = [_header(title, description, a), _answer_section(a), _contents(body), *body]
     atomic_write_text(out_dir / "report.md", "\n".join(line for section in sections for line in section))

@@ -1,5 +1,6 @@
 """Small statistics for comparing runs across seeds: t intervals, Welch's and the paired t test, Holm's
-adjustment, verdicts and curve reads.
+adjustment, verdicts, curve reads, and what a comparison can tell: power, the minimum detectable effect,
+equivalence (two one-sided tests) and the seeds a study needs.
 
 Pure functions on plain sequences (numpy + scipy); nothing here knows about runs or files. scipy does the
 t distribution work; the functions here add the guards scipy lacks for the tiny samples a study has
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from scipy import optimize
 from scipy import stats as sps
 
 NAN = math.nan
@@ -154,3 +156,89 @@ def interpolate_at(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     if y0 > 0 and y1 > 0:
         return float(math.exp(math.log(y0) + frac * (math.log(y1) - math.log(y0))))
     return float(y0 + frac * (y1 - y0))
+
+
+# -- what a comparison can detect, equivalence and seeds needed ---------------------------------------
+POWER = 0.8
+
+
+def t_power(effect: float, se: float, dof: float, alpha: float = 0.05) -> float:
+    """Power of a two-sided t test at level `alpha` when the true difference is `effect` and its standard
+    error is `se` (the noncentral t with noncentrality effect / se)."""
+    if not (se > 0 and dof > 0):
+        return NAN
+    crit = sps.t.ppf(1 - alpha / 2, dof)
+    nc = abs(effect) / se
+    upper, lower = sps.nct.sf(crit, dof, nc), sps.nct.cdf(-crit, dof, nc)
+    # scipy's noncentral t gives NaN far out in a tail, where the probability is 1 (upper) or 0 (lower)
+    return float((1.0 if math.isnan(upper) else upper) + (0.0 if math.isnan(lower) else lower))
+
+
+def min_detectable(se: float, dof: float, alpha: float = 0.05, power: float = POWER) -> float:
+    """The smallest true difference a two-sided t test (standard error `se`, `dof` degrees of freedom)
+    detects with probability `power` at level `alpha`: the minimum detectable effect. NaN without spread."""
+    if not (se > 0 and dof > 0 and 0 < alpha < 1):
+        return NAN
+    high = se * (sps.t.ppf(1 - alpha / 2, dof) + sps.t.ppf(power, dof))  # the normal approximation's answer
+    while t_power(high, se, dof, alpha) < power:  # small dof need more: widen until the root is bracketed
+        high *= 1.5
+    return float(optimize.brentq(lambda d: t_power(d, se, dof, alpha) - power, 0.0, high, xtol=se * 1e-9))
+
+
+def paired_se(diffs: Sequence[float]) -> tuple[float, float]:
+    """(standard error of the mean difference, degrees of freedom) of paired differences."""
+    arr = np.asarray(diffs, dtype=float)
+    if arr.size < 2:
+        return NAN, NAN
+    return float(arr.std(ddof=1) / math.sqrt(arr.size)), float(arr.size - 1)
+
+
+def welch_se(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """(standard error of mean(a) - mean(b), Welch-Satterthwaite degrees of freedom)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.size < 2 or b.size < 2:
+        return NAN, NAN
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    if va + vb == 0:
+        return 0.0, NAN
+    return float(math.sqrt(va + vb)), float((va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1)))
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    """Two one-sided t tests (TOST) that the true difference lies within ±margin."""
+
+    margin: float
+    p_value: float  # the larger of the two one-sided p values
+    equivalent: bool
+
+
+def equivalence_test(diff: float, se: float, dof: float, margin: float, alpha: float = 0.05) -> Equivalence:
+    """TOST on a difference `diff` with standard error `se`: equivalent when both H0: d <= -margin and
+    H0: d >= +margin are rejected at `alpha`. Without spread (se 0) the difference is exact."""
+    if not (margin > 0) or math.isnan(diff) or math.isnan(se):
+        return Equivalence(margin, NAN, False)
+    if se == 0:
+        inside = abs(diff) < margin
+        return Equivalence(margin, 0.0 if inside else 1.0, inside)
+    p_low = float(sps.t.sf((diff + margin) / se, dof))   # H0: d <= -margin
+    p_high = float(sps.t.cdf((diff - margin) / se, dof))  # H0: d >= +margin
+    p = max(p_low, p_high)
+    return Equivalence(margin, p, p < alpha)
+
+
+def seeds_needed(sd: float, effect: float, alpha: float = 0.05, power: float = POWER, most: int = 10_000) -> int | None:
+    """The fewest pairs (seeds) whose paired t test, with differences of standard deviation `sd`, detects a
+    true difference `effect` with probability `power`; None when even `most` would not (or nothing is known)."""
+    if not (sd > 0 and abs(effect) > 0):
+        return None
+    enough = lambda n: t_power(effect, sd / math.sqrt(n), n - 1, alpha) >= power  # noqa: E731 (rises with n)
+    low, high = 1, 2  # low is too few; double high until it is enough, then bisect
+    while not enough(high):
+        if high >= most:
+            return None
+        low, high = high, min(2 * high, most)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if enough(mid) else (mid, high)
+    return high

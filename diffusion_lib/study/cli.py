@@ -24,7 +24,7 @@ from diffusion_lib.mining import STRATEGIES
 from diffusion_lib.study.launch import (
     RunCrashed, RunStopped, check_devices, check_flags, check_model_packs, default_pack_size, dry_run, train_all,
 )
-from diffusion_lib.study.spec import Study, StudyDir, expand, load_study, parse_shard, select, shard
+from diffusion_lib.study.spec import Study, StudyDir, StudyRun, expand, load_study, parse_shard, select, shard
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/ and results/ are read and written there
 SCRIPT = "experiments/matrix_inversion_mining_comparison.py"
@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         RunDir(run.config.results_dir).check(run.config, resume=args.resume, overwrite=args.overwrite, start_over=None)
     if args.dry_run:
         dry_run(selected, pack_size, build_trainer, resume=args.resume, overwrite=args.overwrite)
+        print(*pilot_lines(study, runs), sep="\n")
         return 0
     folder.prepare(study, overwrite=args.overwrite)
     train_all(selected, pack_size, build_trainer, resume=args.resume, launcher=args.launcher,
@@ -106,6 +107,29 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with folder.lock():
         return report(study, study_dir)
+
+
+def pilot_lines(study: Study, runs: list[StudyRun]) -> list[str]:
+    """Where the folder already holds finished runs (a pilot): the seeds the primary comparison needs, from
+    the observed spread of its per-seed differences, to detect its margin (or the observed effect)."""
+    if study.primary is None:
+        return []
+    from diffusion_lib.report.analysis import analyse  # numpy and scipy: not needed to answer --help
+
+    records = [run.record() for run in runs]
+    if not any(record.finished for record in records):
+        return []
+    analysis = analyse(records, study.primary)
+    margin = analysis.primary.margin if analysis.primary else None
+    lines = []
+    for c in (c for c in analysis.primary_comparisons if c.refused is None):
+        effect = c.margin_units(margin) if margin is not None else abs(c.diff)
+        words = f"a difference of {margin}" if margin is not None else f"the observed effect ({abs(c.diff):.3g})"
+        needed = c.seeds_needed(effect)
+        lines.append(f"pilot: {c.a} vs {c.b}, {c.score.metric}_{c.score.set} ({c.score.basis}), {c.n_a} pairs in "
+                     f"{study.name}'s folder: seeds needed to detect {words} at 80 % power: "
+                     f"{needed if needed is not None else 'more than 10 000, or unknown (needs a paired test)'}")
+    return lines
 
 
 # -- the report ------------------------------------------------------------------------------------

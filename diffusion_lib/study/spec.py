@@ -116,8 +116,9 @@ def _check_primary(primary: Any, strategies: dict[str, Any], source: str) -> dic
     _require(isinstance(primary, dict), f"{where} must be a mapping: {{compare: [A, B], metric: mse_id}}")
     for key in ("compare", "metric"):
         _require(key in primary, f"{where} lacks '{key}': write {{compare: [A, B], metric: mse_id}}")
-    extra = [key for key in primary if key not in ("compare", "metric")]
-    _require(not extra, f"{where} has unknown key {brief_repr(extra[0]) if extra else ''}; allowed: compare, metric")
+    extra = [key for key in primary if key not in ("compare", "metric", "margin")]
+    _require(not extra, f"{where} has unknown key {brief_repr(extra[0]) if extra else ''}; allowed: compare, metric, "
+             "margin")
     compare, metric = primary["compare"], primary["metric"]
     _require(isinstance(compare, list) and len(compare) == 2 and all(isinstance(label, str) for label in compare)
              and compare[0] != compare[1],
@@ -126,7 +127,20 @@ def _check_primary(primary: Any, strategies: dict[str, Any], source: str) -> dic
         _require(label in strategies, f"{where}: {label!r} is not a strategy of this study ({', '.join(strategies)})")
     _require(isinstance(metric, str) and re.fullmatch(r"\w+_\w+", metric) is not None,
              f"{where}: metric = {brief_repr(metric)} must be <metric>_<held-out set>, e.g. mse_id")
-    return {"compare": list(compare), "metric": metric}
+    checked = {"compare": list(compare), "metric": metric}
+    if "margin" in primary:
+        checked["margin"] = _check_margin(primary["margin"], where)
+    return checked
+
+
+def _check_margin(margin: Any, where: str) -> float | str:
+    """An equivalence margin: a number > 0 (the metric's units) or 'N%' (N > 0, relative to B's mean)."""
+    relative = isinstance(margin, str) and re.fullmatch(r"\s*(\d+(\.\d*)?|\.\d+)\s*%\s*", margin)
+    ok = (relative and float(margin.strip().rstrip("%")) > 0) or (
+        isinstance(margin, (int, float)) and not isinstance(margin, bool) and math.isfinite(margin) and margin > 0)
+    _require(bool(ok), f"{where}: margin = {brief_repr(margin)} must be a number > 0 (the metric's units) or a "
+             "percentage of B such as '2%'")
+    return margin.strip() if relative else float(margin)
 
 
 def task_metric_names(task: Mapping[str, Any]) -> list[str]:
