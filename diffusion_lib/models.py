@@ -383,23 +383,3 @@ class EnergyDenoiser(nn.Module):
         num_timesteps = num_timesteps or int(t.max()) + 1
         _, grad = self.energy_and_grad(self.condition(x, t, num_timesteps), y)
         return grad
-
-
-# -- one run's weights out of a pack, and back ---------------------------------------------------------
-def run_state_dict(module: nn.Module, run: int) -> dict[str, Tensor]:
-    """Run `run`'s parameters with the run dimension dropped (reference names and shapes), on the CPU."""
-    return {name: p.detach()[run].cpu().clone() for name, p in module.named_parameters()}
-
-
-def load_run_state_dict(module: nn.Module, state: dict[str, Tensor], run: int) -> None:
-    """Copy one run's weights (as `run_state_dict` gives them) into slot `run` of every packed parameter."""
-    params = dict(module.named_parameters())
-    missing, unexpected = set(params) - set(state), set(state) - set(params)
-    if missing or unexpected:
-        raise KeyError(f"run state does not fit the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    with torch.no_grad():
-        for name, p in params.items():
-            if tuple(state[name].shape) != tuple(p.shape[1:]):
-                raise ValueError(f"{name}: shape {tuple(state[name].shape)} does not fit {tuple(p.shape[1:])}")
-            p[run].copy_(state[name])
-

@@ -1,12 +1,6 @@
-"""Named components (mining strategies, samplers, models, tasks) and the one option schema.
-
-A `Registry` holds one kind of component by name: `register` adds one, `lookup` finds one (naming the
-closest name when none fits), `resolve` validates a user's map against the component's options once,
-filling in defaults. An `Option` names a key's type, default and the check its value must pass; it types
-every key of the run config too (harness/config.py), so each value takes one path from a YAML file to the
-code using it: coercion (`coerce`), finiteness, range. Limits (an upper bound on a size) live in the
-option's check. This module imports no torch: the command line validates a config before loading it.
-"""
+"""Named components (strategies, samplers, models, tasks) in one `Registry` type, and the one option schema:
+an `Option` types every component option and every run-config key (harness/config.py), so each value takes one
+path (coercion, finiteness, range). No torch here: the command line validates a config before loading it."""
 from __future__ import annotations
 
 import copy

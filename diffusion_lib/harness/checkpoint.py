@@ -21,7 +21,7 @@ from diffusion_lib.harness.config import ConfigError
 from diffusion_lib.harness.io import atomic_write_bytes
 
 if TYPE_CHECKING:  # torch is imported where used: naming and listing checkpoints must not load it (--help)
-    from torch import nn, optim
+    from torch import Tensor, nn, optim
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 DIGEST_MEMBER = ".sha256"
@@ -175,8 +175,6 @@ def save_pack(folders: Sequence[Path], step: int, model: nn.Module, ema_model: n
     """Checkpoint `step` of each run of a packed model in its folder: its weights, EMA weights and Adam
     moments with the run dimension dropped (reference names and shapes; no moments before Adam's first
     step), and `run_states[i]`, the trainer's bookkeeping of run i."""
-    from diffusion_lib.models import run_state_dict
-
     params, adam = dict(model.named_parameters()), optimizer.state
     for run, (folder, extra) in enumerate(zip(folders, run_states)):
         moments = {key: {name: adam[p][key][run].cpu().clone() for name, p in params.items()}
@@ -191,8 +189,6 @@ def load_pack(folders: Sequence[Path], model: nn.Module, ema_model: nn.Module,
     """Load each run's newest verified checkpoint into its slot of the packed model, EMA and Adam state;
     (their step, each run's checkpoint), or None if no run has one. The runs must be at one step."""
     import torch
-
-    from diffusion_lib.models import load_run_state_dict
 
     states = [load_latest_checkpoint(folder, required=("model", "ema", "optimizer")) for folder in folders]
     if all(state is None for state in states):
@@ -216,3 +212,24 @@ def load_pack(folders: Sequence[Path], model: nn.Module, ema_model: nn.Module,
     for p in params.values() if moments else ():
         adam[p]["step"] = torch.tensor(float(step))
     return step, states
+
+
+# -- one run's weights out of a pack, and back ---------------------------------------------------------
+def run_state_dict(module: nn.Module, run: int) -> dict[str, Tensor]:
+    """Run `run`'s parameters with the run dimension dropped (reference names and shapes), on the CPU."""
+    return {name: p.detach()[run].cpu().clone() for name, p in module.named_parameters()}
+
+
+def load_run_state_dict(module: nn.Module, state: dict[str, Tensor], run: int) -> None:
+    """Copy one run's weights (as `run_state_dict` gives them) into slot `run` of every packed parameter."""
+    params = dict(module.named_parameters())
+    missing, unexpected = set(params) - set(state), set(state) - set(params)
+    if missing or unexpected:
+        raise KeyError(f"run state does not fit the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    import torch
+
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(state[name].shape) != tuple(p.shape[1:]):
+                raise ValueError(f"{name}: shape {tuple(state[name].shape)} does not fit {tuple(p.shape[1:])}")
+            p[run].copy_(state[name])

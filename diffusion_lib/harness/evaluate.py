@@ -33,10 +33,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from diffusion_lib.diffusion import GaussianDiffusion1D
-from diffusion_lib.harness.checkpoint import load_latest_checkpoint
+from diffusion_lib.harness.checkpoint import load_latest_checkpoint, load_run_state_dict
 from diffusion_lib.harness.config import ConfigError, RunConfig
 from diffusion_lib.harness.run_dir import EVALUATION_CHANGES, RunDir, code_version
-from diffusion_lib.models import load_run_state_dict
 from diffusion_lib.samplers import run_sampler, sampler_label, sampling_flops
 from diffusion_lib.tasks.base import HeldOutSet, Task, mix_seed
 
