@@ -352,3 +352,11 @@ def test_an_evaluation_of_a_long_sweep_gets_a_file_name_the_file_system_takes(tm
     assert names[0] != names[1]  # each setting keeps its own file
     short = build_config({"results_dir": config.results_dir, "eval.inference_steps_sweep": [0, 3]})
     assert run.evaluation_file(short, 7).name == "step-7__inference_steps_sweep=0-3.json"
+
+
+@pytest.mark.parametrize("scales", [[100.0], [0.1, 16.5], [0.0]])
+def test_a_ranking_sigma_out_of_range_is_refused_in_one_line(scales):
+    """README: each sigma > 0 and <= 16 (issue 25: only the list's length was bounded)."""
+    with pytest.raises(ConfigError, match=r"eval.ranking_scales.*floats in \(0, 16\]"):
+        build_config({"eval.ranking_scales": scales})
+    assert build_config({"eval.ranking_scales": [0.01, 16]}).eval.ranking_scales == [0.01, 16.0]

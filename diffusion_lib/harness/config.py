@@ -62,6 +62,7 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few lines; a bigger file is not one 
 MAX_SAMPLERS = 8  # eval.samplers: each is one more scoring of every held-out set at the end
 MAX_BEST_OF = 64  # eval.best_of: the largest N is N sampling passes of every held-out set at the end
 MAX_RANKING_SCALES = 16
+MAX_RANKING_SIGMA = 16  # noise scales past the answers' own range rank nothing the model could confuse
 
 
 def _sampler_list(value: Any) -> list[dict[str, Any]]:
@@ -121,8 +122,8 @@ class EvalConfig:
     best_of: list[int] = _ints(1, MAX_BEST_OF, MAX_SWEEP_ENTRIES, f"a list of ints in [1, {MAX_BEST_OF}]")
     # ranking of the true answer against answer + sigma * noise for each sigma (and the model's own samples)
     ranking_scales: list[float] = _option(Option(
-        list, [], lambda v: len(v) <= MAX_RANKING_SCALES and all(s > 0 for s in v),
-        f"a list of at most {MAX_RANKING_SCALES} floats > 0", item=float,
+        list, [], lambda v: len(v) <= MAX_RANKING_SCALES and all(0 < s <= MAX_RANKING_SIGMA for s in v),
+        f"a list of at most {MAX_RANKING_SCALES} floats in (0, {MAX_RANKING_SIGMA}]", item=float,
     ))
     # the diffusion levels ranked at; empty: every level (below diffusion.timesteps: checked in build_config)
     ranking_levels: list[int] = _option(Option(
