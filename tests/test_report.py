@@ -343,3 +343,18 @@ def test_the_landscape_section_says_per_arm_what_its_energy_does(tmp_path):
 def test_a_study_without_landscape_keys_says_so(study):
     _, _, report = study
     assert "No run measured its energy landscape (eval.ranking_scales and eval.best_of were empty)." in report
+
+
+def test_a_non_finite_score_is_named_and_counted_not_dropped(tmp_path):
+    """Issue 25: a NaN in one seed's final.json was dropped silently (the group read 3/3 over a 2-seed mean)."""
+    runs = accuracy_study()
+    victim = next(r for r in runs if r.strategy == "random" and r.seed == 1)
+    victim.final["accuracy_id"] = float("nan")
+    write_report(tmp_path, runs, title="Boards", primary=ACC_PRIMARY)
+    report = (tmp_path / "report.md").read_text()
+    assert "1 non-finite score(s) of finished runs are left out of their groups' means" in report
+    problems = section(report, "## Failed, missing and damaged runs")
+    assert (f"- non-finite score: `{victim.run_id}` (random, seed 1) finished with accuracy_id = nan; random's mean "
+            "of accuracy_id (and every test on it) is over one seed fewer") in problems
+    lost = json.loads((tmp_path / "summary.json").read_text())["lost_values"]
+    assert [(v["run_id"], v["key"]) for v in lost] == [(victim.run_id, "accuracy_id")]

@@ -136,7 +136,9 @@ def _header(title: str, description: str, a: StudyAnalysis) -> list[str]:
     if description:
         lines += [description.strip(), ""]
     tally = ", ".join(f"{n} {status}" for status, n in a.tally.items())
-    return lines + [f"**Runs:** {sum(a.tally.values())} ({tally}).", ""]
+    lost = (f" {len(a.lost)} non-finite score(s) of finished runs are left out of their groups' means: "
+            "see Failed, missing and damaged runs." if a.lost else "")
+    return lines + [f"**Runs:** {sum(a.tally.values())} ({tally}).{lost}", ""]
 
 
 def _primary_paragraph(a: StudyAnalysis) -> list[str]:
@@ -690,7 +692,7 @@ def _best_of_subsection(a: StudyAnalysis) -> list[str]:
 
 def _problems_section(a: StudyAnalysis) -> list[str]:
     lines = ["## Failed, missing and damaged runs", ""]
-    if not a.problems:
+    if not a.problems and not a.lost:
         return lines + ["None: every run finished.", ""]
     for p in a.problems:
         where = f"`{p.run_id}` ({p.group}, seed {p.seed})"
@@ -701,6 +703,9 @@ def _problems_section(a: StudyAnalysis) -> list[str]:
             progress = f"last logged step {p.step}" if p.step is not None else "no metrics logged"
             reason = _cell(p.reason) if p.status == "damaged" else "no final.json"
             lines.append(f"- {p.status}: {where}: {reason} ({progress})")
+    for v in a.lost:
+        lines.append(f"- non-finite score: `{v.run_id}` ({v.group}, seed {v.seed}) finished with {v.key} = {v.value}; "
+                     f"{v.group}'s mean of {v.key} (and every test on it) is over one seed fewer")
     return lines + [""]
 
 
@@ -759,6 +764,7 @@ def write_report(
         "budgets": [{"axis": t.axis, "budget": t.budget, "rows": [dataclasses.asdict(r) for r in t.rows],
                      "comparisons": [_comparison_json(c) for c in t.comparisons]} for t in a.budgets],
         "landscape": dataclasses.asdict(a.landscape),
+        "lost_values": [dataclasses.asdict(v) for v in a.lost],
         "rows": rows,
     }))  # fmt: skip
     body = [

@@ -246,6 +246,32 @@ def problems(runs: Sequence[RunRecord]) -> list[Problem]:
     return found
 
 
+@dataclass
+class LostValue:
+    """A finished run's score that is NaN or infinite where others of its group have a number: the group's
+    mean of that score is over one seed fewer."""
+
+    run_id: str
+    group: str
+    seed: int
+    key: str
+    value: Any
+
+
+def lost_values(runs: Sequence[RunRecord], scores: Scoring) -> list[LostValue]:
+    """Every such score, by run. A score no run of a group has a number for (Sudoku's board accuracy of the
+    propagation-solvable puzzles on a set that has none) is undefined there, not lost."""
+    found = []
+    for score in scores.scores():
+        for group in dict.fromkeys(r.group for r in runs):
+            members = [r for r in finished(runs) if r.group == group]
+            if not any(math.isfinite(r.final_number(score.key)) for r in members):
+                continue
+            found += [LostValue(r.run_id, group, r.seed, score.key, r.final.get(score.key)) for r in members
+                      if not math.isfinite(r.final_number(score.key))]  # fmt: skip
+    return found
+
+
 def _sweep_keys(runs: Sequence[RunRecord]) -> list[str]:
     return list(dict.fromkeys(key for run in runs for key in run.sweep))
 
