@@ -1,5 +1,6 @@
 """The comparison script end to end on a tiny study: outputs, resume, failures, shards, bad input."""
 import csv
+import importlib.util
 import json
 import re
 import shlex
@@ -422,3 +423,17 @@ def test_study_temp_files_are_removed_when_its_report_is_rebuilt(tmp_path):
         path.write_text("x")
     assert main("--report-only", out) == 0
     assert [p for p in stale if p.exists()] == []
+
+
+@pytest.mark.parametrize("override", ["model.name=sudoku_net", "train.log_with=wandb"])
+def test_a_study_refused_for_bad_input_writes_nothing(tmp_path, study_file, capsys, override):
+    """Issue 25: a model that cannot take the task (or a tracker whose package is missing, where wandb is not
+    installed) was refused only after study.yaml was written, and the corrected command was then sent to
+    --overwrite. Every refusal comes before the folder is made."""
+    if override.endswith("wandb") and importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    out = tmp_path / "study"
+    assert main("--config", study_file, "--output", out, override) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not out.exists()
+    assert main("--config", study_file, "--output", out, "--dry-run") == 0  # the corrected command is not refused

@@ -22,7 +22,7 @@ from diffusion_lib.harness.config import parse_overrides
 from diffusion_lib.harness.run_dir import RunDir, TrainingInterrupted
 from diffusion_lib.mining import STRATEGIES
 from diffusion_lib.study.launch import (
-    RunCrashed, RunStopped, check_devices, check_flags, check_model_packs, default_pack_size, dry_run, train_all,
+    RunCrashed, RunStopped, check_devices, check_flags, check_runs, default_pack_size, dry_run, train_all,
 )
 from diffusion_lib.study.spec import Study, StudyDir, StudyRun, expand, load_study, parse_shard, select, shard
 
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     selected = shard(runs, *parse_shard(args.shard)) if args.shard else runs
     check_devices(runs, args.launcher)
     pack_size = args.pack or default_pack_size(study, runs, args.launcher)
-    check_model_packs(runs, pack_size)
+    check_runs(runs, pack_size)
     if not selected:
         print(f"shard {args.shard} has no runs (the study has {len(runs)})")
         return 0

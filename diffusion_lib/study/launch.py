@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -113,14 +114,22 @@ def default_pack_size(study: Study, runs: list[StudyRun], launcher: str) -> int:
     return len(study.seeds) if on_gpu else 1
 
 
-def check_model_packs(runs: list[StudyRun], pack_size: int) -> None:
-    """A model that holds one run at a time trains with pack 1; asking for more is refused in one line."""
-    from diffusion_lib.models import check_packs
+def check_runs(runs: list[StudyRun], pack_size: int) -> None:
+    """What training would refuse, refused before the study writes anything: a model that cannot take its
+    task, one that holds one run at a time asked to pack more, a tracker whose package is missing."""
+    from diffusion_lib.harness.trainer import check_tracker
+    from diffusion_lib.models import build_model, check_packs
+    from diffusion_lib.tasks import make_task
 
+    pairs = {json.dumps([r.config.task, r.config.model], sort_keys=True): r.config for r in runs}
     try:
         check_packs(runs[0].config.model, pack_size)
+        for config in pairs.values():  # building a task draws no data; the model's weights are a moment's work
+            build_model(config.model, make_task(config.task))
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    for kind in dict.fromkeys(r.config.train.log_with for r in runs):
+        check_tracker(kind)
 
 
 def format_seconds(seconds: float) -> str:
