@@ -12,7 +12,8 @@ would, on unpacked [B, dim] tensors:
 - training data come from a per-sample numpy generator in a torch DataLoader.
 
 Nothing here is imported by the library: it is the tests' oracle. `tests/test_equivalence.py` checks that
-both paths compute the same numbers, and `benchmarks/throughput.py` times them side by side.
+both paths compute the same numbers (the speed-ups in benchmarks/results.md were timed against it by an
+earlier benchmark script).
 """
 from __future__ import annotations
 

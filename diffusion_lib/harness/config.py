@@ -117,7 +117,7 @@ class EvalConfig:
     inference_steps_sweep: list[int] = _ints(
         0, MAX_INNER_STEPS, MAX_SWEEP_ENTRIES, f"a list of at most {MAX_SWEEP_ENTRIES} ints in [0, {MAX_INNER_STEPS}]"
     )
-    # the energy landscape (landscape.py), scored at the end only when asked for (each costs scoring time):
+    # the energy landscape (harness/evaluate.py), scored at the end only when asked for (each costs scoring time):
     # best-of-N for each N (energy pick vs random pick vs oracle among N samples from N start noises)
     best_of: list[int] = _ints(1, MAX_BEST_OF, MAX_SWEEP_ENTRIES, f"a list of ints in [1, {MAX_BEST_OF}]")
     # ranking of the true answer against answer + sigma * noise for each sigma (and the model's own samples)
