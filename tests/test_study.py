@@ -353,7 +353,7 @@ def test_primary_is_parsed_saved_and_dropped_with_its_strategies(tmp_path, study
 
 # item 9: pilot and quick inherit the primary through `extends`
 def test_shipped_studies_carry_the_primary_through_extends():
-    primary = {"compare": ["adversarial", "random"], "metric": "mse_id"}
+    primary = {"compare": ["adversarial", "random"], "metric": "mse_id", "margin": "2%"}
     for name in ("matrix_inversion_mining", "pilot", "quick"):
         assert load_study(ROOT / "configs" / "studies" / f"{name}.yaml").primary == primary, name
     # an ablation replaces the strategies, so the labels of the inherited primary are not its own
