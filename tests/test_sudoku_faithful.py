@@ -8,6 +8,7 @@ import torch
 
 from diffusion_lib.diffusion import GaussianDiffusion1D
 from diffusion_lib.models import build_model
+from diffusion_lib.mining import resolve_mining_config
 from diffusion_lib.tasks import sudoku as S
 from diffusion_lib.tasks import sudoku_puzzles as P
 from diffusion_lib.tasks.base import make_task
@@ -125,7 +126,7 @@ def test_the_hard_set_is_unique_minimal_carvings_that_singles_cannot_finish():
 def test_given_entries_add_nothing_to_the_denoising_loss_worked_by_hand():
     task = make_task({"dataset": "sudoku", "unique": False})
     model = build_model({"name": "sudoku_net", "hidden_dim": 8, "layers": 1, "time_dim": 8}, task).double()
-    diffusion = GaussianDiffusion1D(model, mining_config={"strategy": "none"}, data_bound=1.0).double()
+    diffusion = GaussianDiffusion1D(model, mining_config=resolve_mining_config({"strategy": "none"}), data_bound=1.0).double()
     x, y, mask = task.sample(5, torch.Generator().manual_seed(2))
     x, y = x.double(), y.double()
     draws = diffusion.draw(5, [torch.Generator().manual_seed(3)], "cpu")
@@ -189,7 +190,7 @@ def test_mining_corruption_reaches_the_task_and_an_unknown_kind_is_refused():
         seen["kind"] = kind
         return task.corrupt(y, mask, fraction, uniform, kind=kind)
 
-    diffusion = GaussianDiffusion1D(model, mining_config={"strategy": "random", "corruption": "clean"},
+    diffusion = GaussianDiffusion1D(model, mining_config=resolve_mining_config({"strategy": "random", "corruption": "clean"}),
                                     data_bound=1.0, corrupt=spy)
     x, y, mask = task.sample(4, torch.Generator().manual_seed(0))
     diffusion(x, y, generator=torch.Generator().manual_seed(1), mask=mask)
@@ -197,7 +198,7 @@ def test_mining_corruption_reaches_the_task_and_an_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="corruption kind = 'dirty'"):
         S.corrupt_grid(y, mask, 0.1, torch.rand(y.shape), kind="dirty")
     with pytest.raises(ValueError, match=r"mining_config\['corruption'\] = 'dirty' is invalid"):
-        GaussianDiffusion1D(model, mining_config={"strategy": "random", "corruption": "dirty"})
+        resolve_mining_config({"strategy": "random", "corruption": "dirty"})
 
 
 # -- the reference step schedule ---------------------------------------------------------------------------
