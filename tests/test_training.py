@@ -157,3 +157,18 @@ def test_a_signal_before_the_first_step_leaves_a_checkpoint_that_resumes(tmp_pat
     monkeypatch.undo()
     assert train.main(tiny_args("--resume")) == 0
     assert json.loads((tmp_path / "run" / "final.json").read_text())["step"] == 30
+
+
+def test_cosine_decay_steps_follow_the_closed_form_and_constant_keeps_lr(tmp_path, tiny_args, monkeypatch):
+    seen, original = [], torch.optim.Adam.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", record)
+    assert train.main([*tiny_args(), "--train-steps", "20", "train.lr=0.002", "train.lr_decay=cosine"]) == 0
+    assert seen == pytest.approx([0.001 * (1 + math.cos(math.pi * s / 20)) for s in range(20)])
+    seen.clear()
+    assert train.main([*tiny_args(), "--train-steps", "20", "train.lr=0.002", "--overwrite"]) == 0
+    assert seen == [0.002] * 20

@@ -90,6 +90,8 @@ class TrainConfig:
     budget_flops: float = _float(0.0, lambda v: v >= 0, "a float >= 0 (0 = off)")
     batch_size: int = _option(int_in(1, MAX_BATCH, 2048))  # global: split evenly across accelerate processes
     lr: float = _float(1e-4, lambda v: v > 0, "a float > 0")
+    # cosine: lr * (1 + cos(pi * step / steps)) / 2, set from the step (so a resume needs no state)
+    lr_decay: str = _option(one_of("constant", "cosine"))
     adam_betas: list[float] = _option(
         Option(list, [0.9, 0.99], lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two floats in [0, 1)", item=float)
     )

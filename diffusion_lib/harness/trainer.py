@@ -73,6 +73,13 @@ def check_pack(configs: Sequence[RunConfig], accelerator: Accelerator) -> None:
 # the online model with decay min(beta, 1 - (1 + step - update_after_step)^-power). With the reference
 # values (beta 0.995, every 10, after 100, power 2/3) the decay reaches 0.995 only near step 2 900, so an
 # EMA read early in training lags well behind the model it averages.
+def learning_rate(train: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of the optimiser step taken at `step` (0-based) of `total_steps`."""
+    if train.lr_decay == "constant":
+        return train.lr
+    return train.lr * (1 + math.cos(math.pi * step / total_steps)) / 2
+
+
 def make_ema(model: nn.Module, train: TrainConfig) -> EMA:
     """The EMA of `model` as `train.ema_*` say; its averaged copy is `.ema_model` (`.model` is `model`)."""
     return EMA(
@@ -417,6 +424,8 @@ class Trainer1D:
         self.accelerator.backward(loss)
         grad_norm = self._clip_gradients()
         self.divergence.watch(self.step, stats, grad_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.config.train, self.step, self.total_steps)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update()  # once per step: ema-pytorch's count is the step, shared by the pack
