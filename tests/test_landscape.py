@@ -348,6 +348,27 @@ def test_best_of_n_costs_n_samples_plus_n_energies():
     assert [best_of_flops(n, sample, verify) for n in (1, 2, 4)] == [sample, 2 * (sample + verify), 4 * (sample + verify)]
 
 
+@pytest.mark.parametrize("with_given", [False, True])
+def test_best_of_n_sampled_as_one_batch_equals_a_loop_of_plain_samples(with_given):
+    """The N - 1 candidates after the first are sampled as one batch: each must be the answer plain sampling
+    gives from its own noise, for every run of a pack and with given entries held."""
+    diffusion = make_diffusion(runs=2)
+    x, y = problems()
+    noises = fixed_noise(5, BATCH, D, seed=4)
+    mask = torch.rand(BATCH, D, generator=torch.Generator().manual_seed(2)) < 0.3
+    given = (mask, y) if with_given else None
+    results = best_of_n(diffusion, x, noises, mse_to(y), LOWER, ns=[1, 3, 5], inner_steps=2, given=given)
+    answers = torch.stack([diffusion.sample(x, noise=n, inner_steps=2, given=given) for n in noises], dim=1)
+    errors = torch.stack([mse_to(y)(a)["mse"] for a in answers.unbind(1)], dim=1)  # [P, N, B]
+    energies = energy_at(diffusion, x, answers, 0)
+    for result in results:
+        n = result.n
+        pick = energies[:, :n].argmin(dim=1, keepdim=True)
+        torch.testing.assert_close(result.energy_pick["mse"], errors[:, :n].gather(1, pick).squeeze(1), rtol=1e-6, atol=0)
+        torch.testing.assert_close(result.random_pick["mse"], errors[:, :n].mean(dim=1), rtol=1e-6, atol=0)
+        torch.testing.assert_close(result.oracle["mse"], errors[:, :n].amin(dim=1), rtol=1e-6, atol=0)
+
+
 def test_evaluate_may_change_the_sampler(tmp_path, tiny_args):
     assert train.main(tiny_args("--train-steps", "10")) == 0
     assert train.main(tiny_args("--train-steps", "10", "--evaluate", "diffusion.sampler=langevin")) == 0

@@ -163,16 +163,25 @@ def best_of_n(
 ) -> list[BestOfN]:
     """Per n in `ns`, for each metric `score` gives: the value of the verifier's pick (default: the model's
     energy), of a random pick and of the oracle among the first n of the candidates sampled from `noises`
-    [N, B, D] (N = max(ns); noises[0] is the set's own start noise and the generator is drawn from in
-    candidate order, so n = 1 is plain sampling)."""
+    [N, B, D] (N = max(ns)). noises[0] is the set's own start noise, sampled first and alone, so n = 1 is
+    plain sampling; the other N - 1 candidates are sampled as one batch (one walk of the levels with larger
+    matmuls instead of N - 1), each from its own noise. A noisy sampler draws their numbers from the
+    generator as one batch too, so they are not those of N - 1 passes in turn."""
     if not ns or min(ns) < 1 or max(ns) > noises.shape[0]:
         raise ValueError(f"ns = {list(ns)}: each must be in [1, {noises.shape[0]}] (the noises given)")
     x = diffusion._packed(x)
     inner_steps = diffusion.inference_steps if inner_steps is None else inner_steps
     step_scale = diffusion.inference_step_scale if step_scale is None else step_scale
     verifier = verifier or model_energy(diffusion)
-    answers = [run_sampler(diffusion, x, diffusion._packed(noise.to(x)), inner_steps, step_scale, given, generator,
-                           sampler).answer for noise in noises[: max(ns)]]
+    problems, others = x.shape[1], max(ns) - 1
+    answers = [run_sampler(diffusion, x, diffusion._packed(noises[0].to(x)), inner_steps, step_scale, given,
+                           generator, sampler).answer]
+    if others:  # rows candidate-major: candidate k's problem b is row (k - 1) * B + b
+        repeat = lambda v: torch.cat([v] * others, dim=-2)  # noqa: E731  [..., B, D] -> [..., others * B, D]
+        rest = run_sampler(diffusion, repeat(x), diffusion._packed(noises[1:others + 1].flatten(0, 1).to(x)),
+                           inner_steps, step_scale, None if given is None else tuple(map(repeat, given)),
+                           generator, sampler).answer
+        answers += rest.unflatten(1, (others, problems)).unbind(1)
     scores = verifier(x, torch.stack(answers, dim=1))  # [P, N, B]
     per_answer = [score(a) for a in answers]
     values = {m: torch.stack([v[m] for v in per_answer], dim=1) for m in per_answer[0]}  # metric -> [P, N, B]
