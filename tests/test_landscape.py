@@ -1,7 +1,9 @@
 """Samplers and the energy landscape: today's sampler unchanged, the noisy samplers' rules, FLOPs against a
 count from the shapes, the ranking measure and best-of-N on hand-made energies with known answers."""
+import copy
 import json
 import math
+import zlib
 
 from types import SimpleNamespace
 
@@ -11,13 +13,15 @@ from torch import nn
 
 import train
 from diffusion_lib import EBM, EnergyDenoiser, GaussianDiffusion1D, resolve_mining_config
-from diffusion_lib.harness.config import ConfigError
+from diffusion_lib.harness.build import create_dataset, create_diffusion_model
+from diffusion_lib.harness.config import ConfigError, build_config
 from diffusion_lib.harness.evaluate import (
-    best_of_flops, best_of_n, energy_at, fixed_noise, rank_true_answers, verifier_flops,
+    Evaluator, best_of_flops, best_of_n, energy_at, fixed_noise, rank_true_answers, verifier_flops,
 )
+from diffusion_lib.harness.trainer import make_accelerator
 from diffusion_lib.samplers import SAMPLERS, _mala_log_ratio, resolve_sampler_config, sampler_label, sampling_flops
 from diffusion_lib.schedule import schedule_constants
-from diffusion_lib.tasks.base import make_task
+from diffusion_lib.tasks.base import make_task, mix_seed
 
 RANK, HIDDEN, BATCH, T, TIME = 3, 16, 12, 10, 128
 D = RANK * RANK
@@ -493,3 +497,47 @@ def test_without_landscape_keys_final_json_has_none_of_them(tmp_path, tiny_args)
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     assert not [k for k in final if k.startswith(("ranking_", "best_of_", "samplers"))]
     assert final["sampler_flops_per_answer"] > 0 and final["inference_steps_sweep_flops"] == {}
+
+
+def tiny_evaluator(landscape_samples: int, hidden_dim: int = HIDDEN):
+    """An Evaluator of a fresh rank-3 model (EMA and raw alike) on 12 problems a set, scored in chunks of 5."""
+    config = build_config({
+        "task": {"dataset": "inverse", "rank": RANK}, "model": {"hidden_dim": hidden_dim}, "device": "cpu",
+        "eval": {"num_samples": 12, "batch_size": 5, "best_of": [1, 3], "ranking_scales": [0.1, 1.0],
+                 "ranking_levels": [0, 9], "landscape_samples": landscape_samples},
+    })
+    task = create_dataset(config)
+    diffusion = create_diffusion_model(config, task)
+    return Evaluator(task, config, make_accelerator("cpu"), diffusion, copy.deepcopy(diffusion)), diffusion, task
+
+
+def test_landscape_samples_measure_the_first_problems_as_the_full_measure_does():
+    """eval.landscape_samples = 7: ranking and best-of-N are the existing measures (rank_true_answers, best_of_n)
+    on the first 7 problems of each set, with the noises the full measure gives those problems; the other
+    scores still cover all 12."""
+    evaluator, diffusion, task = tiny_evaluator(7)
+    [final] = evaluator.final_scores()
+    [full] = tiny_evaluator(0)[0].final_scores()
+    assert final["mse_id"] == full["mse_id"] and final["inference_steps_sweep"] == full["inference_steps_sweep"]
+    for name, data in evaluator.held_out.items():
+        part, seed = data.select(slice(0, 7)), zlib.crc32(name.encode())
+        directions = fixed_noise(2, 12, D, mix_seed(seed, 1))[:, :7]
+        samples = diffusion.sample(part.x, noise=part.noise)
+        ranking = rank_true_answers(diffusion, part.x, part.y, [0.1, 1.0], directions,
+                                    candidates={"samples": samples}, levels=[0, 9]).table(0)
+        assert final[f"ranking_{name}"] == {d: pytest.approx(row, abs=1e-6) for d, row in ranking.items()}  # float32 means
+        noises = torch.cat([part.noise[None], fixed_noise(2, 12, D, mix_seed(seed, 2))[:, :7]])
+        [one, three] = best_of_n(diffusion, part.x, noises, lambda a: task.score(a, part), {"mse": False}, [1, 3])
+        for result, table in ((one, final[f"best_of_{name}"]["1"]), (three, final[f"best_of_{name}"]["3"])):
+            expected = {"energy": result.energy_pick, "random": result.random_pick, "oracle": result.oracle}
+            assert table["mse"] == {p: pytest.approx(v["mse"][0].double().mean().item(), rel=1e-6) for p, v in expected.items()}
+        assert final[f"best_of_{name}"] != full[f"best_of_{name}"]  # all 12 problems give other means
+
+
+@pytest.mark.parametrize("value, problem", [(-1, "is out of range: must be an int in [0, 1048576]"),
+                                            (2**20 + 1, "is out of range: must be an int in [0, 1048576]"),
+                                            (1.5, "has the wrong type: expected int")])
+def test_landscape_samples_is_validated_in_one_line(value, problem):
+    with pytest.raises(ConfigError) as error:
+        build_config({"eval": {"landscape_samples": value}})
+    assert str(error.value) == f"config key 'eval.landscape_samples' = {value} {problem}"

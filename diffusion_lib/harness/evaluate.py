@@ -235,10 +235,11 @@ class Evaluator:
         self._sum_dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64
         # each process scores its own slice of every held-out set; the sums are reduced across processes
         self.held_out = task.held_out(config.eval.num_samples)
-        self.local_held_out = {
-            name: data.shard(accelerator.process_index, accelerator.num_processes).to(accelerator.device)
-            for name, data in self.held_out.items()
-        }
+        self.local_held_out = self._local(self.held_out)
+        # the energy landscape (ranking, best-of-N) is measured on the first eval.landscape_samples problems
+        self.landscape_sets = {name: data.select(slice(0, config.eval.landscape_samples or None))
+                               for name, data in self.held_out.items()}
+        self.local_landscape = self._local(self.landscape_sets)
         self.bar: Any = None  # the final scoring's progress bar, while it runs
 
     def metric_keys(self) -> list[str]:
@@ -299,12 +300,20 @@ class Evaluator:
         per_sampler = 2 + len(ev.inference_steps_sweep) + (2 if ev.best_of else 0)
         return len(self.held_out) * (per_sampler * (1 + len(ev.samplers)) + (2 if ev.ranking_scales else 0))
 
-    def _set_means(self, sums_of: Callable[[str, HeldOutSet], dict[str, Tensor]]) -> list[dict[str, dict[str, Any]]]:
-        """Per run and held-out set name, key -> the mean over the set's problems of what `sums_of(name, slice)`
-        sums over this process's slice (key -> [P, ...]); the sums are reduced across processes."""
+    def _local(self, sets: dict[str, HeldOutSet]) -> dict[str, HeldOutSet]:
+        """This process's slice of each set, on its device."""
+        acc = self.accelerator
+        return {name: data.shard(acc.process_index, acc.num_processes).to(acc.device) for name, data in sets.items()}
+
+    def _set_means(self, sums_of: Callable[[str, HeldOutSet], dict[str, Tensor]],
+                   landscape: bool = False) -> list[dict[str, dict[str, Any]]]:
+        """Per run and held-out set name, key -> the mean over the set's problems (`landscape`: the landscape's
+        problems of it) of what `sums_of(name, slice)` sums over this process's slice (key -> [P, ...]); the
+        sums are reduced across processes."""
+        full, local = (self.landscape_sets, self.local_landscape) if landscape else (self.held_out, self.local_held_out)
         results: list[dict[str, dict[str, Any]]] = [{} for _ in range(self.models[""].runs)]
-        for name, data in self.local_held_out.items():
-            count = self.held_out[name].y.shape[0]
+        for name, data in local.items():
+            count = full[name].y.shape[0]
             for key, total in sums_of(name, data).items():
                 reduced = (self.accelerator.reduce(total, reduction="sum") / count).tolist()
                 for result, value in zip(results, reduced):
@@ -381,10 +390,11 @@ class Evaluator:
                                self._generator(name, 0), sampler) for n in inner_steps]
 
     def _extra_noise(self, name: str, count: int, salt: int) -> Tensor:
-        """[count, this process's problems, D] standard normals fixed by the held-out set (every strategy,
-        seed and process count sees the same per problem)."""
+        """[count, this process's landscape problems, D] standard normals fixed by the held-out set (every
+        strategy, seed, process count and landscape subset sees the same per problem)."""
         full = self.held_out[name].y
         noise = fixed_noise(count, full.shape[0], full.shape[1], mix_seed(zlib.crc32(name.encode()), salt))
+        noise = noise[:, :self.landscape_sets[name].y.shape[0]]
         acc = self.accelerator
         return torch.tensor_split(noise, acc.num_processes, dim=1)[acc.process_index].to(acc.device)
 
@@ -395,7 +405,7 @@ class Evaluator:
         distances = [f"sigma_{sigma:g}" for sigma in scales] + ["samples"]
         results: list[dict[str, Any]] = [{} for _ in range(self.models[""].runs)]
         for suffix, diffusion in self.models.items():
-            means = self._set_means(lambda name, data: self._ranking_sums(diffusion, name, data, levels))
+            means = self._set_means(lambda name, data: self._ranking_sums(diffusion, name, data, levels), landscape=True)
             for result, run in zip(results, means):
                 for name, values in run.items():
                     result[f"ranking_{name}{suffix}"] = {
@@ -425,7 +435,7 @@ class Evaluator:
                  sample_flops: float) -> list[dict[str, Any]]:
         """Per run and held-out set: {"<n>": {"<metric>": {"energy", "random", "oracle"}, "flops_per_answer"}}."""
         ns = sorted(set(self.eval.best_of))
-        means = self._set_means(lambda name, data: self._best_of_sums(diffusion, name, data, ns, sampler))
+        means = self._set_means(lambda name, data: self._best_of_sums(diffusion, name, data, ns, sampler), landscape=True)
         name, data = next(iter(self.local_held_out.items()))
         x = diffusion._packed(data.x[:FLOP_PROBLEMS].to(self.dtype))
         flops = {n: best_of_flops(n, sample_flops, verifier_flops(diffusion, x, n)) for n in ns}
