@@ -13,6 +13,7 @@ from torch import nn
 
 import train
 from diffusion_lib import EBM, EnergyDenoiser, GaussianDiffusion1D, resolve_mining_config
+from diffusion_lib.harness import evaluate
 from diffusion_lib.harness.build import create_dataset, create_diffusion_model
 from diffusion_lib.harness.config import ConfigError, build_config
 from diffusion_lib.harness.evaluate import (
@@ -541,3 +542,16 @@ def test_landscape_samples_is_validated_in_one_line(value, problem):
     with pytest.raises(ConfigError) as error:
         build_config({"eval": {"landscape_samples": value}})
     assert str(error.value) == f"config key 'eval.landscape_samples' = {value} {problem}"
+
+
+def test_sampling_flops_are_counted_once_per_setup(monkeypatch):
+    """FLOPs per answer depend on shapes only: a second evaluator of the same setup reuses the counts (equal
+    to a fresh count), another model size counts its own."""
+    counted = []
+    monkeypatch.setattr(evaluate, "SAMPLING_FLOPS", {})
+    monkeypatch.setattr(evaluate, "sampling_flops", lambda *a, **k: counted.append(a[3]) or sampling_flops(*a, **k))
+    first = tiny_evaluator(0)[0]._sampling_flops(None, [5, 0, 5, 2])
+    assert counted == [5, 0, 2]
+    assert tiny_evaluator(0)[0]._sampling_flops(None, [2, 5]) == [first[3], first[0]] and counted == [5, 0, 2]
+    wider = tiny_evaluator(0, hidden_dim=2 * HIDDEN)[0]._sampling_flops(None, [5])
+    assert counted == [5, 0, 2, 5] and wider[0] > first[0]

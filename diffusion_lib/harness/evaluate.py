@@ -20,6 +20,7 @@ set (`fixed_noise`), so every strategy, seed and shard sees the same ones.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 import zlib
@@ -43,6 +44,10 @@ VIEWS = ("sampling", "training")
 # model.dtype -> the dtype of weights and data (bfloat16 is mixed precision: float32 weights, bf16 autocast)
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
 FLOP_PROBLEMS = 64  # problems a sampling pass's FLOPs per answer are counted on
+# A sampling pass's FLOPs depend on shapes only (the task, model and diffusion settings, the sampler, the inner
+# steps, the problems counted on): counted once per process, since FlopCounterMode's op-by-op dispatch costs
+# a quick-study run a tenth of its scoring, and a study's runs share them.
+SAMPLING_FLOPS: dict[tuple, float] = {}
 
 # (x [P, B, inp], candidate answers [P, N, B, D]) -> a score per candidate [P, N, B], lower = preferred
 Verifier = Callable[[Tensor, Tensor], Tensor]
@@ -233,6 +238,7 @@ class Evaluator:
         self.dtype, self.autocast = precision(config)
         # held-out errors are summed in double, where the device has it (MPS does not)
         self._sum_dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64
+        self._setup = repr((config.task, config.model, dataclasses.asdict(config.diffusion)))  # SAMPLING_FLOPS' key
         # each process scores its own slice of every held-out set; the sums are reduced across processes
         self.held_out = task.held_out(config.eval.num_samples)
         self.local_held_out = self._local(self.held_out)
@@ -386,8 +392,14 @@ class Evaluator:
         name, data = next(iter(self.local_held_out.items()))
         part = data.select(slice(0, FLOP_PROBLEMS))
         x, noise = diffusion._packed(part.x.to(self.dtype)), diffusion._packed(part.noise)
-        return [sampling_flops(diffusion, x, noise, n, diffusion.inference_step_scale, self._given(part),
-                               self._generator(name, 0), sampler) for n in inner_steps]
+        flops = []
+        for n in inner_steps:
+            key = (self._setup, repr(sampler), tuple(x.shape), n)
+            if key not in SAMPLING_FLOPS:
+                SAMPLING_FLOPS[key] = sampling_flops(diffusion, x, noise, n, diffusion.inference_step_scale,
+                                                     self._given(part), self._generator(name, 0), sampler)
+            flops.append(SAMPLING_FLOPS[key])
+        return flops
 
     def _extra_noise(self, name: str, count: int, salt: int) -> Tensor:
         """[count, this process's landscape problems, D] standard normals fixed by the held-out set (every
