@@ -1,7 +1,9 @@
 """Samplers and the energy landscape: today's sampler unchanged, the noisy samplers' rules, FLOPs against a
 count from the shapes, the ranking measure and best-of-N on hand-made energies with known answers."""
+import copy
 import json
 import math
+import zlib
 
 from types import SimpleNamespace
 
@@ -11,13 +13,16 @@ from torch import nn
 
 import train
 from diffusion_lib import EBM, EnergyDenoiser, GaussianDiffusion1D, resolve_mining_config
-from diffusion_lib.harness.config import ConfigError
+from diffusion_lib.harness import evaluate
+from diffusion_lib.harness.build import create_dataset, create_diffusion_model
+from diffusion_lib.harness.config import ConfigError, build_config
 from diffusion_lib.harness.evaluate import (
-    best_of_flops, best_of_n, energy_at, fixed_noise, rank_true_answers, verifier_flops,
+    Evaluator, best_of_flops, best_of_n, energy_at, fixed_noise, rank_true_answers, verifier_flops,
 )
+from diffusion_lib.harness.trainer import make_accelerator
 from diffusion_lib.samplers import SAMPLERS, _mala_log_ratio, resolve_sampler_config, sampler_label, sampling_flops
 from diffusion_lib.schedule import schedule_constants
-from diffusion_lib.tasks.base import make_task
+from diffusion_lib.tasks.base import make_task, mix_seed
 
 RANK, HIDDEN, BATCH, T, TIME = 3, 16, 12, 10, 128
 D = RANK * RANK
@@ -348,6 +353,27 @@ def test_best_of_n_costs_n_samples_plus_n_energies():
     assert [best_of_flops(n, sample, verify) for n in (1, 2, 4)] == [sample, 2 * (sample + verify), 4 * (sample + verify)]
 
 
+@pytest.mark.parametrize("with_given", [False, True])
+def test_best_of_n_sampled_as_one_batch_equals_a_loop_of_plain_samples(with_given):
+    """The N - 1 candidates after the first are sampled as one batch: each must be the answer plain sampling
+    gives from its own noise, for every run of a pack and with given entries held."""
+    diffusion = make_diffusion(runs=2)
+    x, y = problems()
+    noises = fixed_noise(5, BATCH, D, seed=4)
+    mask = torch.rand(BATCH, D, generator=torch.Generator().manual_seed(2)) < 0.3
+    given = (mask, y) if with_given else None
+    results = best_of_n(diffusion, x, noises, mse_to(y), LOWER, ns=[1, 3, 5], inner_steps=2, given=given)
+    answers = torch.stack([diffusion.sample(x, noise=n, inner_steps=2, given=given) for n in noises], dim=1)
+    errors = torch.stack([mse_to(y)(a)["mse"] for a in answers.unbind(1)], dim=1)  # [P, N, B]
+    energies = energy_at(diffusion, x, answers, 0)
+    for result in results:
+        n = result.n
+        pick = energies[:, :n].argmin(dim=1, keepdim=True)
+        torch.testing.assert_close(result.energy_pick["mse"], errors[:, :n].gather(1, pick).squeeze(1), rtol=1e-6, atol=0)
+        torch.testing.assert_close(result.random_pick["mse"], errors[:, :n].mean(dim=1), rtol=1e-6, atol=0)
+        torch.testing.assert_close(result.oracle["mse"], errors[:, :n].amin(dim=1), rtol=1e-6, atol=0)
+
+
 def test_evaluate_may_change_the_sampler(tmp_path, tiny_args):
     assert train.main(tiny_args("--train-steps", "10")) == 0
     assert train.main(tiny_args("--train-steps", "10", "--evaluate", "diffusion.sampler=langevin")) == 0
@@ -472,3 +498,60 @@ def test_without_landscape_keys_final_json_has_none_of_them(tmp_path, tiny_args)
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     assert not [k for k in final if k.startswith(("ranking_", "best_of_", "samplers"))]
     assert final["sampler_flops_per_answer"] > 0 and final["inference_steps_sweep_flops"] == {}
+
+
+def tiny_evaluator(landscape_samples: int, hidden_dim: int = HIDDEN):
+    """An Evaluator of a fresh rank-3 model (EMA and raw alike) on 12 problems a set, scored in chunks of 5."""
+    config = build_config({
+        "task": {"dataset": "inverse", "rank": RANK}, "model": {"hidden_dim": hidden_dim}, "device": "cpu",
+        "eval": {"num_samples": 12, "batch_size": 5, "best_of": [1, 3], "ranking_scales": [0.1, 1.0],
+                 "ranking_levels": [0, 9], "landscape_samples": landscape_samples},
+    })
+    task = create_dataset(config)
+    diffusion = create_diffusion_model(config, task)
+    return Evaluator(task, config, make_accelerator("cpu"), diffusion, copy.deepcopy(diffusion)), diffusion, task
+
+
+def test_landscape_samples_measure_the_first_problems_as_the_full_measure_does():
+    """eval.landscape_samples = 7: ranking and best-of-N are the existing measures (rank_true_answers, best_of_n)
+    on the first 7 problems of each set, with the noises the full measure gives those problems; the other
+    scores still cover all 12."""
+    evaluator, diffusion, task = tiny_evaluator(7)
+    [final] = evaluator.final_scores()
+    [full] = tiny_evaluator(0)[0].final_scores()
+    assert final["mse_id"] == full["mse_id"] and final["inference_steps_sweep"] == full["inference_steps_sweep"]
+    for name, data in evaluator.held_out.items():
+        part, seed = data.select(slice(0, 7)), zlib.crc32(name.encode())
+        directions = fixed_noise(2, 12, D, mix_seed(seed, 1))[:, :7]
+        samples = diffusion.sample(part.x, noise=part.noise)
+        ranking = rank_true_answers(diffusion, part.x, part.y, [0.1, 1.0], directions,
+                                    candidates={"samples": samples}, levels=[0, 9]).table(0)
+        assert final[f"ranking_{name}"] == {d: pytest.approx(row, abs=1e-6) for d, row in ranking.items()}  # float32 means
+        noises = torch.cat([part.noise[None], fixed_noise(2, 12, D, mix_seed(seed, 2))[:, :7]])
+        [one, three] = best_of_n(diffusion, part.x, noises, lambda a: task.score(a, part), {"mse": False}, [1, 3])
+        for result, table in ((one, final[f"best_of_{name}"]["1"]), (three, final[f"best_of_{name}"]["3"])):
+            expected = {"energy": result.energy_pick, "random": result.random_pick, "oracle": result.oracle}
+            assert table["mse"] == {p: pytest.approx(v["mse"][0].double().mean().item(), rel=1e-6) for p, v in expected.items()}
+        assert final[f"best_of_{name}"] != full[f"best_of_{name}"]  # all 12 problems give other means
+
+
+@pytest.mark.parametrize("value, problem", [(-1, "is out of range: must be an int in [0, 1048576]"),
+                                            (2**20 + 1, "is out of range: must be an int in [0, 1048576]"),
+                                            (1.5, "has the wrong type: expected int")])
+def test_landscape_samples_is_validated_in_one_line(value, problem):
+    with pytest.raises(ConfigError) as error:
+        build_config({"eval": {"landscape_samples": value}})
+    assert str(error.value) == f"config key 'eval.landscape_samples' = {value} {problem}"
+
+
+def test_sampling_flops_are_counted_once_per_setup(monkeypatch):
+    """FLOPs per answer depend on shapes only: a second evaluator of the same setup reuses the counts (equal
+    to a fresh count), another model size counts its own."""
+    counted = []
+    monkeypatch.setattr(evaluate, "SAMPLING_FLOPS", {})
+    monkeypatch.setattr(evaluate, "sampling_flops", lambda *a, **k: counted.append(a[3]) or sampling_flops(*a, **k))
+    first = tiny_evaluator(0)[0]._sampling_flops(None, [5, 0, 5, 2])
+    assert counted == [5, 0, 2]
+    assert tiny_evaluator(0)[0]._sampling_flops(None, [2, 5]) == [first[3], first[0]] and counted == [5, 0, 2]
+    wider = tiny_evaluator(0, hidden_dim=2 * HIDDEN)[0]._sampling_flops(None, [5])
+    assert counted == [5, 0, 2, 5] and wider[0] > first[0]

@@ -340,6 +340,19 @@ def test_the_landscape_section_says_per_arm_what_its_energy_does(tmp_path):
     assert len(summary["landscape"]["tests"]) == 32
 
 
+def test_the_landscape_section_names_the_problems_it_was_measured_on(tmp_path):
+    runs = [landscape_run(strategy, seed, 0.7, 0.9, 1.0) for strategy in ("none", "adversarial") for seed in range(3)]
+    write_report(tmp_path, runs, title="Landscape")
+    assert "eval.landscape_samples" not in (tmp_path / "report.md").read_text()  # every problem: nothing to say
+    for run in runs:
+        run.config.update({"eval.landscape_samples": 128, "eval.num_samples": 512})
+    write_report(tmp_path, runs, title="Landscape")
+    report = (tmp_path / "report.md").read_text()
+    land = report[report.index("## The energy landscape\n"):report.index("## Failed, missing and damaged runs\n")]
+    assert "Measured on the first 128 of the 512 problems of each held-out set (eval.landscape_samples); the " \
+           "other sections score every problem." in land
+
+
 def test_a_study_without_landscape_keys_says_so(study):
     _, _, report = study
     assert "No run measured its energy landscape (eval.ranking_scales and eval.best_of were empty)." in report

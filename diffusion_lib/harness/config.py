@@ -132,6 +132,9 @@ class EvalConfig:
         list, [], lambda v: all(0 <= t < MAX_TIMESTEPS for t in v),
         "a list of diffusion levels (ints >= 0, below diffusion.timesteps)", item=int,
     ))
+    # ranking and best-of-N on the first this many problems of each held-out set (0: all of them): they
+    # sample each of their problems N + 1 times, EMA and raw, so a subset keeps a CPU study's scoring short
+    landscape_samples: int = _option(int_in(0, MAX_BATCH, 0))
     # more samplers scored at the end like the configured one (metrics, inference-steps sweep, best-of-N)
     samplers: list = _option(Option(list, [], resolve=_sampler_list))
 

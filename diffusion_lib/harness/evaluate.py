@@ -20,6 +20,7 @@ set (`fixed_noise`), so every strategy, seed and shard sees the same ones.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 import zlib
@@ -43,6 +44,10 @@ VIEWS = ("sampling", "training")
 # model.dtype -> the dtype of weights and data (bfloat16 is mixed precision: float32 weights, bf16 autocast)
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
 FLOP_PROBLEMS = 64  # problems a sampling pass's FLOPs per answer are counted on
+# A sampling pass's FLOPs depend on shapes only (the task, model and diffusion settings, the sampler, the inner
+# steps, the problems counted on): counted once per process, since FlopCounterMode's op-by-op dispatch costs
+# a quick-study run a tenth of its scoring, and a study's runs share them.
+SAMPLING_FLOPS: dict[tuple, float] = {}
 
 # (x [P, B, inp], candidate answers [P, N, B, D]) -> a score per candidate [P, N, B], lower = preferred
 Verifier = Callable[[Tensor, Tensor], Tensor]
@@ -163,16 +168,25 @@ def best_of_n(
 ) -> list[BestOfN]:
     """Per n in `ns`, for each metric `score` gives: the value of the verifier's pick (default: the model's
     energy), of a random pick and of the oracle among the first n of the candidates sampled from `noises`
-    [N, B, D] (N = max(ns); noises[0] is the set's own start noise and the generator is drawn from in
-    candidate order, so n = 1 is plain sampling)."""
+    [N, B, D] (N = max(ns)). noises[0] is the set's own start noise, sampled first and alone, so n = 1 is
+    plain sampling; the other N - 1 candidates are sampled as one batch (one walk of the levels with larger
+    matmuls instead of N - 1), each from its own noise. A noisy sampler draws their numbers from the
+    generator as one batch too, so they are not those of N - 1 passes in turn."""
     if not ns or min(ns) < 1 or max(ns) > noises.shape[0]:
         raise ValueError(f"ns = {list(ns)}: each must be in [1, {noises.shape[0]}] (the noises given)")
     x = diffusion._packed(x)
     inner_steps = diffusion.inference_steps if inner_steps is None else inner_steps
     step_scale = diffusion.inference_step_scale if step_scale is None else step_scale
     verifier = verifier or model_energy(diffusion)
-    answers = [run_sampler(diffusion, x, diffusion._packed(noise.to(x)), inner_steps, step_scale, given, generator,
-                           sampler).answer for noise in noises[: max(ns)]]
+    problems, others = x.shape[1], max(ns) - 1
+    answers = [run_sampler(diffusion, x, diffusion._packed(noises[0].to(x)), inner_steps, step_scale, given,
+                           generator, sampler).answer]
+    if others:  # rows candidate-major: candidate k's problem b is row (k - 1) * B + b
+        repeat = lambda v: torch.cat([v] * others, dim=-2)  # noqa: E731  [..., B, D] -> [..., others * B, D]
+        rest = run_sampler(diffusion, repeat(x), diffusion._packed(noises[1:others + 1].flatten(0, 1).to(x)),
+                           inner_steps, step_scale, None if given is None else tuple(map(repeat, given)),
+                           generator, sampler).answer
+        answers += rest.unflatten(1, (others, problems)).unbind(1)
     scores = verifier(x, torch.stack(answers, dim=1))  # [P, N, B]
     per_answer = [score(a) for a in answers]
     values = {m: torch.stack([v[m] for v in per_answer], dim=1) for m in per_answer[0]}  # metric -> [P, N, B]
@@ -224,12 +238,14 @@ class Evaluator:
         self.dtype, self.autocast = precision(config)
         # held-out errors are summed in double, where the device has it (MPS does not)
         self._sum_dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64
+        self._setup = repr((config.task, config.model, dataclasses.asdict(config.diffusion)))  # SAMPLING_FLOPS' key
         # each process scores its own slice of every held-out set; the sums are reduced across processes
         self.held_out = task.held_out(config.eval.num_samples)
-        self.local_held_out = {
-            name: data.shard(accelerator.process_index, accelerator.num_processes).to(accelerator.device)
-            for name, data in self.held_out.items()
-        }
+        self.local_held_out = self._local(self.held_out)
+        # the energy landscape (ranking, best-of-N) is measured on the first eval.landscape_samples problems
+        self.landscape_sets = {name: data.select(slice(0, config.eval.landscape_samples or None))
+                               for name, data in self.held_out.items()}
+        self.local_landscape = self._local(self.landscape_sets)
         self.bar: Any = None  # the final scoring's progress bar, while it runs
 
     def metric_keys(self) -> list[str]:
@@ -290,12 +306,20 @@ class Evaluator:
         per_sampler = 2 + len(ev.inference_steps_sweep) + (2 if ev.best_of else 0)
         return len(self.held_out) * (per_sampler * (1 + len(ev.samplers)) + (2 if ev.ranking_scales else 0))
 
-    def _set_means(self, sums_of: Callable[[str, HeldOutSet], dict[str, Tensor]]) -> list[dict[str, dict[str, Any]]]:
-        """Per run and held-out set name, key -> the mean over the set's problems of what `sums_of(name, slice)`
-        sums over this process's slice (key -> [P, ...]); the sums are reduced across processes."""
+    def _local(self, sets: dict[str, HeldOutSet]) -> dict[str, HeldOutSet]:
+        """This process's slice of each set, on its device."""
+        acc = self.accelerator
+        return {name: data.shard(acc.process_index, acc.num_processes).to(acc.device) for name, data in sets.items()}
+
+    def _set_means(self, sums_of: Callable[[str, HeldOutSet], dict[str, Tensor]],
+                   landscape: bool = False) -> list[dict[str, dict[str, Any]]]:
+        """Per run and held-out set name, key -> the mean over the set's problems (`landscape`: the landscape's
+        problems of it) of what `sums_of(name, slice)` sums over this process's slice (key -> [P, ...]); the
+        sums are reduced across processes."""
+        full, local = (self.landscape_sets, self.local_landscape) if landscape else (self.held_out, self.local_held_out)
         results: list[dict[str, dict[str, Any]]] = [{} for _ in range(self.models[""].runs)]
-        for name, data in self.local_held_out.items():
-            count = self.held_out[name].y.shape[0]
+        for name, data in local.items():
+            count = full[name].y.shape[0]
             for key, total in sums_of(name, data).items():
                 reduced = (self.accelerator.reduce(total, reduction="sum") / count).tolist()
                 for result, value in zip(results, reduced):
@@ -368,14 +392,21 @@ class Evaluator:
         name, data = next(iter(self.local_held_out.items()))
         part = data.select(slice(0, FLOP_PROBLEMS))
         x, noise = diffusion._packed(part.x.to(self.dtype)), diffusion._packed(part.noise)
-        return [sampling_flops(diffusion, x, noise, n, diffusion.inference_step_scale, self._given(part),
-                               self._generator(name, 0), sampler) for n in inner_steps]
+        flops = []
+        for n in inner_steps:
+            key = (self._setup, repr(sampler), tuple(x.shape), n)
+            if key not in SAMPLING_FLOPS:
+                SAMPLING_FLOPS[key] = sampling_flops(diffusion, x, noise, n, diffusion.inference_step_scale,
+                                                     self._given(part), self._generator(name, 0), sampler)
+            flops.append(SAMPLING_FLOPS[key])
+        return flops
 
     def _extra_noise(self, name: str, count: int, salt: int) -> Tensor:
-        """[count, this process's problems, D] standard normals fixed by the held-out set (every strategy,
-        seed and process count sees the same per problem)."""
+        """[count, this process's landscape problems, D] standard normals fixed by the held-out set (every
+        strategy, seed, process count and landscape subset sees the same per problem)."""
         full = self.held_out[name].y
         noise = fixed_noise(count, full.shape[0], full.shape[1], mix_seed(zlib.crc32(name.encode()), salt))
+        noise = noise[:, :self.landscape_sets[name].y.shape[0]]
         acc = self.accelerator
         return torch.tensor_split(noise, acc.num_processes, dim=1)[acc.process_index].to(acc.device)
 
@@ -386,7 +417,7 @@ class Evaluator:
         distances = [f"sigma_{sigma:g}" for sigma in scales] + ["samples"]
         results: list[dict[str, Any]] = [{} for _ in range(self.models[""].runs)]
         for suffix, diffusion in self.models.items():
-            means = self._set_means(lambda name, data: self._ranking_sums(diffusion, name, data, levels))
+            means = self._set_means(lambda name, data: self._ranking_sums(diffusion, name, data, levels), landscape=True)
             for result, run in zip(results, means):
                 for name, values in run.items():
                     result[f"ranking_{name}{suffix}"] = {
@@ -416,7 +447,7 @@ class Evaluator:
                  sample_flops: float) -> list[dict[str, Any]]:
         """Per run and held-out set: {"<n>": {"<metric>": {"energy", "random", "oracle"}, "flops_per_answer"}}."""
         ns = sorted(set(self.eval.best_of))
-        means = self._set_means(lambda name, data: self._best_of_sums(diffusion, name, data, ns, sampler))
+        means = self._set_means(lambda name, data: self._best_of_sums(diffusion, name, data, ns, sampler), landscape=True)
         name, data = next(iter(self.local_held_out.items()))
         x = diffusion._packed(data.x[:FLOP_PROBLEMS].to(self.dtype))
         flops = {n: best_of_flops(n, sample_flops, verifier_flops(diffusion, x, n)) for n in ns}

@@ -28,7 +28,8 @@ RESUMABLE_CHANGES = ("device", "results_dir", "train.steps")
 # what scoring a saved model (--evaluate) may change besides: how it samples and on how many problems
 SAMPLING_KEYS = ("diffusion.inference_steps", "diffusion.inference_step_scale", "diffusion.inference_step_schedule",
                  "diffusion.answer", "diffusion.sampler", "eval.num_samples", "eval.inference_steps_sweep",
-                 "eval.best_of", "eval.ranking_scales", "eval.ranking_levels", "eval.samplers")
+                 "eval.best_of", "eval.ranking_scales", "eval.ranking_levels", "eval.landscape_samples",
+                 "eval.samplers")
 EVALUATION_CHANGES = (*RESUMABLE_CHANGES, *SAMPLING_KEYS, "eval.every", "eval.batch_size")
 
 

@@ -68,6 +68,7 @@ class Landscape:
     best_of: dict[str, dict[str, dict[str, dict[str, dict[str, Estimate]]]]]  # group -> set -> basis -> n -> pick
     tests: list[LandscapeTest]
     curves: list[FlopCurve]
+    subsets: list[tuple[int, int]]  # (k, n) where finished runs measured it on the first k of n problems a set
 
     @property
     def present(self) -> bool:
@@ -150,7 +151,20 @@ def landscape(groups: Mapping[str, Sequence[RunRecord]], scores: Scoring) -> Lan
     family = [t for t in tests if math.isfinite(t.p)]
     for t, adjusted in zip(family, holm([t.p for t in family])):
         t.p_adjusted = adjusted
-    return Landscape(distances, levels, level, ranking, ns, best, tests, flop_curves(groups, scores, ns))
+    return Landscape(distances, levels, level, ranking, ns, best, tests, flop_curves(groups, scores, ns),
+                     landscape_subsets(runs))
+
+
+def landscape_subsets(runs: Sequence[RunRecord]) -> list[tuple[int, int]]:
+    """(k, n) for each eval.landscape_samples k < eval.num_samples n of the finished runs: their landscape
+    covers the first k of each held-out set's n problems (none: every problem)."""
+    found = set()
+    for run in finished(runs):
+        config = run.config or {}
+        k, n = config.get("eval.landscape_samples") or 0, config.get("eval.num_samples")
+        if is_number(n) and 0 < k < n:
+            found.add((int(k), int(n)))
+    return sorted(found)
 
 
 def gain(energy: Sequence[float], random: Sequence[float], higher: bool) -> list[float]:

@@ -614,6 +614,10 @@ def _landscape_section(a: StudyAnalysis) -> list[str]:
         "energy pick against its random pick among the same N samples) and Holm-adjusted within a family of "
         f"its own ({len(tested)} tests), apart from the comparisons of groups above.", "",
     ]  # fmt: skip
+    if land.subsets:
+        shares = " or ".join(f"the first {k} of the {n}" for k, n in land.subsets)
+        lines += [f"Measured on {shares} problems of each held-out set (eval.landscape_samples); the other "
+                  "sections score every problem.", ""]
     if land.distances:
         lines += _ranking_subsection(a)
     if land.best_of_ns:
