@@ -20,7 +20,7 @@ from diffusion_lib.harness.build import create_dataset, create_diffusion_model, 
 from diffusion_lib.harness.cli import OneLineParser, parse_bool, parse_command_line, run_explaining_errors
 from diffusion_lib.harness.config import ConfigError, RunConfig, build_config, check_keys, flatten, load_yaml, parse_overrides
 from diffusion_lib.harness.io import atomic_write_json
-from diffusion_lib.harness.run_dir import RunDir, TrainingInterrupted, sampling_settings
+from diffusion_lib.harness.run_dir import RunDir, ScoringOutOfMemory, TrainingInterrupted, sampling_settings
 from diffusion_lib.mining import STRATEGIES
 from diffusion_lib.study.launch import LAUNCHED_BY_STUDY
 
@@ -142,8 +142,8 @@ def evaluate(config: RunConfig, diffusion: GaussianDiffusion1D, task: Task, acce
     return 0
 
 
-def resume_hint(args: argparse.Namespace) -> str:
-    """'; resume with: <command>' for the run `args` name, if it has a folder to resume from."""
+def resume_hint(args: argparse.Namespace, *overrides: str) -> str:
+    """'; resume with: <command> [overrides]' for the run `args` name, if it has a folder to resume from."""
     if args.evaluate or os.environ.get(LAUNCHED_BY_STUDY):
         return ""
     try:
@@ -152,7 +152,7 @@ def resume_hint(args: argparse.Namespace) -> str:
         return ""
     if not run_dir.config.exists():
         return ""
-    return "; resume with: " + shlex.join(["python", "train.py", "--config", str(run_dir.config), "--resume"])
+    return "; resume with: " + shlex.join(["python", "train.py", "--config", str(run_dir.config), "--resume", *overrides])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if PartialState().is_main_process:  # every process stops; one says so
             print(f"interrupted: {error}{resume_hint(args)}", file=sys.stderr)
         return 128 + error.signum
+    except ScoringOutOfMemory as error:  # the run is trained: the advice scores it without deleting it
+        print(f"error: {error}{resume_hint(args, f'eval.batch_size={error.smaller}')}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside training (e.g. while scoring)
         print(f"interrupted: stopped at once, without a checkpoint{resume_hint(args)}", file=sys.stderr)
         return 130

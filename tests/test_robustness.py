@@ -360,3 +360,66 @@ def test_a_ranking_sigma_out_of_range_is_refused_in_one_line(scales):
     with pytest.raises(ConfigError, match=r"eval.ranking_scales.*floats in \(0, 16\]"):
         build_config({"eval.ranking_scales": scales})
     assert build_config({"eval.ranking_scales": [0.01, 16]}).eval.ranking_scales == [0.01, 16.0]
+
+
+# -- issue 25, item 5: memory running out while scoring a trained run ------------------------------------
+@pytest.fixture
+def scoring_needs_small_batches(monkeypatch):
+    """Final scoring runs out of memory above `largest` problems at once; training steps are named as they go."""
+    import torch
+
+    from diffusion_lib.harness.evaluate import Evaluator
+    from diffusion_lib.harness.trainer import Trainer1D
+
+    trained, original_scores, original_step = [], Evaluator.final_scores, Trainer1D.train_step
+
+    def final_scores(self, *args, **kwargs):
+        if self.eval.batch_size > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return original_scores(self, *args, **kwargs)
+
+    def train_step(self):
+        trained.append(self.runs[0].dir.root.name)
+        original_step(self)
+
+    monkeypatch.setattr(Evaluator, "final_scores", final_scores)
+    monkeypatch.setattr(Trainer1D, "train_step", train_step)
+    return trained
+
+
+def test_memory_running_out_while_scoring_names_a_resume_that_scores_the_trained_run(
+        tiny_args, tmp_path, capsys, scoring_needs_small_batches):
+    import shlex
+
+    from diffusion_lib.harness.config import config_from_file
+
+    assert train.main(tiny_args("eval.batch_size=16")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: out of memory while scoring step 30 at eval.batch_size = 16"), err
+    command = shlex.split(err.split("; resume with: ", 1)[1])
+    run = tmp_path / "run"
+    assert command == ["python", "train.py", "--config", str(run / "config.yaml"), "--resume", "eval.batch_size=8"]
+    assert not (run / "final.json").exists() and len(scoring_needs_small_batches) == 30
+    assert train.main(command[2:]) == 0  # the advice, followed as printed
+    assert len(scoring_needs_small_batches) == 30  # scored, not trained again
+    assert json.loads((run / "final.json").read_text())["step"] == 30
+    assert config_from_file(run / "config.yaml").eval.batch_size == 8  # what it was scored with
+
+
+def test_memory_running_out_while_a_study_scores_names_a_resume_that_keeps_its_runs(
+        tmp_path, capsys, scoring_needs_small_batches):
+    import shlex
+
+    import yaml
+
+    out = tmp_path / "out"
+    assert compare("--config", study(tmp_path), "--output", out) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: out of memory while scoring step 4 at eval.batch_size = 16"), err
+    command = shlex.split(err.split("; resume the study with: ", 1)[1])
+    assert command[:2] == ["python", comparison.SCRIPT] and command[-2:] == ["eval.batch_size=8", "--resume"]
+    assert scoring_needs_small_batches == ["none__seed0"] * 4
+    assert compare(*command[2:]) == 0
+    assert scoring_needs_small_batches == ["none__seed0"] * 4 + ["random__seed0"] * 4  # none was not trained again
+    assert all((out / "runs" / run / "final.json").exists() for run in ("none__seed0", "random__seed0"))
+    assert yaml.safe_load((out / "study.yaml").read_text())["overrides"] == {"eval.batch_size": 8}

@@ -23,13 +23,14 @@ from diffusion_lib.harness.io import (
 )
 from diffusion_lib.samplers import sampler_label
 
-# keys a resumed run may change: where it runs, where it writes, and how long it trains
-RESUMABLE_CHANGES = ("device", "results_dir", "train.steps")
+# keys a resumed run may change: where it runs, where it writes, how long it trains, and how many problems
+# it samples at once (memory only: a run that ran out of it while scoring is scored again with fewer)
+RESUMABLE_CHANGES = ("device", "results_dir", "train.steps", "eval.batch_size")
 # what scoring a saved model (--evaluate) may change besides: how it samples and on how many problems
 SAMPLING_KEYS = ("diffusion.inference_steps", "diffusion.inference_step_scale", "diffusion.inference_step_schedule",
                  "diffusion.answer", "diffusion.sampler", "eval.num_samples", "eval.inference_steps_sweep",
                  "eval.best_of", "eval.ranking_scales", "eval.ranking_levels", "eval.samplers")
-EVALUATION_CHANGES = (*RESUMABLE_CHANGES, *SAMPLING_KEYS, "eval.every", "eval.batch_size")
+EVALUATION_CHANGES = (*RESUMABLE_CHANGES, *SAMPLING_KEYS, "eval.every")
 
 
 MAX_EVALUATION_NAME = 200  # characters of changed settings in an evaluation's file name (file systems allow 255 bytes)
@@ -96,6 +97,17 @@ class TrainingInterrupted(Exception):
         self.step, self.signum, self.run_dirs = step, signum, run_dirs
         folders = ", ".join(str(d.checkpoints) for d in run_dirs)
         super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in {folders}")
+
+
+class ScoringOutOfMemory(Exception):
+    """Memory ran out while the trained runs were scored; each has its checkpoint at `step`, so a resume
+    with `eval.batch_size` = `smaller` scores them without training again."""
+
+    def __init__(self, step: int, batch_size: int, run_dirs: list[RunDir], cause: BaseException):
+        self.smaller = max(1, batch_size // 2)
+        folders = ", ".join(str(d.checkpoints) for d in run_dirs)
+        super().__init__(f"out of memory while scoring step {step} at eval.batch_size = {batch_size} "
+                         f"({str(cause).strip()[:200] or type(cause).__name__}); checkpoint saved in {folders}")
 
 
 class RunDir:

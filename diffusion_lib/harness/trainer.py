@@ -29,10 +29,13 @@ from tqdm.auto import tqdm
 
 from diffusion_lib.diffusion import Draws, GaussianDiffusion1D
 from diffusion_lib.harness.checkpoint import load_pack, save_pack
+from diffusion_lib.harness.cli import out_of_memory
 from diffusion_lib.harness.config import PER_RUN_KEYS, ConfigError, RunConfig, TrainConfig, config_differences
 from diffusion_lib.harness.evaluate import Evaluator, bar_rate, precision
 from diffusion_lib.harness.io import FolderLock
-from diffusion_lib.harness.run_dir import RESUMABLE_CHANGES, Final, RunDir, TrainingInterrupted, code_version
+from diffusion_lib.harness.run_dir import (
+    RESUMABLE_CHANGES, Final, RunDir, ScoringOutOfMemory, TrainingInterrupted, code_version,
+)
 from diffusion_lib.harness.stopping import Divergence, ScoringInterrupted, StopRequest
 from diffusion_lib.tasks.base import Task, mix_seed
 
@@ -534,7 +537,12 @@ class Trainer1D:
     def _finish(self) -> list[Final]:
         """Score the runs still going (the Evaluator's final scoring), write their final.json; every run's result."""
         if self.runs:
-            scores = self.evaluator.final_scores(progress=f"{self.label}: scoring")
+            try:
+                scores = self.evaluator.final_scores(progress=f"{self.label}: scoring")
+            except (MemoryError, RuntimeError) as error:
+                if not out_of_memory(error):
+                    raise
+                raise ScoringOutOfMemory(self.step, self.config.eval.batch_size, [r.dir for r in self.runs], error) from None
             if self.main:
                 self._write_finals(scores)
         self.accelerator.wait_for_everyone()

@@ -19,7 +19,7 @@ import yaml
 from diffusion_lib.harness.build import build_trainer
 from diffusion_lib.harness.cli import OneLineParser, parse_command_line, run_explaining_errors
 from diffusion_lib.harness.config import parse_overrides
-from diffusion_lib.harness.run_dir import RunDir, TrainingInterrupted
+from diffusion_lib.harness.run_dir import RunDir, ScoringOutOfMemory, TrainingInterrupted
 from diffusion_lib.mining import STRATEGIES
 from diffusion_lib.study.launch import (
     RunCrashed, RunStopped, check_devices, check_flags, check_runs, default_pack_size, dry_run, train_all,
@@ -61,12 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_command_line(build_parser(), argv)
     try:
         return run_explaining_errors(run, args)
-    except (TrainingInterrupted, RunStopped, KeyboardInterrupt, RunCrashed) as error:
+    except (TrainingInterrupted, RunStopped, KeyboardInterrupt, RunCrashed, ScoringOutOfMemory) as error:
+        failed = isinstance(error, (RunCrashed, ScoringOutOfMemory))
         again = [a for a in argv if a not in ("--resume", "--overwrite")]
-        stopped = "error" if isinstance(error, RunCrashed) else "interrupted"
+        if isinstance(error, ScoringOutOfMemory):  # the trained runs are scored again, fewer problems at once
+            again = [a for a in again if not a.startswith("eval.batch_size=")] + [f"eval.batch_size={error.smaller}"]
         command = shlex.join(["python", SCRIPT, *again, "--resume"])
-        print(f"{stopped}: {str(error) or 'stopped'}; resume the study with: {command}", file=sys.stderr)
-        if isinstance(error, RunCrashed):
+        print(f"{'error' if failed else 'interrupted'}: {str(error) or 'stopped'}; resume the study with: {command}",
+              file=sys.stderr)
+        if failed:
             return 1
         return 128 + getattr(error, "signum", signal.SIGINT)
 

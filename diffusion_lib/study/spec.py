@@ -459,5 +459,9 @@ class StudyDir:
 
 
 def _identity(study: Study) -> dict[str, Any]:
-    """What makes two studies the same: everything but `primary`, which only chooses the report's headline."""
-    return {key: value for key, value in study.to_dict().items() if key != "primary"}
+    """What makes two studies the same: everything but `primary`, which only chooses the report's headline,
+    and `eval.batch_size`, which only sets how many problems are sampled at once (memory, not results)."""
+    same = {key: value for key, value in study.to_dict().items() if key != "primary"}
+    for layer in ("base", "overrides"):
+        same[layer] = {k: v for k, v in flatten(same[layer]).items() if k != "eval.batch_size"}
+    return same
