@@ -423,3 +423,35 @@ def test_memory_running_out_while_a_study_scores_names_a_resume_that_keeps_its_r
     assert scoring_needs_small_batches == ["none__seed0"] * 4 + ["random__seed0"] * 4  # none was not trained again
     assert all((out / "runs" / run / "final.json").exists() for run in ("none__seed0", "random__seed0"))
     assert yaml.safe_load((out / "study.yaml").read_text())["overrides"] == {"eval.batch_size": 8}
+
+
+# -- issue 25, item 7: a study over several tasks ---------------------------------------------------------
+TWO_TASKS = """
+name: two_tasks
+seeds: [0]
+strategies: {none: {strategy: none}}
+sweep: {task.dataset: [inverse, DATASET]}
+model: {hidden_dim: 16}
+train: {steps: 2, batch_size: 8}
+eval: {num_samples: 8, batch_size: 8}
+device: cpu
+"""
+
+
+def test_a_study_over_tasks_that_measure_different_metrics_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "out"
+    path = study(tmp_path, TWO_TASKS.replace("DATASET", "connectivity"))
+    for dry_run in (["--dry-run"], []):
+        assert compare("--config", path, "--output", out, *dry_run) == 2
+        one_line_error(capsys, "its runs' tasks measure different metrics (inverse: mse; connectivity: graph_accuracy, "
+                               "entry_accuracy)", "run one study per task")
+        assert not out.exists()
+
+
+def test_a_study_over_tasks_that_measure_the_same_metric_describes_every_task(tmp_path):
+    from diffusion_lib.study.spec import expand
+
+    two = load_study(study(tmp_path, TWO_TASKS.replace("DATASET", "addition")))
+    expand(two, tmp_path / "out")
+    header = comparison.describe(two)
+    assert "Tasks: inverse (rank 20, " in header and "; addition (rank 20, ood False); model mlp" in header, header

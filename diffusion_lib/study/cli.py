@@ -138,7 +138,8 @@ def pilot_lines(study: Study, runs: list[StudyRun]) -> list[str]:
 # -- the report ------------------------------------------------------------------------------------
 def describe(study: Study) -> str:
     """The report's description: the study file's text (unless it names strategies this study does not
-    run, e.g. after --strategies), then what was actually run, from the first run's resolved config."""
+    run, e.g. after --strategies), then what was actually run: every task, the rest from the first run's
+    resolved config."""
     config = study.runs[0].config
     run_strategies = set(study.strategies) | {m.get("strategy") for m in study.strategies.values()}
     absent = [name for name in STRATEGIES if name not in run_strategies
@@ -151,10 +152,11 @@ def describe(study: Study) -> str:
     length = f"a budget of {budget:.3g} training FLOPs" if budget else f"{config.train.steps} steps"
     flow = {label: yaml.safe_dump(mining, default_flow_style=True, sort_keys=False, width=10**6).strip()
             for label, mining in study.strategies.items()}  # fmt: skip
+    tasks = dict.fromkeys(f"{run.config.task['dataset']} ({_keys(run.config.task, 'dataset')})" for run in study.runs)
     lines = [
         text,
         f"Strategies ({len(flow)}): " + "; ".join(f"`{label}: {mining}`" for label, mining in flow.items()) + ".",
-        f"Task: {config.task['dataset']} ({_keys(config.task, 'dataset')}); model {config.model['name']} "
+        f"Task{'s' if len(tasks) > 1 else ''}: {'; '.join(tasks)}; model {config.model['name']} "
         f"({_keys(config.model, 'name')}); {length} of batch {config.train.batch_size}, lr {config.train.lr}, "
         f"{config.diffusion.timesteps} diffusion steps, {config.diffusion.inference_steps} inner steps per step "
         f"when sampling; held-out sets of {config.eval.num_samples} problems; seeds {', '.join(map(str, study.seeds))}.",
