@@ -31,8 +31,8 @@ from diffusion_lib.diffusion import Draws, GaussianDiffusion1D
 from diffusion_lib.harness.checkpoint import load_pack, save_pack
 from diffusion_lib.harness.cli import out_of_memory
 from diffusion_lib.harness.config import PER_RUN_KEYS, ConfigError, RunConfig, TrainConfig, config_differences
-from diffusion_lib.harness.evaluate import Evaluator, bar_rate, precision
-from diffusion_lib.harness.io import FolderLock
+from diffusion_lib.harness.evaluate import Evaluator, precision
+from diffusion_lib.harness.io import FolderLock, bar_rate
 from diffusion_lib.harness.run_dir import (
     RESUMABLE_CHANGES, Final, RunDir, ScoringOutOfMemory, TrainingInterrupted, code_version,
 )
