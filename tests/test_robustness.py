@@ -455,3 +455,25 @@ def test_a_study_over_tasks_that_measure_the_same_metric_describes_every_task(tm
     expand(two, tmp_path / "out")
     header = comparison.describe(two)
     assert "Tasks: inverse (rank 20, " in header and "; addition (rank 20, ood False); model mlp" in header, header
+
+
+# -- issue 25, also worth fixing: keys that depend on each other -----------------------------------------
+@pytest.mark.parametrize("layer, fragment", [
+    ({"task.dataset": "connectivity", "task.nodes": 12, "task.harder": [15, 12]},
+     "task['harder'] = [15, 12] is invalid: each node count must be above task['nodes'] = 12"),
+    ({"task.dataset": "connectivity", "task.nodes": 20, "task.harder": [15]},
+     "task['harder'] = [15] is invalid: each node count must be above task['nodes'] = 20"),
+    ({"task.dataset": "sudoku", "task.givens": [70, 81]}, "task['givens'] = [70, 81] is invalid: must be a list [low, "
+                                                          "high] of ints, 0 <= low <= high <= 80 (a puzzle needs a blank"),
+    ({"eval.ranking_levels": [0, 9]}, "'eval.ranking_levels' = [0, 9] needs eval.ranking_scales: without scales nothing"),
+])
+def test_keys_whose_range_depends_on_another_key_are_refused_in_one_line(layer, fragment):
+    with pytest.raises(ConfigError) as refusal:
+        build_config(layer)
+    assert fragment in str(refusal.value) and "\n" not in str(refusal.value), str(refusal.value)
+
+
+def test_their_neighbouring_values_pass():
+    assert build_config({"task.dataset": "connectivity", "task.nodes": 12, "task.harder": [13, 20]}).task["harder"] == [13, 20]
+    assert build_config({"task.dataset": "sudoku", "task.givens": [70, 80]}).task["givens"] == [70, 80]
+    assert build_config({"eval.ranking_levels": [0, 9], "eval.ranking_scales": [0.1]}).eval.ranking_levels == [0, 9]

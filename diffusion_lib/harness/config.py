@@ -401,11 +401,19 @@ def build_config(*layers: Mapping[str, Any]) -> RunConfig:
 
 
 def _check_levels(config: RunConfig) -> None:
-    """Keys whose range depends on another key."""
+    """Keys whose range depends on another key (a task's options: its `check`)."""
+    from diffusion_lib.tasks.base import TASKS
+
     levels, timesteps = config.eval.ranking_levels, config.diffusion.timesteps
     if any(t >= timesteps for t in levels):
         raise ConfigError(f"config key 'eval.ranking_levels' = {levels} is out of range: levels must be below "
                           f"diffusion.timesteps = {timesteps}")
+    if levels and not config.eval.ranking_scales:  # the levels say where to rank, the scales whether to
+        raise ConfigError(f"config key 'eval.ranking_levels' = {levels} needs eval.ranking_scales: without "
+                          "scales nothing is ranked")
+    problem = TASKS[config.task["dataset"]].check(config.task)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _task_defaults(given: Mapping[str, Any]) -> dict[str, Any]:

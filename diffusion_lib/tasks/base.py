@@ -97,6 +97,12 @@ class Task:
         """Yardstick name -> metric -> value on one held-out set (what trivial predictors score); none by default."""
         return {}
 
+    @classmethod
+    def check(cls, options: Mapping[str, Any]) -> str:
+        """What is wrong with this combination of valid options ('' when nothing is): for options that depend on
+        each other (the config refuses it in one line)."""
+        return ""
+
     def preparation_seconds(self, num_samples: int) -> float:
         """Seconds this machine would spend making data that is not cached yet before the first step; 0 by default."""
         return 0.0

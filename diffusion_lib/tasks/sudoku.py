@@ -194,11 +194,12 @@ class SudokuEnergyModel(EnergyModel):
 # -- the task ----------------------------------------------------------------------------------------------
 def _givens_range(value: list) -> bool:
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    return len(value) == 2 and ints and 0 <= value[0] <= value[1] <= 81
+    return len(value) == 2 and ints and 0 <= value[0] <= value[1] <= 80  # a board without blanks scores nothing
 
 
 def _range_option(default: tuple[int, int]) -> Option:
-    return Option(list, list(default), _givens_range, "a list [low, high] of ints, 0 <= low <= high <= 81")
+    return Option(list, list(default), _givens_range, "a list [low, high] of ints, 0 <= low <= high <= 80 (a "
+                  "puzzle needs a blank cell)")
 
 
 def _problems(data: HeldOutSet) -> SudokuProblems:
