@@ -56,7 +56,8 @@ GIT_TIMEOUT_S = 5  # a hung git (a network file system, a lock) must not hold up
 
 def code_version(root: Path | None = None) -> dict[str, Any]:
     """{"git_commit": <sha>, "git_dirty": <tracked files differ from it>} of the project's checkout, or {}
-    where there is none (a tarball, git not installed, a repository git refuses or that has no commit).
+    where there is none (a tarball, a repository git refuses or that has no commit), or {"git_error": why}
+    where a checkout's commit could not be read (git not installed, or hung).
 
     One `git status` call. Only a checkout rooted at the project's folder counts: a project unpacked
     inside some other repository (a home folder under git) is not that repository's code. Untracked
@@ -67,8 +68,8 @@ def code_version(root: Path | None = None) -> dict[str, Any]:
     try:
         done = subprocess.run(["git", "-C", str(root), "status", "--porcelain=v2", "--branch", "--untracked-files=no"],
                               capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return {"git_error": "git is not on PATH" if isinstance(error, FileNotFoundError) else f"git failed: {error}"}
     lines = done.stdout.splitlines()
     commit = next((line.split()[2] for line in lines if line.startswith("# branch.oid ")), None)
     if done.returncode != 0 or commit is None or commit == "(initial)":
@@ -78,8 +79,8 @@ def code_version(root: Path | None = None) -> dict[str, Any]:
 
 def code_comment(code: dict[str, Any]) -> str:
     """A YAML comment line naming the code (config.yaml's first line), or '' where there is no checkout."""
-    if not code:
-        return ""
+    if "git_commit" not in code:
+        return f"# the code's git commit is unknown: {code['git_error']}\n" if code else ""
     return f"# written by the code at git commit {code['git_commit']}{' with uncommitted changes' if code['git_dirty'] else ''}\n"
 
 
@@ -287,6 +288,7 @@ class Final(_Ended, total=False):
     budget_flops: float  # train.budget_flops (0: none)
     git_commit: str  # the code that trained it (code_version), where known
     git_dirty: bool
+    git_error: str  # why a checkout's commit is unknown (git not installed)
 
 
 DIRECTIONS = ("lower", "higher")  # final.json "metrics": name -> which way is better
