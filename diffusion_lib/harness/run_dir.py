@@ -160,6 +160,17 @@ class RunDir:
             changed = "settings-" + hashlib.sha256(changed.encode()).hexdigest()[:16]
         return self.evaluations / f"step-{step}__{changed or 'as_trained'}.json"
 
+    def holder(self) -> str | None:
+        """The live process holding the run's lock (training or evaluating it), or None; a lock left by a
+        dead process is no holder (and is cleared)."""
+        if not (self.root / FolderLock.NAME).exists():
+            return None
+        try:
+            FolderLock(self.root).acquire(optional=True).release()
+        except FolderBusy as busy:
+            return busy.holder
+        return None
+
     def reached_step(self) -> int:
         """How far the run got: the step of its newest checkpoint that verifies (a damaged file's name says
         nothing) or of its final.json."""
@@ -381,6 +392,7 @@ class RunRecord:
     metrics: list[dict[str, Any]]
     config: dict[str, Any] | None = None  # config.yaml flattened to dotted keys, e.g. "task.rank"
     damage: str | None = None
+    holder: str | None = None  # the live process training the run, while it has no final.json
 
     def __post_init__(self) -> None:
         if self.final is not None and (problem := final_problem(self.final)) is not None:
@@ -396,7 +408,8 @@ class RunRecord:
             except (json.JSONDecodeError, OSError, UnicodeDecodeError) as error:
                 damage = f"final.json is not valid JSON ({error})"
         metrics = [r for r in run_dir.read_metrics() if isinstance(r, dict)]
-        return cls(run_id, strategy, sweep, seed, final, metrics, _read_config(run_dir.config), damage)
+        holder = None if run_dir.final.exists() else run_dir.holder()
+        return cls(run_id, strategy, sweep, seed, final, metrics, _read_config(run_dir.config), damage, holder)
 
     @property
     def group(self) -> str:
@@ -405,11 +418,11 @@ class RunRecord:
 
     @property
     def status(self) -> str:
-        """finished | failed | missing | damaged (one of RUN_STATUSES)."""
+        """finished | failed | missing | damaged (one of RUN_STATUSES), or "in progress" (a live process holds it)."""
         if self.damage is not None:
             return "damaged"
         if self.final is None:
-            return "missing"
+            return "in progress" if self.holder else "missing"
         return "finished" if self.final["status"] == "finished" else "failed"
 
     @property

@@ -706,7 +706,8 @@ def _problems_section(a: StudyAnalysis) -> list[str]:
                          f"{_cell(p.reason or 'no error message')}")  # fmt: skip
         else:
             progress = f"last logged step {p.step}" if p.step is not None else "no metrics logged"
-            reason = _cell(p.reason) if p.status == "damaged" else "no final.json"
+            reason = {"damaged": _cell(p.reason or ""), "in progress": f"no final.json yet: {p.reason} is training it"
+                      }.get(p.status, "no final.json")
             lines.append(f"- {p.status}: {where}: {reason} ({progress})")
     for v in a.lost:
         lines.append(f"- non-finite score: `{v.run_id}` ({v.group}, seed {v.seed}) finished with {v.key} = {v.value}; "

@@ -229,19 +229,19 @@ class Problem:
     run_id: str
     group: str
     seed: int
-    status: str  # failed | missing | damaged
-    reason: str | None  # the run's error, or what is wrong with its final.json
+    status: str  # failed | missing | in progress | damaged
+    reason: str | None  # the run's error, what is wrong with its final.json, or who trains it now
     step: int | None  # failed: the step it stopped at; otherwise the last logged step
 
 
 def problems(runs: Sequence[RunRecord]) -> list[Problem]:
-    """Every run that did not finish, failed first, then missing, then damaged."""
+    """Every run that did not finish, failed first, then missing, in progress, damaged."""
     found = []
-    for status in ("failed", "missing", "damaged"):
+    for status in ("failed", "missing", "in progress", "damaged"):
         for run in (r for r in runs if r.status == status):
             logged = [r["step"] for r in run.metrics if is_number(r.get("step"))]
             step = run.final.get("step") if status == "failed" else max(logged, default=None)
-            reason = run.final.get("error") if status == "failed" else run.damage
+            reason = run.final.get("error") if status == "failed" else run.damage or run.holder
             found.append(Problem(run.run_id, run.group, run.seed, status, reason, step))
     return found
 
