@@ -123,19 +123,26 @@ _TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 def check_tracker(kind: str) -> None:
-    """Refuse a tracker whose package is missing, in one line naming what to install."""
+    """Refuse a tracker whose package is missing, or installed but failing to import, in one line."""
     package = _TRACKER_PACKAGES.get(kind)
-    if package and importlib.util.find_spec(package) is None:
+    if package is None:
+        return
+    if importlib.util.find_spec(package) is None:
         raise ConfigError(f"train.log_with = '{kind}' needs the {package} package: pip install {package}")
+    try:
+        importlib.import_module(package)
+    except Exception as error:  # a broken install raises anything from its own imports
+        raise ConfigError(f"train.log_with = '{kind}': the {package} package is installed but fails to import "
+                          f"({type(error).__name__}: {str(error)[:200]}); reinstall it or set train.log_with=none") from None
 
 
 class RunTracker:
-    """Sends one run's records to a dashboard, as `<kind>/<key>` scalars at the record's step."""
+    """Sends one run's records to a dashboard, as `<kind>/<key>` scalars at the record's step (its package
+    checked by the trainer, `check_tracker`)."""
 
     def __init__(self, kind: str, run_folder: Path, config: dict[str, Any]):
         from accelerate.tracking import TensorBoardTracker, WandBTracker
 
-        check_tracker(kind)
         if kind == "tensorboard":
             self.tracker = TensorBoardTracker("tensorboard", run_folder)
         else:
@@ -275,6 +282,7 @@ class Trainer1D:
         if len(configs) != diffusion.runs:
             raise ValueError(f"{len(configs)} configs for a model packing {diffusion.runs} runs")
         self.config, self.task = configs[0], task  # the settings every run shares
+        check_tracker(self.config.train.log_with)  # before any folder is written: a refusal leaves none
         self.accelerator = acc = accelerator or make_accelerator(self.config.device)
         check_pack(configs, acc)
         self.runs = [Run(c, RunDir(c.results_dir)) for c in configs]
