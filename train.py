@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -168,9 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ScoringOutOfMemory as error:  # the run is trained: the advice scores it without deleting it
         print(f"error: {error}{resume_hint(args, f'eval.batch_size={error.smaller}')}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training (e.g. while scoring)
-        print(f"interrupted: stopped at once, without a checkpoint{resume_hint(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:  # a second Ctrl-C, or a stop outside training (e.g. while carving puzzles)
+        print(f"interrupted: {error or 'SIGINT'}: stopped at once, without a checkpoint{resume_hint(args)}",
+              file=sys.stderr)
+        return 128 + getattr(error, "signum", signal.SIGINT)
 
 
 if __name__ == "__main__":

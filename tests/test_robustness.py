@@ -477,3 +477,44 @@ def test_their_neighbouring_values_pass():
     assert build_config({"task.dataset": "connectivity", "task.nodes": 12, "task.harder": [13, 20]}).task["harder"] == [13, 20]
     assert build_config({"task.dataset": "sudoku", "task.givens": [70, 80]}).task["givens"] == [70, 80]
     assert build_config({"eval.ranking_levels": [0, 9], "eval.ranking_scales": [0.1]}).eval.ranking_levels == [0, 9]
+
+
+# -- issue 25, also worth fixing: SIGTERM while puzzles are carved; too small an address space --------------
+def test_sigterm_while_puzzles_are_carved_is_one_line_and_exit_143(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    log = tmp_path / "stderr.txt"
+    command = [sys.executable, "train.py", "--dataset", "sudoku", "--device", "cpu", "--results-dir", str(tmp_path / "run"),
+               "model.hidden_dim=8", "model.layers=1", "eval.num_samples=5000"]
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   env={**os.environ, "IRED_CACHE": str(tmp_path / "cache")})
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / ".lock").exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)  # the trainer locks the run folder, then carves the held-out sets (~30 s for these)
+        time.sleep(2)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    last = log.read_text().strip().splitlines()[-1].split("\r")[-1]
+    assert code == 143 and last.startswith("interrupted: SIGTERM: stopped at once, without a checkpoint"), (code, last)
+
+
+def test_an_address_space_too_small_for_torch_is_one_line_before_torch_loads(tmp_path):
+    import resource
+    import subprocess
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (550 * 2**20, resource.RLIM_INFINITY))
+
+    out = str(tmp_path / "out")
+    for command in (["train.py", "--results-dir", out, "--device", "cpu"], [comparison.SCRIPT, "--output", out]):
+        done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              preexec_fn=limit)
+        err = done.stderr.strip()
+        assert done.returncode == 1 and len(err.splitlines()) == 1, (command, done.returncode, err)
+        assert err == "error: this process may map only 550 MiB (ulimit -v), too little to load torch and train (at " \
+                      "least 1024 MiB): raise the limit", err
+        assert not (tmp_path / "out").exists()

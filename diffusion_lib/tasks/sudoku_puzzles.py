@@ -178,7 +178,8 @@ def _grid_pool(size: int, salt: int) -> Iterator[list[int]]:
 
 
 def _progress(items: Iterable, total: int, what: str) -> tqdm:
-    """`items`, counted on stderr by a bar that shows once carving has lasted PROGRESS_AFTER_S."""
+    """`items`, counted on stderr by a bar that shows once carving has lasted PROGRESS_AFTER_S (to be used in
+    a `with`: a stop closes the bar before the command says why)."""
     return tqdm(items, total=total, desc=f"carving {what}", unit=" puzzles", delay=PROGRESS_AFTER_S, **bar_rate())
 
 
@@ -284,8 +285,9 @@ def unique_puzzles(batch: int, givens: tuple[int, int], generator: torch.Generat
     solutions = random_solutions(batch, generator, pool).cpu()
     targets = torch.randint(givens[0], givens[1] + 1, (batch,), generator=generator, device=generator.device)
     rng = _carving_rng(generator)
-    carving = _progress(zip(solutions.tolist(), targets.tolist()), batch, f"{batch} puzzles, givens {givens[0]}-{givens[1]}")
-    masks = [carve_unique(solution, target, rng) for solution, target in carving]
+    what = f"{batch} puzzles, givens {givens[0]}-{givens[1]}"
+    with _progress(zip(solutions.tolist(), targets.tolist()), batch, what) as carving:
+        masks = [carve_unique(solution, target, rng) for solution, target in carving]
     return encode(solutions, torch.tensor(masks, dtype=torch.bool))
 
 
@@ -314,9 +316,10 @@ def hard_puzzles(batch: int, generator: torch.Generator, pool: Tensor | None = N
 def _carve_pool(size: int, givens: tuple[int, int], seed: int) -> SudokuProblems:
     """`size` carved puzzles, each from a fresh grid, targets uniform in `givens` (the training pool)."""
     rng, solutions, masks = random.Random(seed), [], []
-    for grid in _progress(_grid_pool(size, seed), size, f"{size} training puzzles"):  # grid and carving draw apart
-        solutions.append([d - 1 for d in grid])
-        masks.append(carve_unique(solutions[-1], rng.randint(*givens), rng))
+    with _progress(_grid_pool(size, seed), size, f"{size} training puzzles") as grids:  # grid and carving draw apart
+        for grid in grids:
+            solutions.append([d - 1 for d in grid])
+            masks.append(carve_unique(solutions[-1], rng.randint(*givens), rng))
     return encode(torch.tensor(solutions, dtype=torch.long), torch.tensor(masks, dtype=torch.bool))
 
 
@@ -418,7 +421,8 @@ def carving_seconds(sets: list[tuple[str, int, tuple[int, int]]]) -> float:
 def _held_out_one(num_samples: int, givens: tuple[int, int], unique: bool) -> SudokuProblems:
     if unique:
         return _carved("unique", num_samples, givens)
-    return sample_puzzles(num_samples, givens, torch.Generator().manual_seed(set_seed(givens)), solution_pool(POOL_SIZE, held_out=True))
+    generator = torch.Generator().manual_seed(set_seed(givens))
+    return sample_puzzles(num_samples, givens, generator, solution_pool(POOL_SIZE, held_out=True))
 
 
 @lru_cache(maxsize=4)
