@@ -149,7 +149,7 @@ def resume_hint(args: argparse.Namespace, *overrides: str) -> str:
         return ""
     try:
         run_dir = RunDir(resolve_config(args).results_dir)
-    except ConfigError:
+    except Exception:  # bad input, or torch half-loaded by a stop while it loaded: no run to resume then
         return ""
     if not run_dir.config.exists():
         return ""

@@ -518,3 +518,30 @@ def test_an_address_space_too_small_for_torch_is_one_line_before_torch_loads(tmp
         assert err == "error: this process may map only 550 MiB (ulimit -v), too little to load torch and train (at " \
                       "least 1024 MiB): raise the limit", err
         assert not (tmp_path / "out").exists()
+
+
+STOP_DURING_TORCH_IMPORT = """
+import sys
+from diffusion_lib.harness.cli import Stopped
+class StoppedWhileTorchLoads:  # torch's import turns a stop into an error of its own (measured: RuntimeError)
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            try:
+                raise Stopped(15)
+            except Stopped:
+                raise RuntimeError("duplicate registrations for aten.linspace.Tensor_Tensor")
+sys.meta_path.insert(0, StoppedWhileTorchLoads())
+sys.argv[1:] = {argv!r}
+import train
+sys.exit(train.main())
+"""
+
+
+def test_sigterm_while_torch_loads_is_one_line_and_exit_143(tmp_path):
+    import subprocess
+
+    argv = ["--results-dir", str(tmp_path / "run"), "--device", "cpu", "train.steps=1"]
+    done = subprocess.run([sys.executable, "-c", STOP_DURING_TORCH_IMPORT.format(argv=argv)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    err = done.stderr.strip()
+    assert done.returncode == 143 and err == "interrupted: SIGTERM: stopped at once, without a checkpoint", err

@@ -59,6 +59,13 @@ def out_of_memory(error: BaseException) -> bool:
     return isinstance(error, kinds) or any(text in str(error) for text in ("can't allocate memory", "failed to map segment"))
 
 
+def _interrupt_within(error: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C or Stopped among the exceptions `error` was raised while handling, if one is."""
+    while error is not None and not isinstance(error, KeyboardInterrupt):
+        error = error.__context__
+    return error
+
+
 def _while_importing(error: BaseException) -> bool:
     """Whether `error` was raised while Python loaded a module (its traceback passes through importlib)."""
     tb = error.__traceback__
@@ -102,6 +109,9 @@ def run_explaining_errors(run: Callable[[argparse.Namespace], int], args: argpar
         print(f"error: {describe_os_error(error)}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError, ImportError) as error:
+        stop = _interrupt_within(error)
+        if stop is not None:  # a stop signal that a library's own handling turned into its error (torch's import)
+            raise stop from None
         if args.debug or not out_of_memory(error):
             raise
         print(f"error: {_memory_advice(error)}", file=sys.stderr)
