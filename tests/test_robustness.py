@@ -406,6 +406,21 @@ def test_memory_running_out_while_scoring_names_a_resume_that_scores_the_trained
     assert config_from_file(run / "config.yaml").eval.batch_size == 8  # what it was scored with
 
 
+def test_memory_running_out_while_scoring_one_problem_at_a_time_gives_the_general_advice(tiny_args, capsys,
+                                                                                         monkeypatch):
+    import torch
+
+    from diffusion_lib.harness.evaluate import Evaluator
+
+    def final_scores(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(Evaluator, "final_scores", final_scores)
+    assert train.main(tiny_args("eval.batch_size=1")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: out of memory (CUDA out of memory") and "lower model.hidden_dim" in err, err
+
+
 def test_memory_running_out_while_a_study_scores_names_a_resume_that_keeps_its_runs(
         tmp_path, capsys, scoring_needs_small_batches):
     import shlex

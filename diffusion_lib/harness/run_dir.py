@@ -105,7 +105,7 @@ class ScoringOutOfMemory(Exception):
     with `eval.batch_size` = `smaller` scores them without training again."""
 
     def __init__(self, step: int, batch_size: int, run_dirs: list[RunDir], cause: BaseException):
-        self.smaller = max(1, batch_size // 2)
+        self.smaller = batch_size // 2
         folders = ", ".join(str(d.checkpoints) for d in run_dirs)
         super().__init__(f"out of memory while scoring step {step} at eval.batch_size = {batch_size} "
                          f"({str(cause).strip()[:200] or type(cause).__name__}); checkpoint saved in {folders}")

@@ -548,7 +548,7 @@ class Trainer1D:
             try:
                 scores = self.evaluator.final_scores(progress=f"{self.label}: scoring")
             except (MemoryError, RuntimeError) as error:
-                if not out_of_memory(error):
+                if not out_of_memory(error) or self.config.eval.batch_size == 1:  # then fewer at once cannot help
                     raise
                 raise ScoringOutOfMemory(self.step, self.config.eval.batch_size, [r.dir for r in self.runs], error) from None
             if self.main:
