@@ -94,7 +94,8 @@ def test_the_report_says_when_its_runs_came_from_different_code(tmp_path):
     runs[1].final.update(git_commit="4567def", git_dirty=True)
     runs[2].final.update(git_commit=None, git_error="git is not on PATH")
     write_report(tmp_path / "three", runs, title="three codes")
-    line = next(line for line in (tmp_path / "three" / "report.md").read_text().splitlines() if line.startswith("**Code:**"))
+    report = (tmp_path / "three" / "report.md").read_text()
+    line = next(line for line in report.splitlines() if line.startswith("**Code:**"))
     assert "1 by 0123abc; 1 by 4567def with uncommitted changes; 1 by an unknown commit (git is not on PATH)" in line
 
 

@@ -489,7 +489,8 @@ def test_keys_whose_range_depends_on_another_key_are_refused_in_one_line(layer, 
 
 
 def test_their_neighbouring_values_pass():
-    assert build_config({"task.dataset": "connectivity", "task.nodes": 12, "task.harder": [13, 20]}).task["harder"] == [13, 20]
+    graph = build_config({"task.dataset": "connectivity", "task.nodes": 12, "task.harder": [13, 20]})
+    assert graph.task["harder"] == [13, 20]
     assert build_config({"task.dataset": "sudoku", "task.givens": [70, 80]}).task["givens"] == [70, 80]
     assert build_config({"eval.ranking_levels": [0, 9], "eval.ranking_scales": [0.1]}).eval.ranking_levels == [0, 9]
 

@@ -133,7 +133,8 @@ def check_tracker(kind: str) -> None:
         importlib.import_module(package)
     except Exception as error:  # a broken install raises anything from its own imports
         raise ConfigError(f"train.log_with = '{kind}': the {package} package is installed but fails to import "
-                          f"({type(error).__name__}: {str(error)[:200]}); reinstall it or set train.log_with=none") from None
+                          f"({type(error).__name__}: {str(error)[:200]}); reinstall it or set train.log_with=none"
+                          ) from None
 
 
 class RunTracker:
@@ -550,7 +551,8 @@ class Trainer1D:
             except (MemoryError, RuntimeError) as error:
                 if not out_of_memory(error) or self.config.eval.batch_size == 1:  # then fewer at once cannot help
                     raise
-                raise ScoringOutOfMemory(self.step, self.config.eval.batch_size, [r.dir for r in self.runs], error) from None
+                runs = [r.dir for r in self.runs]
+                raise ScoringOutOfMemory(self.step, self.config.eval.batch_size, runs, error) from None
             if self.main:
                 self._write_finals(scores)
         self.accelerator.wait_for_everyone()

@@ -126,8 +126,9 @@ def finished(runs: Sequence[RunRecord]) -> list[RunRecord]:
 
 def tally(runs: Sequence[RunRecord]) -> dict[str, int]:
     """How many runs have each status ("in progress" only where some run is)."""
+    counts = {status: sum(r.status == status for r in runs) for status in RUN_STATUSES}
     live = sum(r.status == "in progress" for r in runs)
-    return {**{status: sum(r.status == status for r in runs) for status in RUN_STATUSES}, **({"in progress": live} if live else {})}
+    return {**counts, "in progress": live} if live else counts
 
 
 def mean_of(values: list[float]) -> float:

@@ -23,8 +23,9 @@ from diffusion_lib.models import Condition, EnergyModel, SinusoidalPosEmb, regis
 from diffusion_lib.registry import Option, int_in
 from diffusion_lib.tasks.base import Batch, HeldOutSet, Metric, Task, mix_seed, register_task
 from diffusion_lib.tasks.sudoku_puzzles import (HARDER_GIVENS, ID_GIVENS, TRAIN_POOL, SudokuProblems, NAME_SEED,
-                                                board_valid, carving_seconds, held_out_puzzles, propagate, propagation_solves,
-                                                puzzle_grid, sample_puzzles, solve, training_pool, training_puzzles)
+                                                board_valid, carving_seconds, held_out_puzzles, propagate,
+                                                propagation_solves, puzzle_grid, sample_puzzles, solve, training_pool,
+                                                training_puzzles)
 
 
 # -- negatives -------------------------------------------------------------------------------------------
