@@ -170,8 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}{resume_hint(args, f'eval.batch_size={error.smaller}')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as error:  # a second Ctrl-C, or a stop outside training (e.g. while carving puzzles)
-        print(f"interrupted: {error or 'SIGINT'}: stopped at once, without a checkpoint{resume_hint(args)}",
-              file=sys.stderr)
+        signal_name = f"{error}: " if str(error) else ""  # Stopped names its signal; a Ctrl-C is plain
+        print(f"interrupted: {signal_name}stopped at once, without a checkpoint{resume_hint(args)}", file=sys.stderr)
         return 128 + getattr(error, "signum", signal.SIGINT)
 
 
