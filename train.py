@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -20,7 +21,7 @@ from diffusion_lib.harness.build import create_dataset, create_diffusion_model, 
 from diffusion_lib.harness.cli import OneLineParser, parse_bool, parse_command_line, run_explaining_errors
 from diffusion_lib.harness.config import ConfigError, RunConfig, build_config, check_keys, flatten, load_yaml, parse_overrides
 from diffusion_lib.harness.io import atomic_write_json
-from diffusion_lib.harness.run_dir import RunDir, TrainingInterrupted, sampling_settings
+from diffusion_lib.harness.run_dir import RunDir, ScoringOutOfMemory, TrainingInterrupted, sampling_settings
 from diffusion_lib.mining import STRATEGIES
 from diffusion_lib.study.launch import LAUNCHED_BY_STUDY
 
@@ -142,17 +143,17 @@ def evaluate(config: RunConfig, diffusion: GaussianDiffusion1D, task: Task, acce
     return 0
 
 
-def resume_hint(args: argparse.Namespace) -> str:
-    """'; resume with: <command>' for the run `args` name, if it has a folder to resume from."""
+def resume_hint(args: argparse.Namespace, *overrides: str) -> str:
+    """'; resume with: <command> [overrides]' for the run `args` name, if it has a folder to resume from."""
     if args.evaluate or os.environ.get(LAUNCHED_BY_STUDY):
         return ""
     try:
         run_dir = RunDir(resolve_config(args).results_dir)
-    except ConfigError:
+    except Exception:  # bad input, or torch half-loaded by a stop while it loaded: no run to resume then
         return ""
     if not run_dir.config.exists():
         return ""
-    return "; resume with: " + shlex.join(["python", "train.py", "--config", str(run_dir.config), "--resume"])
+    return "; resume with: " + shlex.join(["python", "train.py", "--config", str(run_dir.config), "--resume", *overrides])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,9 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if PartialState().is_main_process:  # every process stops; one says so
             print(f"interrupted: {error}{resume_hint(args)}", file=sys.stderr)
         return 128 + error.signum
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training (e.g. while scoring)
-        print(f"interrupted: stopped at once, without a checkpoint{resume_hint(args)}", file=sys.stderr)
-        return 130
+    except ScoringOutOfMemory as error:  # the run is trained: the advice scores it without deleting it
+        print(f"error: {error}{resume_hint(args, f'eval.batch_size={error.smaller}')}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as error:  # a second Ctrl-C, or a stop outside training (e.g. while carving puzzles)
+        signal_name = f"{error}: " if str(error) else ""  # Stopped names its signal; a Ctrl-C is plain
+        print(f"interrupted: {signal_name}stopped at once, without a checkpoint{resume_hint(args)}", file=sys.stderr)
+        return 128 + getattr(error, "signum", signal.SIGINT)
 
 
 if __name__ == "__main__":

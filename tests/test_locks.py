@@ -93,3 +93,21 @@ def test_a_refused_contender_leaves_the_holders_line_and_an_abandoned_lock_is_fr
     gc.collect()
     RunDir(run).lock().release()  # would be refused if the dropped lock still held the folder
     assert not (run / ".lock").exists()
+
+
+# issue 25: --report-only during a live study called the run being trained "missing"
+def test_a_report_calls_a_run_another_process_holds_in_progress_not_missing(tmp_path):
+    from diffusion_lib.harness.run_dir import RunRecord
+    from diffusion_lib.report.markdown import write_report
+
+    trained, left = RunDir(tmp_path / "runs" / "random__seed0"), RunDir(tmp_path / "runs" / "random__seed1")
+    left.root.mkdir(parents=True)
+    with trained.lock():
+        records = [RunRecord.from_run_dir(d, d.root.name, "random", {}, s) for s, d in enumerate((trained, left))]
+        write_report(tmp_path, records, title="live")
+    assert [r.status for r in records] == ["in progress", "missing"]
+    report = (tmp_path / "report.md").read_text()
+    assert "**Runs:** 2 (0 finished, 0 failed, 1 missing, 0 damaged, 1 in progress)." in report
+    assert (f"- in progress: `random__seed0` (random, seed 0): no final.json yet: process {os.getpid()} on "
+            f"{socket.gethostname()} is training it") in report
+    assert RunRecord.from_run_dir(trained, "random__seed0", "random", {}, 0).status == "missing"  # released: no holder

@@ -1,5 +1,6 @@
 """Which code made a row: a run records the project's git commit and whether its tracked files were
-changed, in config.yaml (a comment), final.json and summary.csv; outside a git checkout, nothing."""
+changed, in config.yaml (a comment), final.json and summary.csv; outside a git checkout, nothing; where git is
+missing, that; and the report says when its runs came from different code."""
 import csv
 import json
 import subprocess
@@ -47,8 +48,8 @@ def test_the_commit_and_whether_tracked_files_changed(repo, tmp_path, monkeypatc
     empty.mkdir()
     git(empty, "init", "-q")
     assert code_version(empty) == {}
-    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))  # git not installed
-    assert code_version(repo) == {}
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))  # git not installed: said so, not "no checkout"
+    assert code_version(repo) == {"git_error": "git is not on PATH"}
 
 
 def _summary_row(run_dir, tmp_path):
@@ -82,3 +83,26 @@ def test_outside_a_checkout_nothing_is_recorded(tmp_path, tiny_args, monkeypatch
     assert not run.config.read_text().startswith("#")
     row = _summary_row(run.root, tmp_path)
     assert row["git_commit"] == "" and row["git_dirty"] == ""
+
+
+def test_the_report_says_when_its_runs_came_from_different_code(tmp_path):
+    from test_analysis import make_run
+
+    runs = [make_run(f"none__seed{s}", "none", s, 1.0) for s in range(3)]
+    write_report(tmp_path / "one", runs, title="one commit")
+    assert "**Code:**" not in (tmp_path / "one" / "report.md").read_text()
+    runs[1].final.update(git_commit="4567def", git_dirty=True)
+    runs[2].final.update(git_commit=None, git_error="git is not on PATH")
+    write_report(tmp_path / "three", runs, title="three codes")
+    report = (tmp_path / "three" / "report.md").read_text()
+    line = next(line for line in report.splitlines() if line.startswith("**Code:**"))
+    assert "1 by 0123abc; 1 by 4567def with uncommitted changes; 1 by an unknown commit (git is not on PATH)" in line
+
+
+def test_a_run_made_where_git_is_missing_says_so(repo, tmp_path, tiny_args, monkeypatch):
+    monkeypatch.setattr("diffusion_lib.harness.run_dir.ROOT", repo)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))
+    assert train.main(tiny_args("--train-steps", "2", "train.save_every=2", "eval.every=2")) == 0
+    run = RunDir(tmp_path / "run")
+    assert json.loads(run.final.read_text())["git_error"] == "git is not on PATH"
+    assert run.config.read_text().splitlines()[0] == "# the code's git commit is unknown: git is not on PATH"

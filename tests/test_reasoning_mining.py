@@ -96,6 +96,44 @@ def test_carved_sudoku_sets_are_unique_cached_and_a_damaged_cache_is_made_again(
         assert P._read_cached(files[0], {**header, key: other}) is None, key
 
 
+# -- issue 25, item 8: carving at scale is shown, estimated by the dry run, and priced by the limit -------------
+def test_carving_that_lasts_shows_a_progress_bar_on_stderr(capsys, monkeypatch):
+    monkeypatch.setattr(P, "PROGRESS_AFTER_S", 0.0)  # the bar's delay, so that a short carving shows it
+    P._carved("train", 6, (30, 45))
+    P.hard_set(2)
+    err = capsys.readouterr().err
+    assert "carving 6 training puzzles" in err and "6/6" in err, err
+    assert "carving 2 hard puzzles" in err and "2/2" in err, err
+
+
+def test_the_dry_run_estimates_carving_instead_of_carving(tmp_path, capsys, monkeypatch, cache, one_thread):
+    carved = []
+    original = P.carve_unique
+
+    def counted(*args):
+        carved.append(1)
+        assert len(carved) < 500, "the dry run carves a large set"  # a probe carves tens of puzzles
+        return original(*args)
+
+    monkeypatch.setattr(P, "carve_unique", counted)
+    path = tmp_path / "study.yaml"
+    path.write_text(STUDY.format(name="big", task="{dataset: sudoku}", primary="board_accuracy_id")
+                    .replace("num_samples: 8", "num_samples: 20000"))
+    assert comparison.main(["--config", str(path), "--output", str(tmp_path / "big"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "data not cached yet" in line)
+    hours, minutes = re.search(r"~(?:(\d+)h)?(\d+)m", line).groups()
+    # 20 000 hard puzzles, each three carvings to a minimal puzzle: far more than ten minutes on any CPU
+    assert int(hours or 0) * 60 + int(minutes) > 10, line
+    assert not list(cache.glob("*n20000*")) and not list(cache.glob("*n2048_*"))  # neither set was carved
+    assert P.carving_seconds([("hard", 2, (0, 0))]) == 0  # the probe's own set is cached now: nothing to carve
+
+
+def test_the_held_out_size_limit_says_what_a_large_sudoku_set_costs():
+    with pytest.raises(ConfigError, match=r"'eval.num_samples' = 2097152 is out of range: .*Sudoku.*--dry-run estimates"):
+        build_config({"eval.num_samples": 2**21})
+
+
 # -- mining -----------------------------------------------------------------------------------------------------
 class Recorder:
     """Wraps a model's energy_and_grad: every y it is asked about."""

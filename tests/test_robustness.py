@@ -360,3 +360,204 @@ def test_a_ranking_sigma_out_of_range_is_refused_in_one_line(scales):
     with pytest.raises(ConfigError, match=r"eval.ranking_scales.*floats in \(0, 16\]"):
         build_config({"eval.ranking_scales": scales})
     assert build_config({"eval.ranking_scales": [0.01, 16]}).eval.ranking_scales == [0.01, 16.0]
+
+
+# -- issue 25, item 5: memory running out while scoring a trained run ------------------------------------
+@pytest.fixture
+def scoring_needs_small_batches(monkeypatch):
+    """Final scoring runs out of memory above `largest` problems at once; training steps are named as they go."""
+    import torch
+
+    from diffusion_lib.harness.evaluate import Evaluator
+    from diffusion_lib.harness.trainer import Trainer1D
+
+    trained, original_scores, original_step = [], Evaluator.final_scores, Trainer1D.train_step
+
+    def final_scores(self, *args, **kwargs):
+        if self.eval.batch_size > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return original_scores(self, *args, **kwargs)
+
+    def train_step(self):
+        trained.append(self.runs[0].dir.root.name)
+        original_step(self)
+
+    monkeypatch.setattr(Evaluator, "final_scores", final_scores)
+    monkeypatch.setattr(Trainer1D, "train_step", train_step)
+    return trained
+
+
+def test_memory_running_out_while_scoring_names_a_resume_that_scores_the_trained_run(
+        tiny_args, tmp_path, capsys, scoring_needs_small_batches):
+    import shlex
+
+    from diffusion_lib.harness.config import config_from_file
+
+    assert train.main(tiny_args("eval.batch_size=16")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: out of memory while scoring step 30 at eval.batch_size = 16"), err
+    command = shlex.split(err.split("; resume with: ", 1)[1])
+    run = tmp_path / "run"
+    assert command == ["python", "train.py", "--config", str(run / "config.yaml"), "--resume", "eval.batch_size=8"]
+    assert not (run / "final.json").exists() and len(scoring_needs_small_batches) == 30
+    assert train.main(command[2:]) == 0  # the advice, followed as printed
+    assert len(scoring_needs_small_batches) == 30  # scored, not trained again
+    assert json.loads((run / "final.json").read_text())["step"] == 30
+    assert config_from_file(run / "config.yaml").eval.batch_size == 8  # what it was scored with
+
+
+def test_memory_running_out_while_scoring_one_problem_at_a_time_gives_the_general_advice(tiny_args, capsys,
+                                                                                         monkeypatch):
+    import torch
+
+    from diffusion_lib.harness.evaluate import Evaluator
+
+    def final_scores(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(Evaluator, "final_scores", final_scores)
+    assert train.main(tiny_args("eval.batch_size=1")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: out of memory (CUDA out of memory") and "lower model.hidden_dim" in err, err
+
+
+def test_memory_running_out_while_a_study_scores_names_a_resume_that_keeps_its_runs(
+        tmp_path, capsys, scoring_needs_small_batches):
+    import shlex
+
+    import yaml
+
+    out = tmp_path / "out"
+    assert compare("--config", study(tmp_path), "--output", out) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: out of memory while scoring step 4 at eval.batch_size = 16"), err
+    command = shlex.split(err.split("; resume the study with: ", 1)[1])
+    assert command[:2] == ["python", comparison.SCRIPT] and command[-2:] == ["eval.batch_size=8", "--resume"]
+    assert scoring_needs_small_batches == ["none__seed0"] * 4
+    assert compare(*command[2:]) == 0
+    assert scoring_needs_small_batches == ["none__seed0"] * 4 + ["random__seed0"] * 4  # none was not trained again
+    assert all((out / "runs" / run / "final.json").exists() for run in ("none__seed0", "random__seed0"))
+    assert yaml.safe_load((out / "study.yaml").read_text())["overrides"] == {"eval.batch_size": 8}
+
+
+# -- issue 25, item 7: a study over several tasks ---------------------------------------------------------
+TWO_TASKS = """
+name: two_tasks
+seeds: [0]
+strategies: {none: {strategy: none}}
+sweep: {task.dataset: [inverse, DATASET]}
+model: {hidden_dim: 16}
+train: {steps: 2, batch_size: 8}
+eval: {num_samples: 8, batch_size: 8}
+device: cpu
+"""
+
+
+def test_a_study_over_tasks_that_measure_different_metrics_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "out"
+    path = study(tmp_path, TWO_TASKS.replace("DATASET", "connectivity"))
+    for dry_run in (["--dry-run"], []):
+        assert compare("--config", path, "--output", out, *dry_run) == 2
+        one_line_error(capsys, "its runs' tasks measure different metrics (inverse: mse; connectivity: graph_accuracy, "
+                               "entry_accuracy)", "run one study per task")
+        assert not out.exists()
+
+
+def test_a_study_over_tasks_that_measure_the_same_metric_describes_every_task(tmp_path):
+    from diffusion_lib.study.spec import expand
+
+    two = load_study(study(tmp_path, TWO_TASKS.replace("DATASET", "addition")))
+    expand(two, tmp_path / "out")
+    header = comparison.describe(two)
+    assert "Tasks: inverse (rank 20, " in header and "; addition (rank 20, ood False); model mlp" in header, header
+
+
+# -- issue 25, also worth fixing: keys that depend on each other -----------------------------------------
+@pytest.mark.parametrize("layer, fragment", [
+    ({"task.dataset": "connectivity", "task.nodes": 12, "task.harder": [15, 12]},
+     "task['harder'] = [15, 12] is invalid: each node count must be above task['nodes'] = 12"),
+    ({"task.dataset": "connectivity", "task.nodes": 20, "task.harder": [15]},
+     "task['harder'] = [15] is invalid: each node count must be above task['nodes'] = 20"),
+    ({"task.dataset": "sudoku", "task.givens": [70, 81]}, "task['givens'] = [70, 81] is invalid: must be a list [low, "
+                                                          "high] of ints, 0 <= low <= high <= 80 (a puzzle needs a blank"),
+    ({"eval.ranking_levels": [0, 9]}, "'eval.ranking_levels' = [0, 9] needs eval.ranking_scales: without scales nothing"),
+])
+def test_keys_whose_range_depends_on_another_key_are_refused_in_one_line(layer, fragment):
+    with pytest.raises(ConfigError) as refusal:
+        build_config(layer)
+    assert fragment in str(refusal.value) and "\n" not in str(refusal.value), str(refusal.value)
+
+
+def test_their_neighbouring_values_pass():
+    graph = build_config({"task.dataset": "connectivity", "task.nodes": 12, "task.harder": [13, 20]})
+    assert graph.task["harder"] == [13, 20]
+    assert build_config({"task.dataset": "sudoku", "task.givens": [70, 80]}).task["givens"] == [70, 80]
+    assert build_config({"eval.ranking_levels": [0, 9], "eval.ranking_scales": [0.1]}).eval.ranking_levels == [0, 9]
+
+
+# -- issue 25, also worth fixing: SIGTERM while puzzles are carved; too small an address space --------------
+def test_sigterm_while_puzzles_are_carved_is_one_line_and_exit_143(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    log = tmp_path / "stderr.txt"
+    command = [sys.executable, "train.py", "--dataset", "sudoku", "--device", "cpu", "--results-dir", str(tmp_path / "run"),
+               "model.hidden_dim=8", "model.layers=1", "eval.num_samples=5000"]
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   env={**os.environ, "IRED_CACHE": str(tmp_path / "cache")})
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / ".lock").exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)  # the trainer locks the run folder, then carves the held-out sets (~30 s for these)
+        time.sleep(2)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    last = log.read_text().strip().splitlines()[-1].split("\r")[-1]
+    assert code == 143 and last.startswith("interrupted: SIGTERM: stopped at once, without a checkpoint"), (code, last)
+
+
+def test_an_address_space_too_small_for_torch_is_one_line_before_torch_loads(tmp_path):
+    import resource
+    import subprocess
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (550 * 2**20, resource.RLIM_INFINITY))
+
+    out = str(tmp_path / "out")
+    for command in (["train.py", "--results-dir", out, "--device", "cpu"], [comparison.SCRIPT, "--output", out]):
+        done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              preexec_fn=limit)
+        err = done.stderr.strip()
+        assert done.returncode == 1 and len(err.splitlines()) == 1, (command, done.returncode, err)
+        assert err == "error: this process may map only 550 MiB (ulimit -v), too little to load torch and train (at " \
+                      "least 1024 MiB): raise the limit", err
+        assert not (tmp_path / "out").exists()
+
+
+STOP_DURING_TORCH_IMPORT = """
+import sys
+from diffusion_lib.harness.cli import Stopped
+class StoppedWhileTorchLoads:  # torch's import turns a stop into an error of its own (measured: RuntimeError)
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            try:
+                raise Stopped(15)
+            except Stopped:
+                raise RuntimeError("duplicate registrations for aten.linspace.Tensor_Tensor")
+sys.meta_path.insert(0, StoppedWhileTorchLoads())
+sys.argv[1:] = {argv!r}
+import train
+sys.exit(train.main())
+"""
+
+
+def test_sigterm_while_torch_loads_is_one_line_and_exit_143(tmp_path):
+    import subprocess
+
+    argv = ["--results-dir", str(tmp_path / "run"), "--device", "cpu", "train.steps=1"]
+    done = subprocess.run([sys.executable, "-c", STOP_DURING_TORCH_IMPORT.format(argv=argv)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    err = done.stderr.strip()
+    assert done.returncode == 143 and err == "interrupted: SIGTERM: stopped at once, without a checkpoint", err

@@ -29,3 +29,26 @@ def test_a_missing_dashboard_package_is_one_line(tmp_path, tiny_args, capsys, mo
     err = capsys.readouterr().err.strip()
     assert err == "error: train.log_with = 'wandb' needs the wandb package: pip install wandb"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dashboard_package_that_fails_to_import_is_one_line_and_leaves_no_folder(tmp_path, tiny_args, capsys,
+                                                                                    monkeypatch):
+    """Issue 25: an installed but broken package was a traceback after the run folder was written."""
+    import sys
+
+    from diffusion_lib.study import cli as study
+
+    broken = tmp_path / "site" / "wandb"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('libssl.so.3: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    assert train.main(tiny_args("train.log_with=wandb")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: train.log_with = 'wandb': the wandb package is installed but fails to import (ImportError: "
+                   "libssl.so.3: cannot open shared object file); reinstall it or set train.log_with=none"), err
+    assert not (tmp_path / "run").exists()
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text("seeds: [0]\nstrategies: {none: {strategy: none}}\ndevice: cpu\n")
+    assert study.main(["--config", str(study_file), "--output", str(tmp_path / "out"), "train.log_with=wandb"]) == 2
+    assert "fails to import" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -2,11 +2,30 @@
 from __future__ import annotations
 
 import argparse
+import resource
+import signal
 import sys
 from typing import Callable, Sequence
 
 from diffusion_lib.harness.config import ConfigError, split_overrides
 from diffusion_lib.harness.io import EXIT_BUSY, FolderBusy, describe_os_error
+
+
+# torch's import alone maps ~650 MB of address space and a tiny run ~900 MB (measured): below this limit
+# (ulimit -v) torch aborts in C++ before Python could say why
+MIN_ADDRESS_SPACE = 2**30
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM outside training (while puzzles are carved, say): the command ends where it is, like Ctrl-C."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signum)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -40,6 +59,13 @@ def out_of_memory(error: BaseException) -> bool:
     return isinstance(error, kinds) or any(text in str(error) for text in ("can't allocate memory", "failed to map segment"))
 
 
+def _interrupt_within(error: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C or Stopped among the exceptions `error` was raised while handling, if one is."""
+    while error is not None and not isinstance(error, KeyboardInterrupt):
+        error = error.__context__
+    return error
+
+
 def _while_importing(error: BaseException) -> bool:
     """Whether `error` was raised while Python loaded a module (its traceback passes through importlib)."""
     tb = error.__traceback__
@@ -62,7 +88,14 @@ def _memory_advice(error: BaseException) -> str:
 def run_explaining_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """run(args); what the user can act on becomes one line on stderr (with --debug, the traceback):
     bad input (ConfigError) exit code 2; a folder another process holds (FolderBusy) EXIT_BUSY (75);
-    the OS saying no (a full disk, a read-only folder, a file in the way) or memory running out, exit code 1."""
+    the OS saying no (a full disk, a read-only folder, a file in the way) or memory running out, exit code 1.
+    SIGTERM raises Stopped (a KeyboardInterrupt) until training catches it itself (stopping.StopRequest)."""
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY and limit < MIN_ADDRESS_SPACE:
+        print(f"error: this process may map only {limit >> 20} MiB (ulimit -v), too little to load torch and train "
+              f"(at least {MIN_ADDRESS_SPACE >> 20} MiB): raise the limit", file=sys.stderr)
+        return 1
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         return run(args)
     except (ConfigError, FolderBusy) as error:
@@ -76,7 +109,12 @@ def run_explaining_errors(run: Callable[[argparse.Namespace], int], args: argpar
         print(f"error: {describe_os_error(error)}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError, ImportError) as error:
+        stop = _interrupt_within(error)
+        if stop is not None:  # a stop signal that a library's own handling turned into its error (torch's import)
+            raise stop from None
         if args.debug or not out_of_memory(error):
             raise
         print(f"error: {_memory_advice(error)}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -113,7 +113,10 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = _positive_int(1000)
-    num_samples: int = _option(int_in(1, MAX_BATCH, 1024))
+    # each held-out set is made once (cached); a Sudoku one is carved, the cost the limit's text states
+    num_samples: int = _option(Option(int, 1024, lambda v: 1 <= v <= MAX_BATCH, f"an int in [1, {MAX_BATCH}]; a "
+                                      "Sudoku set is carved once, ~0.4 s a puzzle on a CPU core for its three sets (an "
+                                      "hour per 10 000): --dry-run estimates it"))
     batch_size: int = _option(int_in(1, MAX_BATCH, 1024))
     # after training: held-out MSE of the EMA model for each number of inference inner steps
     inference_steps_sweep: list[int] = _ints(
@@ -403,11 +406,19 @@ def build_config(*layers: Mapping[str, Any]) -> RunConfig:
 
 
 def _check_levels(config: RunConfig) -> None:
-    """Keys whose range depends on another key."""
+    """Keys whose range depends on another key (a task's options: its `check`)."""
+    from diffusion_lib.tasks.base import TASKS
+
     levels, timesteps = config.eval.ranking_levels, config.diffusion.timesteps
     if any(t >= timesteps for t in levels):
         raise ConfigError(f"config key 'eval.ranking_levels' = {levels} is out of range: levels must be below "
                           f"diffusion.timesteps = {timesteps}")
+    if levels and not config.eval.ranking_scales:  # the levels say where to rank, the scales whether to
+        raise ConfigError(f"config key 'eval.ranking_levels' = {levels} needs eval.ranking_scales: without "
+                          "scales nothing is ranked")
+    problem = TASKS[config.task["dataset"]].check(config.task)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _task_defaults(given: Mapping[str, Any]) -> dict[str, Any]:

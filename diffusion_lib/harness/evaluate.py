@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-import sys
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -36,6 +34,7 @@ from tqdm.auto import tqdm
 from diffusion_lib.diffusion import GaussianDiffusion1D
 from diffusion_lib.harness.checkpoint import load_latest_checkpoint, load_run_state_dict
 from diffusion_lib.harness.config import ConfigError, RunConfig
+from diffusion_lib.harness.io import bar_rate
 from diffusion_lib.harness.run_dir import EVALUATION_CHANGES, RunDir, code_version
 from diffusion_lib.samplers import run_sampler, sampler_label, sampling_flops
 from diffusion_lib.tasks.base import HeldOutSet, Task, mix_seed
@@ -507,9 +506,3 @@ def evaluate_saved(config: RunConfig, diffusion: GaussianDiffusion1D, task: Task
     finally:
         if lock is not None:
             lock.release()
-
-
-def bar_rate() -> dict[str, float]:
-    """tqdm's redraw settings: a terminal's bar often, but a bar going to a file (a log) only every 30 s (and
-    not from tqdm's monitor thread, whose forced redraws come on top)."""
-    return {"mininterval": 0.1} if sys.stderr.isatty() else {"mininterval": 30.0, "maxinterval": math.inf}

@@ -1,18 +1,27 @@
 """Files and folders a crash never leaves torn: atomic writes, appends cut back on failure, OS errors that
-name the path, and one writer per folder (an exclusive lock whose file names its holder)."""
+name the path, and one writer per folder (an exclusive lock whose file names its holder); progress bars'
+redraw rate on stderr."""
 from __future__ import annotations
 
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from filelock import FileLock, Timeout
+
+
+def bar_rate() -> dict[str, float]:
+    """tqdm's redraw settings: a terminal's bar often, but a bar going to a file (a log) only every 30 s (and
+    not from tqdm's monitor thread, whose forced redraws come on top)."""
+    return {"mininterval": 0.1} if sys.stderr.isatty() else {"mininterval": 30.0, "maxinterval": math.inf}
 
 
 def slug(value: Any) -> str:

@@ -23,14 +23,15 @@ from diffusion_lib.harness.io import (
 )
 from diffusion_lib.samplers import sampler_label
 
-# keys a resumed run may change: where it runs, where it writes, and how long it trains
-RESUMABLE_CHANGES = ("device", "results_dir", "train.steps")
+# keys a resumed run may change: where it runs, where it writes, how long it trains, and how many problems
+# it samples at once (memory only: a run that ran out of it while scoring is scored again with fewer)
+RESUMABLE_CHANGES = ("device", "results_dir", "train.steps", "eval.batch_size")
 # what scoring a saved model (--evaluate) may change besides: how it samples and on how many problems
 SAMPLING_KEYS = ("diffusion.inference_steps", "diffusion.inference_step_scale", "diffusion.inference_step_schedule",
                  "diffusion.answer", "diffusion.sampler", "eval.num_samples", "eval.inference_steps_sweep",
                  "eval.best_of", "eval.ranking_scales", "eval.ranking_levels", "eval.landscape_samples",
                  "eval.samplers")
-EVALUATION_CHANGES = (*RESUMABLE_CHANGES, *SAMPLING_KEYS, "eval.every", "eval.batch_size")
+EVALUATION_CHANGES = (*RESUMABLE_CHANGES, *SAMPLING_KEYS, "eval.every")
 
 
 MAX_EVALUATION_NAME = 200  # characters of changed settings in an evaluation's file name (file systems allow 255 bytes)
@@ -56,7 +57,8 @@ GIT_TIMEOUT_S = 5  # a hung git (a network file system, a lock) must not hold up
 
 def code_version(root: Path | None = None) -> dict[str, Any]:
     """{"git_commit": <sha>, "git_dirty": <tracked files differ from it>} of the project's checkout, or {}
-    where there is none (a tarball, git not installed, a repository git refuses or that has no commit).
+    where there is none (a tarball, a repository git refuses or that has no commit), or {"git_error": why}
+    where a checkout's commit could not be read (git not installed, or hung).
 
     One `git status` call. Only a checkout rooted at the project's folder counts: a project unpacked
     inside some other repository (a home folder under git) is not that repository's code. Untracked
@@ -67,8 +69,8 @@ def code_version(root: Path | None = None) -> dict[str, Any]:
     try:
         done = subprocess.run(["git", "-C", str(root), "status", "--porcelain=v2", "--branch", "--untracked-files=no"],
                               capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return {"git_error": "git is not on PATH" if isinstance(error, FileNotFoundError) else f"git failed: {error}"}
     lines = done.stdout.splitlines()
     commit = next((line.split()[2] for line in lines if line.startswith("# branch.oid ")), None)
     if done.returncode != 0 or commit is None or commit == "(initial)":
@@ -78,8 +80,8 @@ def code_version(root: Path | None = None) -> dict[str, Any]:
 
 def code_comment(code: dict[str, Any]) -> str:
     """A YAML comment line naming the code (config.yaml's first line), or '' where there is no checkout."""
-    if not code:
-        return ""
+    if "git_commit" not in code:
+        return f"# the code's git commit is unknown: {code['git_error']}\n" if code else ""
     return f"# written by the code at git commit {code['git_commit']}{' with uncommitted changes' if code['git_dirty'] else ''}\n"
 
 
@@ -97,6 +99,17 @@ class TrainingInterrupted(Exception):
         self.step, self.signum, self.run_dirs = step, signum, run_dirs
         folders = ", ".join(str(d.checkpoints) for d in run_dirs)
         super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in {folders}")
+
+
+class ScoringOutOfMemory(Exception):
+    """Memory ran out while the trained runs were scored; each has its checkpoint at `step`, so a resume
+    with `eval.batch_size` = `smaller` scores them without training again."""
+
+    def __init__(self, step: int, batch_size: int, run_dirs: list[RunDir], cause: BaseException):
+        self.smaller = batch_size // 2
+        folders = ", ".join(str(d.checkpoints) for d in run_dirs)
+        super().__init__(f"out of memory while scoring step {step} at eval.batch_size = {batch_size} "
+                         f"({str(cause).strip()[:200] or type(cause).__name__}); checkpoint saved in {folders}")
 
 
 class RunDir:
@@ -147,6 +160,17 @@ class RunDir:
         if len(changed) > MAX_EVALUATION_NAME:
             changed = "settings-" + hashlib.sha256(changed.encode()).hexdigest()[:16]
         return self.evaluations / f"step-{step}__{changed or 'as_trained'}.json"
+
+    def holder(self) -> str | None:
+        """The live process holding the run's lock (training or evaluating it), or None; a lock left by a
+        dead process is no holder (and is cleared)."""
+        if not (self.root / FolderLock.NAME).exists():
+            return None
+        try:
+            FolderLock(self.root).acquire(optional=True).release()
+        except FolderBusy as busy:
+            return busy.holder
+        return None
 
     def reached_step(self) -> int:
         """How far the run got: the step of its newest checkpoint that verifies (a damaged file's name says
@@ -276,6 +300,7 @@ class Final(_Ended, total=False):
     budget_flops: float  # train.budget_flops (0: none)
     git_commit: str  # the code that trained it (code_version), where known
     git_dirty: bool
+    git_error: str  # why a checkout's commit is unknown (git not installed)
 
 
 DIRECTIONS = ("lower", "higher")  # final.json "metrics": name -> which way is better
@@ -368,6 +393,7 @@ class RunRecord:
     metrics: list[dict[str, Any]]
     config: dict[str, Any] | None = None  # config.yaml flattened to dotted keys, e.g. "task.rank"
     damage: str | None = None
+    holder: str | None = None  # the live process training the run, while it has no final.json
 
     def __post_init__(self) -> None:
         if self.final is not None and (problem := final_problem(self.final)) is not None:
@@ -383,7 +409,8 @@ class RunRecord:
             except (json.JSONDecodeError, OSError, UnicodeDecodeError) as error:
                 damage = f"final.json is not valid JSON ({error})"
         metrics = [r for r in run_dir.read_metrics() if isinstance(r, dict)]
-        return cls(run_id, strategy, sweep, seed, final, metrics, _read_config(run_dir.config), damage)
+        holder = None if run_dir.final.exists() else run_dir.holder()
+        return cls(run_id, strategy, sweep, seed, final, metrics, _read_config(run_dir.config), damage, holder)
 
     @property
     def group(self) -> str:
@@ -392,11 +419,11 @@ class RunRecord:
 
     @property
     def status(self) -> str:
-        """finished | failed | missing | damaged (one of RUN_STATUSES)."""
+        """finished | failed | missing | damaged (one of RUN_STATUSES), or "in progress" (a live process holds it)."""
         if self.damage is not None:
             return "damaged"
         if self.final is None:
-            return "missing"
+            return "in progress" if self.holder else "missing"
         return "finished" if self.final["status"] == "finished" else "failed"
 
     @property

@@ -29,10 +29,13 @@ from tqdm.auto import tqdm
 
 from diffusion_lib.diffusion import Draws, GaussianDiffusion1D
 from diffusion_lib.harness.checkpoint import load_pack, save_pack
+from diffusion_lib.harness.cli import out_of_memory
 from diffusion_lib.harness.config import PER_RUN_KEYS, ConfigError, RunConfig, TrainConfig, config_differences
-from diffusion_lib.harness.evaluate import Evaluator, bar_rate, precision
-from diffusion_lib.harness.io import FolderLock
-from diffusion_lib.harness.run_dir import RESUMABLE_CHANGES, Final, RunDir, TrainingInterrupted, code_version
+from diffusion_lib.harness.evaluate import Evaluator, precision
+from diffusion_lib.harness.io import FolderLock, bar_rate
+from diffusion_lib.harness.run_dir import (
+    RESUMABLE_CHANGES, Final, RunDir, ScoringOutOfMemory, TrainingInterrupted, code_version,
+)
 from diffusion_lib.harness.stopping import Divergence, ScoringInterrupted, StopRequest
 from diffusion_lib.tasks.base import Task, mix_seed
 
@@ -127,19 +130,27 @@ _TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 def check_tracker(kind: str) -> None:
-    """Refuse a tracker whose package is missing, in one line naming what to install."""
+    """Refuse a tracker whose package is missing, or installed but failing to import, in one line."""
     package = _TRACKER_PACKAGES.get(kind)
-    if package and importlib.util.find_spec(package) is None:
+    if package is None:
+        return
+    if importlib.util.find_spec(package) is None:
         raise ConfigError(f"train.log_with = '{kind}' needs the {package} package: pip install {package}")
+    try:
+        importlib.import_module(package)
+    except Exception as error:  # a broken install raises anything from its own imports
+        raise ConfigError(f"train.log_with = '{kind}': the {package} package is installed but fails to import "
+                          f"({type(error).__name__}: {str(error)[:200]}); reinstall it or set train.log_with=none"
+                          ) from None
 
 
 class RunTracker:
-    """Sends one run's records to a dashboard, as `<kind>/<key>` scalars at the record's step."""
+    """Sends one run's records to a dashboard, as `<kind>/<key>` scalars at the record's step (its package
+    checked by the trainer, `check_tracker`)."""
 
     def __init__(self, kind: str, run_folder: Path, config: dict[str, Any]):
         from accelerate.tracking import TensorBoardTracker, WandBTracker
 
-        check_tracker(kind)
         if kind == "tensorboard":
             self.tracker = TensorBoardTracker("tensorboard", run_folder)
         else:
@@ -279,6 +290,7 @@ class Trainer1D:
         if len(configs) != diffusion.runs:
             raise ValueError(f"{len(configs)} configs for a model packing {diffusion.runs} runs")
         self.config, self.task = configs[0], task  # the settings every run shares
+        check_tracker(self.config.train.log_with)  # before any folder is written: a refusal leaves none
         self.accelerator = acc = accelerator or make_accelerator(self.config.device)
         check_pack(configs, acc)
         self.runs = [Run(c, RunDir(c.results_dir)) for c in configs]
@@ -543,7 +555,13 @@ class Trainer1D:
     def _finish(self) -> list[Final]:
         """Score the runs still going (the Evaluator's final scoring), write their final.json; every run's result."""
         if self.runs:
-            scores = self.evaluator.final_scores(progress=f"{self.label}: scoring")
+            try:
+                scores = self.evaluator.final_scores(progress=f"{self.label}: scoring")
+            except (MemoryError, RuntimeError) as error:
+                if not out_of_memory(error) or self.config.eval.batch_size == 1:  # then fewer at once cannot help
+                    raise
+                runs = [r.dir for r in self.runs]
+                raise ScoringOutOfMemory(self.step, self.config.eval.batch_size, runs, error) from None
             if self.main:
                 self._write_finals(scores)
         self.accelerator.wait_for_everyone()

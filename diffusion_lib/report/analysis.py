@@ -41,9 +41,8 @@ from diffusion_lib.report.landscape import Landscape, inference_steps, inference
 from diffusion_lib.report.scores import Estimate, Scoring, group_runs, scoring, tally
 from diffusion_lib.report.stats import holm
 from diffusion_lib.report.tables import (
-    DiagnosticsRow, EmaLag, GroupRow, LostValue, Problem, YardstickStanding, group_row, lost_values,
-    mining_diagnostics, problems,
-    yardstick_standing,
+    DiagnosticsRow, EmaLag, GroupRow, LostValue, Problem, YardstickStanding, code_versions, group_row, lost_values,
+    mining_diagnostics, problems, yardstick_standing,
 )
 from diffusion_lib.report.yardsticks import YardstickRow, yardstick_points, yardstick_table
 
@@ -71,6 +70,7 @@ class StudyAnalysis:
     landscape: Landscape  # its tests are a Holm family of their own
     yardstick_points: dict[str, dict[str, list[YardstickRow]]]  # per swept task value (empty: none swept)
     lost: list[LostValue]  # non-finite scores of finished runs, left out of their group's means
+    code: dict[str, int]  # finished runs per code that made them (tables.code_versions)
 
     @property
     def primary_comparisons(self) -> list[Comparison]:
@@ -113,5 +113,5 @@ def analyse(runs: Sequence[RunRecord], primary: Mapping[str, Any] | None = None)
         budgets, common_budget_flops(runs), load, disagreements(comparisons, budgets[0].comparisons),
         mining_diagnostics(groups), steps, inference_table(groups, scores, steps), problems(runs),
         yardstick_standing(rows, scores, lead), len(family), flops_ratios(groups), landscape(groups, scores),
-        yardstick_points(runs, scores), lost_values(runs, scores),
+        yardstick_points(runs, scores), lost_values(runs, scores), code_versions(runs),
     )  # fmt: skip

@@ -138,7 +138,12 @@ def _header(title: str, description: str, a: StudyAnalysis) -> list[str]:
     tally = ", ".join(f"{n} {status}" for status, n in a.tally.items())
     lost = (f" {len(a.lost)} non-finite score(s) of finished runs are left out of their groups' means: "
             "see Failed, missing and damaged runs." if a.lost else "")
-    return lines + [f"**Runs:** {sum(a.tally.values())} ({tally}).{lost}", ""]
+    lines += [f"**Runs:** {sum(a.tally.values())} ({tally}).{lost}", ""]
+    if len(a.code) > 1 or any(word in code for code in a.code for word in ("uncommitted", "unknown")):
+        lines += ["**Code:** the finished runs were not all made by one committed version of the code: "
+                  + "; ".join(f"{n} by {code}" for code, n in a.code.items())
+                  + ". A difference between groups may come from the code.", ""]
+    return lines
 
 
 def _primary_paragraph(a: StudyAnalysis) -> list[str]:
@@ -705,7 +710,8 @@ def _problems_section(a: StudyAnalysis) -> list[str]:
                          f"{_cell(p.reason or 'no error message')}")  # fmt: skip
         else:
             progress = f"last logged step {p.step}" if p.step is not None else "no metrics logged"
-            reason = _cell(p.reason) if p.status == "damaged" else "no final.json"
+            reason = {"damaged": _cell(p.reason or ""), "in progress": f"no final.json yet: {p.reason} is training it"
+                      }.get(p.status, "no final.json")
             lines.append(f"- {p.status}: {where}: {reason} ({progress})")
     for v in a.lost:
         lines.append(f"- non-finite score: `{v.run_id}` ({v.group}, seed {v.seed}) finished with {v.key} = {v.value}; "

@@ -125,8 +125,10 @@ def finished(runs: Sequence[RunRecord]) -> list[RunRecord]:
 
 
 def tally(runs: Sequence[RunRecord]) -> dict[str, int]:
-    """How many runs have each status."""
-    return {status: sum(r.status == status for r in runs) for status in RUN_STATUSES}
+    """How many runs have each status ("in progress" only where some run is)."""
+    counts = {status: sum(r.status == status for r in runs) for status in RUN_STATUSES}
+    live = sum(r.status == "in progress" for r in runs)
+    return {**counts, "in progress": live} if live else counts
 
 
 def mean_of(values: list[float]) -> float:

@@ -20,7 +20,7 @@ from diffusion_lib.report.yardsticks import BEATS, LEVEL, standing, yardstick, y
 CONFIG_COLUMNS = ("task.dataset", "task.rank", "train.steps", "train.batch_size", "train.lr", "model.hidden_dim",
                   "train.budget_flops")  # fmt: skip
 RUN_COLUMNS = ("train_seconds", "steps_per_second", "train_flops", "flops_per_step", "pack_size", "energy_grad_evals")
-CODE_COLUMNS = ("git_commit", "git_dirty")  # which code made the row
+CODE_COLUMNS = ("git_commit", "git_dirty", "git_error")  # which code made the row
 DIAGNOSTICS = ("accept_rate", "energy_decrease", "move_rms")
 # config.yaml keys of the EMA (ema.py): decay, update interval, warm-up start and power
 EMA_KEYS = {"decay": "train.ema_decay", "every": "train.ema_every", "after": "train.ema_update_after_step",
@@ -229,19 +229,19 @@ class Problem:
     run_id: str
     group: str
     seed: int
-    status: str  # failed | missing | damaged
-    reason: str | None  # the run's error, or what is wrong with its final.json
+    status: str  # failed | missing | in progress | damaged
+    reason: str | None  # the run's error, what is wrong with its final.json, or who trains it now
     step: int | None  # failed: the step it stopped at; otherwise the last logged step
 
 
 def problems(runs: Sequence[RunRecord]) -> list[Problem]:
-    """Every run that did not finish, failed first, then missing, then damaged."""
+    """Every run that did not finish, failed first, then missing, in progress, damaged."""
     found = []
-    for status in ("failed", "missing", "damaged"):
+    for status in ("failed", "missing", "in progress", "damaged"):
         for run in (r for r in runs if r.status == status):
             logged = [r["step"] for r in run.metrics if is_number(r.get("step"))]
             step = run.final.get("step") if status == "failed" else max(logged, default=None)
-            reason = run.final.get("error") if status == "failed" else run.damage
+            reason = run.final.get("error") if status == "failed" else run.damage or run.holder
             found.append(Problem(run.run_id, run.group, run.seed, status, reason, step))
     return found
 
@@ -270,6 +270,17 @@ def lost_values(runs: Sequence[RunRecord], scores: Scoring) -> list[LostValue]:
             found += [LostValue(r.run_id, group, r.seed, score.key, r.final.get(score.key)) for r in members
                       if not math.isfinite(r.final_number(score.key))]  # fmt: skip
     return found
+
+
+def code_versions(runs: Sequence[RunRecord]) -> dict[str, int]:
+    """How many finished runs each code made, by its commit (and whether tracked files had changed)."""
+    return dict(Counter(_code_name(run.final) for run in finished(runs)))
+
+
+def _code_name(final: Mapping[str, Any]) -> str:
+    if final.get("git_commit"):
+        return final["git_commit"][:12] + (" with uncommitted changes" if final.get("git_dirty") else "")
+    return f"an unknown commit ({final['git_error']})" if final.get("git_error") else "no git checkout"
 
 
 def _sweep_keys(runs: Sequence[RunRecord]) -> list[str]:

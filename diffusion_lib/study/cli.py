@@ -19,7 +19,7 @@ import yaml
 from diffusion_lib.harness.build import build_trainer
 from diffusion_lib.harness.cli import OneLineParser, parse_command_line, run_explaining_errors
 from diffusion_lib.harness.config import parse_overrides
-from diffusion_lib.harness.run_dir import RunDir, TrainingInterrupted
+from diffusion_lib.harness.run_dir import RunDir, ScoringOutOfMemory, TrainingInterrupted
 from diffusion_lib.mining import STRATEGIES
 from diffusion_lib.study.launch import (
     RunCrashed, RunStopped, check_devices, check_flags, check_runs, default_pack_size, dry_run, train_all,
@@ -61,12 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_command_line(build_parser(), argv)
     try:
         return run_explaining_errors(run, args)
-    except (TrainingInterrupted, RunStopped, KeyboardInterrupt, RunCrashed) as error:
+    except (TrainingInterrupted, RunStopped, KeyboardInterrupt, RunCrashed, ScoringOutOfMemory) as error:
+        failed = isinstance(error, (RunCrashed, ScoringOutOfMemory))
         again = [a for a in argv if a not in ("--resume", "--overwrite")]
-        stopped = "error" if isinstance(error, RunCrashed) else "interrupted"
+        if isinstance(error, ScoringOutOfMemory):  # the trained runs are scored again, fewer problems at once
+            again = [a for a in again if not a.startswith("eval.batch_size=")] + [f"eval.batch_size={error.smaller}"]
         command = shlex.join(["python", SCRIPT, *again, "--resume"])
-        print(f"{stopped}: {str(error) or 'stopped'}; resume the study with: {command}", file=sys.stderr)
-        if isinstance(error, RunCrashed):
+        print(f"{'error' if failed else 'interrupted'}: {str(error) or 'stopped'}; resume the study with: {command}",
+              file=sys.stderr)
+        if failed:
             return 1
         return 128 + getattr(error, "signum", signal.SIGINT)
 
@@ -135,7 +138,8 @@ def pilot_lines(study: Study, runs: list[StudyRun]) -> list[str]:
 # -- the report ------------------------------------------------------------------------------------
 def describe(study: Study) -> str:
     """The report's description: the study file's text (unless it names strategies this study does not
-    run, e.g. after --strategies), then what was actually run, from the first run's resolved config."""
+    run, e.g. after --strategies), then what was actually run: every task, the rest from the first run's
+    resolved config."""
     config = study.runs[0].config
     run_strategies = set(study.strategies) | {m.get("strategy") for m in study.strategies.values()}
     absent = [name for name in STRATEGIES if name not in run_strategies
@@ -148,10 +152,11 @@ def describe(study: Study) -> str:
     length = f"a budget of {budget:.3g} training FLOPs" if budget else f"{config.train.steps} steps"
     flow = {label: yaml.safe_dump(mining, default_flow_style=True, sort_keys=False, width=10**6).strip()
             for label, mining in study.strategies.items()}  # fmt: skip
+    tasks = dict.fromkeys(f"{run.config.task['dataset']} ({_keys(run.config.task, 'dataset')})" for run in study.runs)
     lines = [
         text,
         f"Strategies ({len(flow)}): " + "; ".join(f"`{label}: {mining}`" for label, mining in flow.items()) + ".",
-        f"Task: {config.task['dataset']} ({_keys(config.task, 'dataset')}); model {config.model['name']} "
+        f"Task{'s' if len(tasks) > 1 else ''}: {'; '.join(tasks)}; model {config.model['name']} "
         f"({_keys(config.model, 'name')}); {length} of batch {config.train.batch_size}, lr {config.train.lr}, "
         f"{config.diffusion.timesteps} diffusion steps, {config.diffusion.inference_steps} inner steps per step "
         f"when sampling; held-out sets of {config.eval.num_samples} problems; seeds {', '.join(map(str, study.seeds))}.",

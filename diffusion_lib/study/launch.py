@@ -271,7 +271,7 @@ def dry_run(runs: list[StudyRun], pack_size: int, build: BuildTrainer, *, resume
     """List the runs with their state, and estimate what is left to train from a probe per distinct setup:
     the measured FLOPs of a step (as the runs measure them) and the median time of a few steps."""
     print(f"{len(runs)} runs in {Path(runs[0].config.results_dir).parent.parent} (packs of up to {pack_size}):")
-    total_seconds = total_flops = 0.0
+    total_seconds, total_flops = data_seconds(runs), 0.0
     probes: dict[tuple[str, int], tuple[float, float]] = {}  # packs of one setup cost alike: probe each once
     for pack in pack_runs(runs, pack_size, lambda run: 0):
         setup = (setup_key(pack[0]), len(pack))
@@ -290,15 +290,32 @@ def dry_run(runs: list[StudyRun], pack_size: int, build: BuildTrainer, *, resume
             state = f"{status} (step {done})" if status == "partial" else status
             print(f"  {run.run_id:<48} {state:<18} {left} of {steps} steps left, "
                   f"~{format_seconds(left * seconds_per_step)}, {left * flops_per_step:.3g} FLOP")
-    print(f"estimated cost: ~{format_seconds(total_seconds)} of training on this machine "
+    print(f"estimated cost: ~{format_seconds(total_seconds)} of making data and training on this machine "
           f"(validation and final scoring extra), {total_flops:.3g} training FLOP (matmuls, measured per step)")
+
+
+def data_seconds(runs: list[StudyRun]) -> float:
+    """Seconds to make the runs' data that is not cached yet (Sudoku's carving), estimated and said if any."""
+    from diffusion_lib.tasks.base import make_task
+
+    setups = {json.dumps([r.config.task, r.config.eval.num_samples], sort_keys=True): r.config for r in runs}
+    seconds = sum(make_task(c.task).preparation_seconds(c.eval.num_samples) for c in setups.values())
+    if seconds:
+        print(f"  data not cached yet, made before the first step (Sudoku: carved): ~{format_seconds(seconds)}")
+    return seconds
 
 
 def probe_steps(pack: list[StudyRun], build: BuildTrainer, steps: int = 3) -> tuple[float, float]:
     """(FLOPs per step per run, seconds per step per run) of a pack's setup, measured in memory on a copy
     of the pack (nothing is written): FLOPs as the runs count them, time as the median of a few steps."""
+    from diffusion_lib.tasks.base import TASKS
+
     with tempfile.TemporaryDirectory() as folder:
-        probes = [dataclasses.replace(run.config, results_dir=str(Path(folder) / str(i))) for i, run in enumerate(pack)]
+        # a step costs the same on two held-out problems and under the task's probe options: no long carving
+        probes = [dataclasses.replace(run.config, results_dir=str(Path(folder) / str(i)),
+                                      task={**run.config.task, **TASKS[run.config.task["dataset"]].probe_options},
+                                      eval=dataclasses.replace(run.config.eval, num_samples=2))
+                  for i, run in enumerate(pack)]
         trainer = build(probes)
         trainer.measure_flops()
         times = []

@@ -151,20 +151,20 @@ def task_metric_names(task: Mapping[str, Any]) -> list[str]:
     return [metric.name for metric in make_task(task).metrics]
 
 
-def _check_primary_metric(study: Study, runs: list[StudyRun]) -> None:
-    """The primary's <metric> is one of every run's task's metrics (a study may sweep the task)."""
-    if study.primary is None:
-        return
-    name, checked = study.primary["metric"], set()
-    for run in runs:
-        key = json.dumps(run.config.task, sort_keys=True, default=str)
-        if key in checked:
-            continue
-        checked.add(key)
-        names = task_metric_names(run.config.task)
-        _require(any(name.startswith(f"{metric}_") for metric in names),
+def _check_metrics(study: Study, runs: list[StudyRun]) -> None:
+    """Every run's task measures the same metrics (the report judges every group by one headline metric), and
+    the primary's <metric> is one of them (a study may sweep the task)."""
+    tasks = {run.config.task["dataset"]: run.config.task for run in runs}  # a task's metrics are its class's
+    names = {dataset: task_metric_names(task) for dataset, task in tasks.items()}
+    _require(len({tuple(n) for n in names.values()}) == 1,
+             f"{study.source}: its runs' tasks measure different metrics ("
+             + "; ".join(f"{task}: {', '.join(n)}" for task, n in names.items())
+             + "), and one report judges every group by one headline metric: run one study per task")
+    if study.primary is not None:
+        name, metrics = study.primary["metric"], next(iter(names.values()))
+        _require(any(name.startswith(f"{metric}_") for metric in metrics),
                  f"study key 'primary' in {study.source}: metric = {name!r} must be <metric>_<held-out set> with "
-                 f"<metric> one of {', '.join(names)} (the metrics of task {run.config.task['dataset']!r})")
+                 f"<metric> one of {', '.join(metrics)} (the metrics of task {next(iter(names))!r})")
 
 
 def parse_study(data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> Study:
@@ -333,7 +333,7 @@ def expand(study: Study, study_dir: Path) -> list[StudyRun]:
                         "list each setting once"
                     )
                 runs.append(StudyRun(run_id, label, point, seed, config))
-    _check_primary_metric(study, runs)
+    _check_metrics(study, runs)
     study.runs = runs
     return runs
 
@@ -459,5 +459,9 @@ class StudyDir:
 
 
 def _identity(study: Study) -> dict[str, Any]:
-    """What makes two studies the same: everything but `primary`, which only chooses the report's headline."""
-    return {key: value for key, value in study.to_dict().items() if key != "primary"}
+    """What makes two studies the same: everything but `primary`, which only chooses the report's headline,
+    and `eval.batch_size`, which only sets how many problems are sampled at once (memory, not results)."""
+    same = {key: value for key, value in study.to_dict().items() if key != "primary"}
+    for layer in ("base", "overrides"):
+        same[layer] = {k: v for k, v in flatten(same[layer]).items() if k != "eval.batch_size"}
+    return same

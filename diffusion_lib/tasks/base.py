@@ -71,6 +71,7 @@ class Task:
     answer_bound: ClassVar[float] = 2.0  # answers and clamps live in +-answer_bound (* sqrt(abar_t))
     defaults: ClassVar[dict[str, Any]] = {}  # config defaults this task needs, under the user's values
     corrupt: ClassVar[Any] = None  # discrete tasks: (y, mask, fraction, uniform, kind=) -> 'random' negatives
+    probe_options: ClassVar[dict[str, Any]] = {}  # options under which a dry run's probe step costs the same, faster
 
     def __init__(self, **options: Any):
         self.config = {"dataset": self.name, **options}
@@ -95,6 +96,16 @@ class Task:
     def yardsticks(self, data: HeldOutSet) -> dict[str, dict[str, float]]:
         """Yardstick name -> metric -> value on one held-out set (what trivial predictors score); none by default."""
         return {}
+
+    @classmethod
+    def check(cls, options: Mapping[str, Any]) -> str:
+        """What is wrong with this combination of valid options ('' when nothing is): for options that depend on
+        each other (the config refuses it in one line)."""
+        return ""
+
+    def preparation_seconds(self, num_samples: int) -> float:
+        """Seconds this machine would spend making data that is not cached yet before the first step; 0 by default."""
+        return 0.0
 
 
 # `TASKS.resolve(task_cfg)`: {'dataset': name, **the task's options validated and filled in}

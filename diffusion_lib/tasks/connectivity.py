@@ -19,7 +19,7 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -327,6 +327,13 @@ class ConnectivityTask(Task):
     density: float
     harder: list
     keep_degree: bool
+
+    @classmethod
+    def check(cls, options: Mapping[str, Any]) -> str:
+        if any(n <= options["nodes"] for n in options["harder"]):  # ood<nodes> would be the id set again
+            return (f"task['harder'] = {options['harder']} is invalid: each node count must be above "
+                    f"task['nodes'] = {options['nodes']} (the harder sets hold larger graphs)")
+        return ""
 
     @property
     def inp_dim(self) -> int:

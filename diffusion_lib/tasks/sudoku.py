@@ -23,8 +23,9 @@ from diffusion_lib.models import Condition, EnergyModel, SinusoidalPosEmb, regis
 from diffusion_lib.registry import Option, int_in
 from diffusion_lib.tasks.base import Batch, HeldOutSet, Metric, Task, mix_seed, register_task
 from diffusion_lib.tasks.sudoku_puzzles import (HARDER_GIVENS, ID_GIVENS, TRAIN_POOL, SudokuProblems, NAME_SEED,
-                                                board_valid, held_out_puzzles, propagate, propagation_solves, puzzle_grid,
-                                                sample_puzzles, solve, training_pool, training_puzzles)
+                                                board_valid, carving_seconds, held_out_puzzles, propagate,
+                                                propagation_solves, puzzle_grid, sample_puzzles, solve, training_pool,
+                                                training_puzzles)
 
 
 # -- negatives -------------------------------------------------------------------------------------------
@@ -194,11 +195,12 @@ class SudokuEnergyModel(EnergyModel):
 # -- the task ----------------------------------------------------------------------------------------------
 def _givens_range(value: list) -> bool:
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    return len(value) == 2 and ints and 0 <= value[0] <= value[1] <= 81
+    return len(value) == 2 and ints and 0 <= value[0] <= value[1] <= 80  # a board without blanks scores nothing
 
 
 def _range_option(default: tuple[int, int]) -> Option:
-    return Option(list, list(default), _givens_range, "a list [low, high] of ints, 0 <= low <= high <= 81")
+    return Option(list, list(default), _givens_range, "a list [low, high] of ints, 0 <= low <= high <= 80 (a "
+                  "puzzle needs a blank cell)")
 
 
 def _problems(data: HeldOutSet) -> SudokuProblems:
@@ -247,6 +249,7 @@ class SudokuTask(Task):
                Metric("board_acc_search", True, "board accuracy where propagation does not solve"))
     answer_bound = 1.0
     defaults = {"mining.loss_scale": 0.05, "diffusion.inference_steps": 20, "model.name": "sudoku_net"}
+    probe_options = {"train_pool": 16}  # a step draws from a pool of any size alike: the probe carves no large one
     inp_dim = 729
     out_dim = 729
     givens: list
@@ -265,6 +268,13 @@ class SudokuTask(Task):
         sets = held_out_puzzles(num_samples, tuple(self.givens), tuple(self.harder), self.unique)
         return {name: SudokuSet(p.x, p.y, _start_noise(p.y, role), p.mask, group_weights(propagation_solves(p)))
                 for role, (name, p) in enumerate(sets.items())}
+
+    def preparation_seconds(self, num_samples: int) -> float:
+        if not self.unique:  # random givens: nothing is carved
+            return 0.0
+        givens, harder = tuple(self.givens), tuple(self.harder)
+        return carving_seconds([("train", self.train_pool, givens), ("unique", num_samples, givens),
+                                ("unique", num_samples, harder), ("hard", num_samples, (0, 0))])
 
     def score(self, answer: Tensor, data: HeldOutSet) -> dict[str, Tensor]:
         cells = data.mask.view(*data.mask.shape[:-1], 81, 9)[..., 0].to(answer.device)

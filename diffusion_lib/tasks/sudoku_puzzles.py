@@ -23,17 +23,19 @@ from __future__ import annotations
 import io
 import os
 import random
+import time
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from diffusion_lib.harness.io import atomic_write_bytes
+from diffusion_lib.harness.io import atomic_write_bytes, bar_rate
 from diffusion_lib.tasks.base import mix_seed
 
 ID_GIVENS = (30, 45)
@@ -41,6 +43,8 @@ HARDER_GIVENS = (17, 28)
 POOL_SIZE = 256  # grids of the held-out pool
 TRAIN_POOL = 2048  # carved training puzzles, each from a grid of its own (before transforms)
 HARD_RESTARTS = 3  # carvings per hard puzzle; the sparsest is kept
+PROGRESS_AFTER_S = 2.0  # carving that lasts longer shows a progress bar (a large set takes hours)
+PROBE_PUZZLES = 4  # puzzles of each set carved to estimate the set's cost (--dry-run)
 # the version of the generated data: bump it when a change to the generator or solver changes the sets
 DATA_VERSION = 1
 NAME_SEED = zlib.crc32(b"sudoku")
@@ -166,11 +170,17 @@ def _hidden_single(free: dict[int, int], used: tuple[list[int], ...]) -> tuple[i
     return ()
 
 
-def _grid_pool(size: int, salt: int) -> list[list[int]]:
+def _grid_pool(size: int, salt: int) -> Iterator[list[int]]:
     """`size` random solution grids (randomised backtracking fills, digits 1..9) from a seed fixed by `salt`."""
     # the fills follow `solve`'s search order: a change to the solver changes every generated set
     rng = random.Random(mix_seed(NAME_SEED, size, 1, salt))
-    return [solve([0] * 81, cap=1, rng=rng)[1] for _ in range(size)]
+    return (solve([0] * 81, cap=1, rng=rng)[1] for _ in range(size))
+
+
+def _progress(items: Iterable, total: int, what: str) -> tqdm:
+    """`items`, counted on stderr by a bar that shows once carving has lasted PROGRESS_AFTER_S (to be used in
+    a `with`: a stop closes the bar before the command says why)."""
+    return tqdm(items, total=total, desc=f"carving {what}", unit=" puzzles", delay=PROGRESS_AFTER_S, **bar_rate())
 
 
 @lru_cache(maxsize=4)
@@ -180,7 +190,7 @@ def solution_pool(size: int = POOL_SIZE, held_out: bool = False) -> Tensor:
     Training and the held-out sets draw from different pools, so no held-out solution is a transform
     of a grid seen in training (short of a chance coincidence).
     """
-    return torch.tensor(_grid_pool(size, int(held_out)), dtype=torch.long) - 1
+    return torch.tensor(list(_grid_pool(size, int(held_out))), dtype=torch.long) - 1
 
 
 # -- transforms ------------------------------------------------------------------------------------------
@@ -275,7 +285,9 @@ def unique_puzzles(batch: int, givens: tuple[int, int], generator: torch.Generat
     solutions = random_solutions(batch, generator, pool).cpu()
     targets = torch.randint(givens[0], givens[1] + 1, (batch,), generator=generator, device=generator.device)
     rng = _carving_rng(generator)
-    masks = [carve_unique(solutions[b].tolist(), int(targets[b]), rng) for b in range(batch)]
+    what = f"{batch} puzzles, givens {givens[0]}-{givens[1]}"
+    with _progress(zip(solutions.tolist(), targets.tolist()), batch, what) as carving:
+        masks = [carve_unique(solution, target, rng) for solution, target in carving]
     return encode(solutions, torch.tensor(masks, dtype=torch.bool))
 
 
@@ -289,21 +301,25 @@ def hard_puzzles(batch: int, generator: torch.Generator, pool: Tensor | None = N
     """`batch` puzzles carved as low as carving reaches (`sparsest_carving`) that propagation cannot finish:
     candidates are carved in rounds of `batch` from transformed grids until enough fail propagation."""
     rng, kept = _carving_rng(generator), []
-    while len(kept) < batch:
-        solutions = random_solutions(batch, generator, pool).cpu()
-        masks = torch.tensor([sparsest_carving(s, restarts, rng) for s in solutions.tolist()], dtype=torch.bool)
-        candidates = encode(solutions, masks)
-        stuck = ~propagation_solves(candidates)
-        kept += [(solutions[b], masks[b]) for b in range(batch) if stuck[b]]
+    with _progress(None, batch, f"{batch} hard puzzles") as bar:
+        while len(kept) < batch:
+            solutions = random_solutions(batch, generator, pool).cpu()
+            masks = torch.tensor([sparsest_carving(s, restarts, rng) for s in solutions.tolist()], dtype=torch.bool)
+            candidates = encode(solutions, masks)
+            stuck = ~propagation_solves(candidates)
+            kept += [(solutions[b], masks[b]) for b in range(batch) if stuck[b]]
+            bar.update(min(len(kept), batch) - bar.n)
     solutions, masks = (torch.stack(parts) for parts in zip(*kept[:batch]))
     return encode(solutions, masks)
 
 
 def _carve_pool(size: int, givens: tuple[int, int], seed: int) -> SudokuProblems:
     """`size` carved puzzles, each from a fresh grid, targets uniform in `givens` (the training pool)."""
-    rng = random.Random(seed)
-    solutions = [[d - 1 for d in grid] for grid in _grid_pool(size, seed)]
-    masks = [carve_unique(s, rng.randint(*givens), rng) for s in solutions]
+    rng, solutions, masks = random.Random(seed), [], []
+    with _progress(_grid_pool(size, seed), size, f"{size} training puzzles") as grids:  # grid and carving draw apart
+        for grid in grids:
+            solutions.append([d - 1 for d in grid])
+            masks.append(carve_unique(solutions[-1], rng.randint(*givens), rng))
     return encode(torch.tensor(solutions, dtype=torch.long), torch.tensor(masks, dtype=torch.bool))
 
 
@@ -314,8 +330,7 @@ def training_seed(size: int, givens: tuple[int, int]) -> int:
 @lru_cache(maxsize=4)
 def training_pool(size: int = TRAIN_POOL, givens: tuple[int, int] = ID_GIVENS) -> SudokuProblems:
     """The training pool of carved puzzles (each with one solution) on the CPU, cached on disk."""
-    seed = training_seed(size, givens)
-    return _cached("train", size, givens, seed, partial(_carve_pool, size, givens, seed))
+    return _carved("train", size, givens)
 
 
 def training_puzzles(batch: int, generator: torch.Generator, pool: SudokuProblems) -> SudokuProblems:
@@ -365,30 +380,55 @@ def _write_cached(path: Path, header: dict, problems: SudokuProblems) -> None:
         pass
 
 
-def _cached(kind: str, size: int, givens: tuple[int, int], seed: int, make: Callable[[], SudokuProblems]) -> SudokuProblems:
-    """The set `kind` from its cache file, or made by `make` and written there."""
+def _recipe(kind: str, givens: tuple[int, int], size: int) -> tuple[int, Callable[[int], SudokuProblems]]:
+    """(seed, carve) of the carved set `kind` ("train", "unique" or "hard"): carve(n) makes its first n puzzles."""
+    if kind == "train":
+        seed = training_seed(size, givens)
+        return seed, lambda n: _carve_pool(n, givens, seed)
+    seed = set_seed(givens) if kind == "unique" else mix_seed(NAME_SEED, 5)
+    held_out = solution_pool(POOL_SIZE, held_out=True)
+    if kind == "unique":
+        return seed, lambda n: unique_puzzles(n, givens, torch.Generator().manual_seed(seed), held_out)
+    return seed, lambda n: hard_puzzles(n, torch.Generator().manual_seed(seed), held_out)
+
+
+def _carved(kind: str, size: int, givens: tuple[int, int] = (0, 0)) -> SudokuProblems:
+    """The carved set `kind` of `size` puzzles from its cache file, or carved and written there."""
+    seed, carve = _recipe(kind, givens, size)
     header, path = _header(kind, size, givens, seed), _cache_path(kind, size, givens, seed)
     problems = _read_cached(path, header)
     if problems is None:
-        problems = make()
+        problems = carve(size)
         _write_cached(path, header, problems)
     return problems
+
+
+def carving_seconds(sets: list[tuple[str, int, tuple[int, int]]]) -> float:
+    """Seconds to carve those of `sets` ((kind, size, givens) as `_carved` takes them) not in the cache,
+    extrapolated from the time PROBE_PUZZLES of each take here."""
+    total = 0.0
+    for kind, size, givens in sets:
+        seed, carve = _recipe(kind, givens, size)
+        if not _cache_path(kind, size, givens, seed).exists():
+            started = time.perf_counter()
+            carve(PROBE_PUZZLES)
+            total += (time.perf_counter() - started) * size / PROBE_PUZZLES
+    return total
 
 
 # -- held-out sets ---------------------------------------------------------------------------------------
 @lru_cache(maxsize=8)
 def _held_out_one(num_samples: int, givens: tuple[int, int], unique: bool) -> SudokuProblems:
-    seed, pool = set_seed(givens), solution_pool(POOL_SIZE, held_out=True)
-    make = partial(unique_puzzles if unique else sample_puzzles, num_samples, givens, torch.Generator().manual_seed(seed), pool)
-    return _cached("unique", num_samples, givens, seed, make) if unique else make()
+    if unique:
+        return _carved("unique", num_samples, givens)
+    generator = torch.Generator().manual_seed(set_seed(givens))
+    return sample_puzzles(num_samples, givens, generator, solution_pool(POOL_SIZE, held_out=True))
 
 
 @lru_cache(maxsize=4)
 def hard_set(num_samples: int) -> SudokuProblems:
     """The held-out "hard" set: minimal carvings that propagation cannot finish (cached)."""
-    seed, pool = mix_seed(NAME_SEED, 5), solution_pool(POOL_SIZE, held_out=True)
-    make = partial(hard_puzzles, num_samples, torch.Generator().manual_seed(seed), pool)
-    return _cached("hard", num_samples, (0, 0), seed, make)
+    return _carved("hard", num_samples)
 
 
 def held_out_puzzles(num_samples: int, givens: tuple[int, int] = ID_GIVENS, harder: tuple[int, int] = HARDER_GIVENS,
