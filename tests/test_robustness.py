@@ -406,6 +406,14 @@ def test_memory_running_out_while_scoring_names_a_resume_that_scores_the_trained
     assert config_from_file(run / "config.yaml").eval.batch_size == 8  # what it was scored with
 
 
+def test_a_finished_run_resumed_with_another_scoring_batch_keeps_the_config_it_was_scored_with(tiny_args, tmp_path):
+    assert train.main(tiny_args("eval.batch_size=16")) == 0
+    run = tmp_path / "run"
+    before = [(run / name).read_bytes() for name in ("config.yaml", "final.json")]
+    assert train.main(tiny_args("eval.batch_size=4", "--resume")) == 0
+    assert [(run / name).read_bytes() for name in ("config.yaml", "final.json")] == before
+
+
 def test_memory_running_out_while_scoring_one_problem_at_a_time_gives_the_general_advice(tiny_args, capsys,
                                                                                          monkeypatch):
     import torch

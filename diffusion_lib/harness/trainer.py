@@ -364,7 +364,10 @@ class Trainer1D:
         if they had all finished already, else None (and their stale final.json is gone)."""
         if self.main:
             for run in self.runs:
-                run.dir.prepare(run.config, self.overwrite, self.code)
+                final = run.dir.read_final() if self.resume else None
+                # a finished run resumed to no more steps keeps the config it was scored with
+                if final is None or final["step"] < run.config.train.steps:
+                    run.dir.prepare(run.config, self.overwrite, self.code)
         self.accelerator.wait_for_everyone()
         if self.resume and not self._load() and self.main:
             for run in self.runs:  # no checkpoint yet: the run starts over, so do its metrics
