@@ -180,7 +180,8 @@ def _primary_paragraph(a: StudyAnalysis) -> list[str]:
             lines.append(f"- **EMA and raw disagree{where}**: EMA says {ema.verdict}, raw says {raw.verdict}; "
                          "the verdict depends on which model is scored.")  # fmt: skip
         views = [("raw", raw), ("EMA", ema)] if lagging else [("EMA", ema), ("raw", raw)]
-        lines += [f"- {name}{where}: {_result_text(c, a)}. {_reach_text(c, a, spec.margin)}" for name, c in views]
+        lines += [f"- {name}{where}: {_result_text(c, a)}. {_sentence(_reach_text(c, a, spec.margin))}"
+                  for name, c in views]
         if math.isfinite(ema.equal_flops):
             lines.append(f"- Equal compute: every finished run of both groups trained to the same budget of "
                          f"{fmt(ema.equal_flops)} FLOPs.")  # fmt: skip
@@ -206,6 +207,11 @@ def _ruled_out(c: Comparison) -> str:
 def _mde_text(c: Comparison, alpha: float) -> str:
     mde = c.mde(alpha)
     return "" if math.isnan(mde) else f"{fmt(mde)} ({_pct_of_b(c, mde)})"
+
+
+def _sentence(text: str) -> str:
+    """`text` with its first letter capitalised (it follows a full stop)."""
+    return text[:1].upper() + text[1:]
 
 
 def _reach_text(c: Comparison, a: StudyAnalysis, margin: float | str | None) -> str:
