@@ -69,13 +69,6 @@ def check_pack(configs: Sequence[RunConfig], accelerator: Accelerator) -> None:
         )
 
 
-# -- the EMA: ema-pytorch's, with the warm-up the reference runs used ---------------------------------------
-# The trainer calls `update()` once per optimiser step, so ema-pytorch's update count is the training step
-# (one count for a pack: its runs' weights are stacked in one model). The update made after `step` steps,
-# when `step` is a multiple of `update_every`, is a plain copy up to `update_after_step`, then moves towards
-# the online model with decay min(beta, 1 - (1 + step - update_after_step)^-power). With the reference
-# values (beta 0.995, every 10, after 100, power 2/3) the decay reaches 0.995 only near step 2 900, so an
-# EMA read early in training lags well behind the model it averages.
 def learning_rate(train: TrainConfig, step: int, total_steps: int) -> float:
     """The learning rate of the optimiser step taken at `step` (0-based) of `total_steps`."""
     if train.lr_decay == "constant":
@@ -83,6 +76,13 @@ def learning_rate(train: TrainConfig, step: int, total_steps: int) -> float:
     return train.lr * (1 + math.cos(math.pi * step / total_steps)) / 2
 
 
+# -- the EMA: ema-pytorch's, with the warm-up the reference runs used ---------------------------------------
+# The trainer calls `update()` once per optimiser step, so ema-pytorch's update count is the training step
+# (one count for a pack: its runs' weights are stacked in one model). The update made after `step` steps,
+# when `step` is a multiple of `update_every`, is a plain copy up to `update_after_step`, then moves towards
+# the online model with decay min(beta, 1 - (1 + step - update_after_step)^-power). With the reference
+# values (beta 0.995, every 10, after 100, power 2/3) the decay reaches 0.995 only near step 2 900, so an
+# EMA read early in training lags well behind the model it averages.
 def make_ema(model: nn.Module, train: TrainConfig) -> EMA:
     """The EMA of `model` as `train.ema_*` say; its averaged copy is `.ema_model` (`.model` is `model`)."""
     return EMA(
